@@ -1,0 +1,58 @@
+# rpt-pipeline. `make demo` and `make test` each set up .venv on a fresh machine first.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+SET ?=
+RPT := $(BIN)/rpt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/lock.txt | sha256sum | cut -c1-12)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM ?= true
+
+# Where a torch is already installed system-wide (a GPU machine's CUDA build), the venv sees it
+# and keeps it; otherwise the local CPU build of torch 2.13.0 is installed.
+SYSTORCH := $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
+
+.PHONY: setup demo test test-fast lint format bench neighbors documents tokenize chunks bm25 \
+        embeddings dense reference scores train evaluate flow clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(SYSTORCH) $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/python -m pip install -q torch==2.13.0
+	@$(BIN)/python -m pip install -q -c requirements/lock.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import torch, pipeline; print('setup ok: torch', torch.__version__)"
+	@rm -f $(VENV)/.installed-*; touch $@
+
+demo: setup
+	$(RPT) run chunks -c $(CONFIG) --with-deps $(SET)
+	$(RPT) artifacts ls -c $(CONFIG)
+
+test: setup
+	RPT_PROGRESS=0 $(BIN)/python -m pytest -q
+
+test-fast: setup
+	RPT_PROGRESS=0 $(BIN)/python -m pytest -q -m "not slow and not prefect"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: setup
+	$(BIN)/python -m bench.ingest
+
+# one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
+documents tokenize chunks: setup
+	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
+
+clean:
+	rm -rf artifacts

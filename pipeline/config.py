@@ -1,0 +1,183 @@
+"""One config system: pydantic models per stage section, loaded from one YAML file per run.
+
+The top-level model is assembled from the stage registry, so each stage owns its section's
+model (`stages/<name>.py: Config`). Unknown keys and bad values are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from pipeline.errors import ConfigError
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config section."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    # Fields that change how a stage runs but not what it produces (workers, batch sizes,
+    # devices). They are recorded in the manifest but left out of the artifact version.
+    UNHASHED: ClassVar[frozenset[str]] = frozenset()
+
+    def hashed_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.UNHASHED))
+
+
+class RunnerConfig(BaseModel):
+    """How shards of a stage are executed (not part of any artifact version)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["auto", "serial", "threads", "processes", "dask", "ray"] = Field(
+        "auto", description="auto: the stage's preferred runner (threads for I/O, processes for CPU work)"
+    )
+    workers: int | None = Field(None, ge=1, description="parallel shards; default: CPU count")
+    address: str | None = Field(None, description="dask scheduler or ray address; None starts a local cluster")
+    gpus: int | None = Field(None, ge=0, description="GPUs for GPU stages (one worker each); default: all visible")
+
+
+class RunConfigBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    artifacts_root: str = Field("./artifacts", description="local path or fsspec URI; RPT_ARTIFACTS overrides")
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    seed: int = Field(0, description="global seed; stages derive their own seeds from it")
+
+    # filled in by load_config, never part of a version
+    source_file: str | None = Field(None, exclude=True)
+
+    def root(self) -> str:
+        return os.environ.get("RPT_ARTIFACTS") or self.artifacts_root
+
+    def section(self, stage: str) -> StageConfig:
+        try:
+            return getattr(self, stage)
+        except AttributeError as e:
+            raise ConfigError(f"no config section '{stage}' (known stages: {', '.join(stage_names())})") from e
+
+    def with_section(self, stage: str, overrides: Mapping[str, Any]) -> RunConfigBase:
+        """A copy with `overrides` applied to one stage section (validated)."""
+        if not overrides:
+            return self
+        data = self.model_dump(mode="json", exclude_unset=False)
+        sec = dict(data.get(stage, {}))
+        sec.update(overrides)
+        data[stage] = sec
+        return _validate(data, source=self.source_file)
+
+
+def stage_names() -> list[str]:
+    from pipeline.registry import STAGES
+
+    return list(STAGES)
+
+
+@lru_cache(maxsize=1)
+def run_config_model() -> type[RunConfigBase]:
+    from pipeline.registry import get_stage
+
+    fields: dict[str, Any] = {}
+    for name in stage_names():
+        cls = get_stage(name).Config
+        fields[name] = (cls, Field(default_factory=cls))
+    return create_model("RunConfig", __base__=RunConfigBase, **fields)
+
+
+def _format_errors(err: ValidationError, source: str | None) -> str:
+    where = f" in {source}" if source else ""
+    lines = [f"invalid config{where}:"]
+    model = run_config_model()
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, e["loc"][:-1])
+            allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            lines.append(f"  {loc}: unknown key (valid keys here: {allowed})")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {loc}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | None:
+    cur: Any = model
+    for part in loc:
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        cur = field.annotation
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _validate(data: Mapping[str, Any], source: str | None = None) -> RunConfigBase:
+    try:
+        cfg = run_config_model().model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    cfg.source_file = source
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'bm25.k=20' -> (['bm25', 'k'], 20); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        cur = data
+        for part in path[:-1]:
+            nxt = cur.get(part)
+            if nxt is None:
+                nxt = cur[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            cur = nxt
+        cur[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> RunConfigBase:
+    """Load a run config from YAML (None: all defaults), apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping of sections")
+        data = loaded
+    data = apply_overrides(data, overrides)
+    return _validate(data, source=source)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfigBase:
+    return _validate(dict(data))

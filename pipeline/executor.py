@@ -1,0 +1,331 @@
+"""Resolve a stage's version from the config DAG, and build it shard by shard with resume.
+
+The pieces (`resolve`, `open_build`, `pending_shards`, `run_shard`, `publish`) are separate so that the
+Prefect flows can map shards over any task runner; `build` chains them for the CLI.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.config import RunConfigBase
+from pipeline.errors import ArtifactError
+from pipeline.manifest import FileEntry, Manifest, host_info, package_versions, schema_to_dict
+from pipeline.parquet import parquet_rows, parquet_schema
+from pipeline.progress import progress
+from pipeline.registry import get_stage
+from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
+from pipeline.store import Artifact, ArtifactStore
+from pipeline.versioning import artifact_version, canonical_json, sha256_file
+
+log = logging.getLogger("rpt.executor")
+
+SHARDS_DIR = "_shards"
+
+
+@dataclass
+class Node:
+    """One artifact in the DAG: a stage, the run config it sees, its inputs and its version."""
+
+    stage: str
+    run: RunConfigBase
+    inputs: dict[str, Node]
+    input_refs: dict[str, InputRef]
+    version: str
+    fingerprint: Any = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}@{self.version}"
+
+    @property
+    def impl(self) -> Stage:
+        return get_stage(self.stage)
+
+    @property
+    def cfg(self) -> Any:
+        return self.run.section(self.stage)
+
+    def walk(self) -> list[Node]:
+        """This node and its ancestors, dependencies first, each once."""
+        seen: dict[str, Node] = {}
+
+        def visit(n: Node) -> None:
+            for c in n.inputs.values():
+                visit(c)
+            seen.setdefault(n.ref, n)
+
+        visit(self)
+        return list(seen.values())
+
+
+def resolve(stage: str, run: RunConfigBase, _memo: dict[str, Node] | None = None) -> Node:
+    """Compute the version of `stage` under `run` and of everything it depends on (no store access)."""
+    memo = {} if _memo is None else _memo
+    key = stage + "|" + canonical_json(run.model_dump(mode="json"))
+    if key in memo:
+        return memo[key]
+    impl = get_stage(stage)
+    refs = impl.inputs(run)
+    inputs = {role: resolve(ref.stage, run.with_section(ref.stage, ref.overrides), memo) for role, ref in refs.items()}
+    cfg = run.section(stage)
+    fp = impl.fingerprint(cfg)
+    version = artifact_version(
+        stage, impl.version, cfg.hashed_dict(), {r: n.ref for r, n in sorted(inputs.items())}, fp
+    )
+    node = memo[key] = Node(stage, run, inputs, refs, version, fp)
+    return node
+
+
+# ----------------------------------------------------------------------------------------- building
+
+
+def open_build(node: Node, inputs: dict[str, Artifact]) -> StageContext:
+    store = ArtifactStore(node.run.root())
+    workdir = store.partial_dir(node.stage, node.version)
+    store.fs.makedirs(f"{workdir}/{SHARDS_DIR}", exist_ok=True)
+    for p in store.fs.ls(workdir, detail=False):  # debris of a killed writer
+        if ".tmp-" in p.rsplit("/", 1)[-1]:
+            store.fs.rm(p)
+    return StageContext(node.stage, node.version, node.cfg, node.run, inputs, store, workdir)
+
+
+def _sidecar(ctx: StageContext, shard: Shard) -> str:
+    return ctx.path(f"{SHARDS_DIR}/{shard.name}.json")
+
+
+def completed_shard(ctx: StageContext, shard: Shard) -> ShardResult | None:
+    """A shard is done when its sidecar exists and every file it lists passes its checksum."""
+    path = _sidecar(ctx, shard)
+    if not ctx.fs.exists(path):
+        return None
+    try:
+        with ctx.fs.open(path, "r") as f:
+            rec = json.load(f)
+        if rec.get("payload") != json.loads(canonical_json(dict(shard.payload))):
+            return None  # the plan changed under this shard: recompute
+        files = [FileEntry(**e) for e in rec["files"]]
+        for e in files:
+            p = ctx.path(e.path)
+            if not ctx.fs.exists(p) or ctx.fs.size(p) != e.bytes or sha256_file(p, ctx.fs) != e.sha256:
+                log.warning("%s shard %s: %s failed its check; recomputing", ctx.stage, shard.name, e.path)
+                return None
+        return ShardResult(shard.index, files, rec["stats"], rec["seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s shard %s: unreadable sidecar (%s); recomputing", ctx.stage, shard.name, e)
+        return None
+
+
+def pending_shards(ctx: StageContext, shards: list[Shard]) -> tuple[list[Shard], list[ShardResult]]:
+    todo, done = [], []
+    for s in shards:
+        r = completed_shard(ctx, s)
+        if r is None:
+            todo.append(s)
+        else:
+            done.append(r)
+    return todo, done
+
+
+def run_shard(ctx: StageContext, shard: Shard) -> ShardResult:
+    """Run one shard and record it as done. Safe to call in another thread, process or Dask worker."""
+    impl = get_stage(ctx.stage)
+    t0 = time.perf_counter()
+    sctx = dataclasses.replace(ctx, written=[])
+    stats = impl.run_shard(sctx, shard) or {}
+    written = sctx.written
+    seconds = time.perf_counter() - t0
+    rec = {
+        "index": shard.index,
+        "payload": json.loads(canonical_json(dict(shard.payload))),
+        "files": [e.model_dump() for e in written],
+        "stats": stats,
+        "seconds": seconds,
+    }
+    tmp = _sidecar(ctx, shard) + f".tmp-{os.getpid()}"
+    with ctx.fs.open(tmp, "w") as f:
+        json.dump(rec, f)
+    ctx.fs.mv(tmp, _sidecar(ctx, shard))
+    return ShardResult(shard.index, written, stats, seconds)
+
+
+def _scan_files(ctx: StageContext) -> list[FileEntry]:
+    entries = []
+    for p in sorted(ctx.fs.find(ctx.workdir)):
+        rel = p[len(ctx.workdir.rstrip("/")) + 1 :] if p.startswith(ctx.workdir) else p.rsplit("/", 1)[-1]
+        base = rel.rsplit("/", 1)[-1]
+        if rel.startswith(SHARDS_DIR + "/") or base.startswith(".") or ".tmp-" in base or base == "manifest.json":
+            continue
+        rows = parquet_rows(p, ctx.fs) if base.endswith(".parquet") else None
+        entries.append(FileEntry(path=rel, bytes=ctx.fs.size(p), sha256=sha256_file(p, ctx.fs), rows=rows))
+    return entries
+
+
+def publish(ctx: StageContext, node: Node, results: list[ShardResult], timings: dict[str, float]) -> Artifact:
+    impl = node.impl
+    results = sorted(results, key=lambda r: r.index)
+    t0 = time.perf_counter()
+    stats = impl.finalize(ctx, results) or {}
+    timings = {**timings, "finalize_s": time.perf_counter() - t0}
+    files = _scan_files(ctx)
+    schema = impl.output_schema()
+    parts = [f for f in files if f.path.startswith("part-") and f.path.endswith(".parquet")]
+    if schema is None and parts:
+        schema = parquet_schema(ctx.path(parts[0].path), ctx.fs)
+    manifest = Manifest(
+        stage=node.stage,
+        version=node.version,
+        stage_version=impl.version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config=ctx.cfg.model_dump(mode="json"),
+        inputs={role: n.ref for role, n in sorted(node.inputs.items())},
+        fingerprint=node.fingerprint,
+        schema=schema_to_dict(schema) if schema is not None else None,
+        files=files,
+        stats=stats,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        meta=impl.meta(ctx),
+        shards=[{"index": r.index, "seconds": round(r.seconds, 4), "stats": r.stats} for r in results],
+        packages=package_versions(),
+        host=host_info(),
+    )
+    ctx.fs.rm(ctx.path(SHARDS_DIR), recursive=True)
+    art = ctx.store.publish(ctx.workdir, manifest)
+    log.info("built %s: %s rows, %d files in %.1f s", art.ref, f"{manifest.rows:,}", len(files),
+             sum(v for k, v in timings.items() if k in ("plan_s", "shards_wall_s", "finalize_s")))
+    return art
+
+
+# ----------------------------------------------------------------------------------------- runners
+
+
+def _runner_kind(node: Node) -> str:
+    kind = node.run.runner.kind
+    return node.impl.preferred_runner if kind == "auto" else kind
+
+
+def _workers(node: Node, n_tasks: int) -> int:
+    w = node.run.runner.workers or os.cpu_count() or 1
+    return max(1, min(w, n_tasks))
+
+
+def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[ShardResult]:
+    if not shards:
+        return []
+    kind = _runner_kind(node)
+    workers = _workers(node, len(shards))
+    bar = progress(total=len(shards), desc=f"{node.stage} shards", unit="shard")
+    results: list[ShardResult] = []
+    try:
+        if kind == "serial" or workers == 1 or len(shards) == 1:
+            for s in shards:
+                results.append(run_shard(ctx, s))
+                bar.update(1)
+        elif kind in ("threads", "processes"):
+            pool: cf.Executor
+            if kind == "threads":
+                pool = cf.ThreadPoolExecutor(workers)
+            else:
+                pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+            with pool:
+                futs = [pool.submit(run_shard, ctx, s) for s in shards]
+                for f in cf.as_completed(futs):
+                    results.append(f.result())
+                    bar.update(1)
+        elif kind == "dask":
+            from distributed import Client, LocalCluster, as_completed
+
+            cluster = None if node.run.runner.address else LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+            with Client(node.run.runner.address or cluster) as client:
+                futs = client.map(run_shard, [ctx] * len(shards), shards, pure=False)
+                for f in as_completed(futs):
+                    results.append(f.result())
+                    bar.update(1)
+            if cluster is not None:
+                cluster.close()
+        elif kind == "ray":
+            try:
+                import ray
+            except ImportError:
+                raise ArtifactError("runner.kind=ray but ray is not installed (pip install ray)") from None
+            ray.init(address=node.run.runner.address, ignore_reinit_error=True)
+            remote = ray.remote(run_shard)
+            for r in ray.get([remote.remote(ctx, s) for s in shards]):
+                results.append(r)
+                bar.update(1)
+        else:
+            raise ValueError(f"unknown runner kind {kind}")
+    finally:
+        bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def missing_input_error(node: Node, role: str, child: Node) -> ArtifactError:
+    over = node.input_refs[role].overrides
+    sets = " ".join(f"--set {child.stage}.{k}={v}" for k, v in over.items())
+    src = f" -c {node.run.source_file}" if node.run.source_file else ""
+    return ArtifactError(
+        f"{node.stage} needs input '{role}' = {child.ref}, which is not built. "
+        f"Run `rpt run {child.stage}{src} {sets}`".rstrip() + " first, or add --with-deps."
+    )
+
+
+def build_node(node: Node, with_deps: bool = False) -> Artifact:
+    store = ArtifactStore(node.run.root())
+    if store.exists(node.stage, node.version):
+        art = store.get(node.stage, node.version)
+        log.info("%s is up to date", art.ref)
+        return art
+    inputs: dict[str, Artifact] = {}
+    for role, child in node.inputs.items():
+        if store.exists(child.stage, child.version):
+            inputs[role] = store.get(child.stage, child.version)
+        elif with_deps:
+            inputs[role] = build_node(child, with_deps=True)
+        else:
+            raise missing_input_error(node, role, child)
+    ctx = open_build(node, inputs)
+    t0 = time.perf_counter()
+    shards = node.impl.plan(ctx)
+    t_plan = time.perf_counter() - t0
+    todo, done = pending_shards(ctx, shards)
+    if done:
+        log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
+    t0 = time.perf_counter()
+    results = done + run_shards(node, ctx, todo)
+    t_shards = time.perf_counter() - t0
+    timings = {"plan_s": t_plan, "shards_wall_s": t_shards, "shards_cpu_s": sum(r.seconds for r in results)}
+    return publish(ctx, node, results, timings)
+
+
+def build(stage: str, run: RunConfigBase, with_deps: bool = False) -> Artifact:
+    """Build (or find) the artifact of `stage` under `run`. A rerun with the same config and inputs is a no-op."""
+    return build_node(resolve(stage, run), with_deps=with_deps)
+
+
+def status(node: Node) -> dict[str, str]:
+    """For each node of the DAG: 'built', 'partial' or 'missing'."""
+    store = ArtifactStore(node.run.root())
+    out = {}
+    for n in node.walk():
+        if store.exists(n.stage, n.version):
+            out[n.ref] = "built"
+        elif n.version in store.partials(n.stage):
+            out[n.ref] = "partial"
+        else:
+            out[n.ref] = "missing"
+    return out

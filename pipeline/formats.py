@@ -1,0 +1,208 @@
+"""The artifact contract in code: file names, Arrow schemas and readers that several stages share.
+
+Stages never import each other; what one stage writes and another reads is defined here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.store import Artifact
+
+# ------------------------------------------------------------------------------ documents
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("doc_idx", pa.int64()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("n_chars", pa.int64()),
+    ]
+)
+SPLITS = ("train", "valid", "test")
+
+# ------------------------------------------------------------------------------ tokenizer
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(art: Artifact | str | Path) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer artifact or a tokenizer.json path."""
+    from tokenizers import Tokenizer
+
+    path = art.local_path(TOKENIZER_FILE) if isinstance(art, Artifact) else Path(art)
+    return Tokenizer.from_file(str(path))
+
+
+# ------------------------------------------------------------------------------ chunks
+DOC_INDEX = "doc_index.parquet"
+TOKENS_NPY = "tokens.npy"
+TOKEN_PAD = -1
+
+CHUNKS_SCHEMA = pa.schema(
+    [
+        ("chunk_id", pa.int64()),
+        ("doc_idx", pa.int64()),
+        ("split", pa.string()),
+        ("chunk_idx", pa.int32()),
+        ("tokens", pa.list_(pa.int32())),
+        ("n_tokens", pa.int32()),
+        ("text", pa.string()),
+    ]
+)
+DOC_INDEX_SCHEMA = pa.schema(
+    [
+        ("doc_idx", pa.int64()),
+        ("split", pa.string()),
+        ("first_chunk_id", pa.int64()),
+        ("n_chunks", pa.int64()),
+        ("n_tokens", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class DocSpan:
+    doc_idx: int
+    split: str
+    first: int  # chunk_id of the document's chunk 0
+    n: int  # number of chunks
+
+    @property
+    def chunk_ids(self) -> np.ndarray:
+        return np.arange(self.first, self.first + self.n, dtype=np.int64)
+
+
+class ChunkReader:
+    """Random access to a chunks artifact: chunk ids are dense, documents are contiguous ranges."""
+
+    def __init__(self, art: Artifact):
+        self.art = art
+        self.chunk_len: int = int(art.manifest.config["chunk_len"])
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        """int32 [n_chunks, chunk_len], -1 padded; memory-mapped."""
+        return np.load(self.art.local_path(TOKENS_NPY), mmap_mode="r")
+
+    @cached_property
+    def doc_index(self) -> pa.Table:
+        return self.art.read_file(DOC_INDEX)
+
+    @cached_property
+    def _arrays(self) -> dict[str, np.ndarray]:
+        t = self.doc_index
+        return {
+            "doc_idx": t.column("doc_idx").to_numpy(),
+            "first": t.column("first_chunk_id").to_numpy(),
+            "n": t.column("n_chunks").to_numpy(),
+            "split": np.asarray(t.column("split").to_pylist(), dtype=object),
+        }
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def docs(self, split: str | None = None) -> list[DocSpan]:
+        a = self._arrays
+        return [
+            DocSpan(int(d), str(s), int(f), int(n))
+            for d, s, f, n in zip(a["doc_idx"], a["split"], a["first"], a["n"])
+            if split is None or s == split
+        ]
+
+    @cached_property
+    def chunk_doc(self) -> np.ndarray:
+        """doc_idx of every chunk (int64 [n_chunks])."""
+        a = self._arrays
+        return np.repeat(a["doc_idx"], a["n"])
+
+    @cached_property
+    def chunk_pos(self) -> np.ndarray:
+        """chunk_idx (position within its document) of every chunk."""
+        a = self._arrays
+        starts = np.repeat(a["first"], a["n"])
+        return np.arange(len(starts), dtype=np.int64) - starts
+
+    def lengths(self, ids: np.ndarray) -> np.ndarray:
+        return (self.tokens[ids] != TOKEN_PAD).sum(-1)
+
+    def texts(self, ids: list[int] | np.ndarray) -> list[str]:
+        """Texts of the given chunk ids (reads only the needed row groups via a filter)."""
+        import pyarrow.compute as pc
+
+        ids = np.asarray(ids, dtype=np.int64)
+        t = self.art.read(columns=["chunk_id", "text"], filter=pc.field("chunk_id").isin(pa.array(ids)))
+        lookup = dict(zip(t.column("chunk_id").to_pylist(), t.column("text").to_pylist()))
+        return [lookup[int(i)] for i in ids]
+
+
+# ------------------------------------------------------------------------------ neighbor tables (bm25, dense)
+NEIGHBOR_PAD = -1
+
+
+def neighbor_schema(k: int) -> pa.Schema:
+    """Shared by bm25 and dense tables: one row per query chunk, k neighbors, -1 padded at the tail."""
+    return pa.schema(
+        [
+            ("chunk_id", pa.int64()),
+            ("neighbor_ids", pa.list_(pa.int64(), k)),
+            ("neighbor_scores", pa.list_(pa.float32(), k)),
+        ]
+    )
+
+
+def neighbor_table(chunk_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+    """Build a neighbor table from int64 [n] query ids, int64 [n, k] neighbor ids and float [n, k] scores.
+    Padded slots must hold id -1; their score is stored as NaN."""
+    _n, k = ids.shape
+    scores = np.where(ids == NEIGHBOR_PAD, np.nan, scores).astype(np.float32)
+    return pa.table(
+        {
+            "chunk_id": pa.array(np.asarray(chunk_ids, dtype=np.int64)),
+            "neighbor_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.astype(np.int64).ravel()), k),
+            "neighbor_scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel()), k),
+        },
+        schema=neighbor_schema(k),
+    )
+
+
+def read_neighbors(art: Artifact) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query chunk ids [n], neighbor ids [n, k], scores [n, k]) of a bm25/dense artifact."""
+    t = art.read(columns=["chunk_id", "neighbor_ids", "neighbor_scores"])
+    k = t.schema.field("neighbor_ids").type.list_size
+    q = t.column("chunk_id").to_numpy()
+    ids = t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    sc = t.column("neighbor_scores").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return q, ids, sc
+
+
+def causal_retrievable(query_pos: int | np.ndarray, cand_pos: int | np.ndarray, exclude_recent: int) -> Any:
+    """The document-causal rule shared by bm25, dense, the model's retriever and the data layer:
+    chunk i (position in its document) may retrieve chunk j of the same document iff
+    j <= i - 1 - exclude_recent (the chunks it already sees through attention are not retrievable)."""
+    return np.asarray(cand_pos) <= np.asarray(query_pos) - 1 - exclude_recent
+
+
+# ------------------------------------------------------------------------------ embeddings
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema([("chunk_id", pa.int64()), ("embedding", pa.list_(pa.float16(), dim))])
+
+
+# ------------------------------------------------------------------------------ scores
+SCORES_SCHEMA = pa.schema(
+    [
+        ("chunk_id", pa.int64()),  # the query c_i; the target is c_{i+1}
+        ("candidate_ids", pa.list_(pa.int64())),
+        ("logp_candidate", pa.list_(pa.float32())),
+        ("logp_local", pa.float32()),
+        ("delta", pa.list_(pa.float32())),
+    ]
+)

@@ -1,0 +1,365 @@
+"""Reading raw corpora: file discovery, decoding, Gutenberg boilerplate, and streaming readers.
+
+Every reader yields one document at a time, so memory is bounded by the largest document.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import os
+import re
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+SUPPORTED = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def _latin1_for_undefined(err: UnicodeDecodeError) -> tuple[str, int]:
+    # cp1252 leaves 0x81, 0x8D, 0x8F, 0x90, 0x9D undefined; Latin-1 maps them to the same code points.
+    return "".join(chr(b) for b in err.object[err.start : err.end]), err.end
+
+
+codecs.register_error("rpt_latin1", _latin1_for_undefined)
+
+
+def decode(data: bytes) -> tuple[str, str]:
+    """UTF-8 (with or without BOM); otherwise Windows-1252, which is what files labelled Latin-1
+    almost always are (WHATWG decodes 'iso-8859-1' the same way); its five undefined bytes fall
+    back to Latin-1. Returns (text, encoding used)."""
+    if data.startswith(codecs.BOM_UTF8):
+        try:
+            return data[3:].decode("utf-8"), "utf-8-sig"
+        except UnicodeDecodeError:
+            data = data[3:]
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="rpt_latin1"), "cp1252"
+
+
+def normalize_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_CONTROL = set(range(0, 32)) - {9, 10, 12, 13}
+
+
+def looks_binary(data: bytes, sample: int = 8192) -> bool:
+    head = data[:sample]
+    if not head:
+        return False
+    if b"\x00" in head:
+        return True
+    ctrl = sum(1 for b in head if b in _CONTROL)
+    return ctrl / len(head) > 0.05
+
+
+# ------------------------------------------------------------------------------------------ Gutenberg
+
+_START = re.compile(
+    r"^[ \t]*\*{3}[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK[^\n]*$"
+    r"|^[ \t]*\*END\*THE SMALL PRINT![^\n]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_END = re.compile(
+    r"^[ \t]*\*{3}[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK[^\n]*$"
+    r"|^[ \t]*End of (?:the )?Project Gutenberg(?:['’]s)?[ \t]+(?:E-?Book|E-?text|Etext|work)?[^\n]*$"
+    r"|^[ \t]*End of (?:the )?Project Gutenberg(?:['’]s)? [^\n]*$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_TITLE = re.compile(r"^Title:[ \t]*(.+)$", re.MULTILINE)
+
+
+@dataclass
+class Stripped:
+    text: str
+    title: str | None
+    had_header: bool
+    had_footer: bool
+
+
+def strip_gutenberg(text: str) -> Stripped:
+    """Remove the Project Gutenberg header (through the START line) and the licence footer (from the
+    first END line). Text that carries no START marker is returned unchanged."""
+    m = _START.search(text)
+    if m is None:
+        return Stripped(text, None, False, False)
+    header = text[: m.start()]
+    t = _TITLE.search(header)
+    title = t.group(1).strip() if t else None
+    body_start = m.end()
+    e = _END.search(text, body_start)
+    body = text[body_start : e.start()] if e else text[body_start:]
+    return Stripped(body.strip("\n"), title, True, e is not None)
+
+
+# ------------------------------------------------------------------------------------------ discovery
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute
+    rel: str  # stable name: relative to the folder or glob anchor that found it
+
+    @property
+    def kind(self) -> str:
+        for ext in SUPPORTED:
+            if self.path.endswith(ext):
+                return ext
+        return ""
+
+
+def _has_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
+    """Expand files, folders (recursively) and globs. Returns (supported files, ignored files).
+    A path that matches nothing or cannot be read is an error naming it."""
+    files: dict[str, InputFile] = {}
+    ignored: list[str] = []
+    for raw in paths:
+        spec = os.path.expanduser(raw)
+        if _has_magic(spec):
+            anchor = spec
+            while _has_magic(anchor):
+                anchor = os.path.dirname(anchor)
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise InputError("glob matches no files; check the path in documents.paths", path=raw)
+            base = Path(anchor or ".").resolve()
+            cands = [(Path(m).resolve(), Path(m).resolve().relative_to(base)) for m in matches]
+            prefix = base.name
+        elif os.path.isdir(spec):
+            base = Path(spec).resolve()
+            cands = [(p, p.relative_to(base)) for p in sorted(base.rglob("*")) if p.is_file()]
+            prefix = base.name
+        elif os.path.exists(spec):
+            p = Path(spec).resolve()
+            if not any(p.name.endswith(ext) for ext in SUPPORTED):
+                raise InputError(f"unsupported file type (supported: {', '.join(SUPPORTED)})", path=raw)
+            cands = [(p, Path(p.name))]
+            prefix = ""
+        else:
+            raise InputError("no such file or folder; check documents.paths", path=raw)
+        for p, rel in cands:
+            if p.is_dir():
+                continue
+            name = f"{prefix}/{rel.as_posix()}" if prefix else rel.as_posix()
+            f = InputFile(str(p), name)
+            if not f.kind:
+                ignored.append(str(p))
+                continue
+            if not os.access(p, os.R_OK):
+                raise InputError("file is not readable (permissions)", path=str(p))
+            prev = files.get(name)
+            if prev is not None and prev.path != f.path:
+                raise InputError(f"two inputs share the document name '{name}' ({prev.path}); "
+                                 "give their parent folders instead", path=str(p))
+            files[name] = f
+    return sorted(files.values(), key=lambda f: f.rel), ignored
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+
+@dataclass
+class RawDoc:
+    doc_id: str
+    source: str
+    title: str
+    text: str
+    encoding: str = "utf-8"
+    gutenberg: bool = False  # a Gutenberg header was found and stripped
+
+
+class Skip(Exception):
+    """A recoverable bad record; the caller raises or counts it according to documents.on_error."""
+
+    def __init__(self, reason: str, message: str, path: str, line: int | None = None):
+        super().__init__(message)
+        self.reason, self.path, self.line = reason, path, line
+
+    def as_error(self) -> InputError:
+        return InputError(str(self) + " (set documents.on_error=skip to skip and count such input)",
+                          path=self.path, line=self.line)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        if path.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as e:
+        raise Skip("unreadable", f"cannot read file: {e}", path) from None
+
+
+def read_text_file(f: InputFile, strip: bool) -> RawDoc:
+    data = _read_bytes(f.path)
+    if not data.strip():
+        raise Skip("empty", "file is empty", f.path)
+    if looks_binary(data):
+        raise Skip("binary", "file looks binary (NUL or control bytes), not text", f.path)
+    text, enc = decode(data)
+    text = normalize_newlines(text)
+    title = None
+    had = False
+    if strip:
+        s = strip_gutenberg(text)
+        text, title, had = s.text, s.title, s.had_header
+    stem = Path(f.rel).name
+    for ext in SUPPORTED:
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+    return RawDoc(f.rel, f.rel, title or stem, text, enc, had)
+
+
+def iter_jsonl(f: InputFile, text_field: str, id_field: str | None, title_field: str | None, strip: bool,
+               ) -> Iterator[RawDoc | Skip]:
+    opener = gzip.open if f.path.endswith(".gz") else open
+    try:
+        fh = opener(f.path, "rb")
+    except OSError as e:
+        yield Skip("unreadable", f"cannot read file: {e}", f.path)
+        return
+    n_records = 0
+    with fh:
+        try:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                n_records += 1
+                try:
+                    rec = json.loads(decode(raw)[0])
+                except json.JSONDecodeError as e:
+                    yield Skip("bad_json", f"malformed JSON ({e.msg} at column {e.colno})", f.path, lineno)
+                    continue
+                if not isinstance(rec, dict) or text_field not in rec:
+                    keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+                    yield Skip("no_text_field", f"record has no '{text_field}' field (has: {keys}); "
+                               "set documents.text_field", f.path, lineno)
+                    continue
+                text = rec[text_field]
+                if not isinstance(text, str):
+                    yield Skip("bad_text", f"'{text_field}' is {type(text).__name__}, not a string", f.path, lineno)
+                    continue
+                text = normalize_newlines(text)
+                title = str(rec.get(title_field)) if title_field and rec.get(title_field) is not None else None
+                if strip:
+                    s = strip_gutenberg(text)
+                    text, title = s.text, title or s.title
+                doc_id = f"{f.rel}:{lineno}" if not id_field else str(rec.get(id_field, f"{f.rel}:{lineno}"))
+                yield RawDoc(doc_id, f.rel, title or doc_id, text)
+        except (OSError, EOFError) as e:  # truncated gzip and the like
+            yield Skip("unreadable", f"cannot read past this point: {e}", f.path)
+    if n_records == 0:
+        yield Skip("empty", "file is empty", f.path)
+
+
+def iter_parquet(f: InputFile, text_field: str, id_field: str | None, title_field: str | None, strip: bool,
+                 ) -> Iterator[RawDoc | Skip]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f.path)
+    except Exception as e:
+        yield Skip("unreadable", f"not a readable Parquet file: {e}", f.path)
+        return
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        yield Skip("no_text_field", f"Parquet file has no '{text_field}' column (columns: {', '.join(names)}); "
+                   "set documents.text_field", f.path)
+        return
+    cols = [c for c in (text_field, id_field, title_field) if c and c in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=cols):
+        d = batch.to_pydict()
+        for i, text in enumerate(d[text_field]):
+            row += 1
+            if text is None:
+                yield Skip("bad_text", f"row {row - 1}: '{text_field}' is null", f.path)
+                continue
+            text = normalize_newlines(text)
+            title = d[title_field][i] if title_field and title_field in d else None
+            if strip:
+                s = strip_gutenberg(text)
+                text, title = s.text, title or s.title
+            doc_id = str(d[id_field][i]) if id_field and id_field in d else f"{f.rel}:{row - 1}"
+            yield RawDoc(doc_id, f.rel, str(title) if title else doc_id, text)
+    if row == 0:
+        yield Skip("empty", "Parquet file has no rows", f.path)
+
+
+def iter_file(f: InputFile, text_field: str, id_field: str | None, title_field: str | None, strip: bool,
+              ) -> Iterator[RawDoc | Skip]:
+    if f.kind in (".txt", ".txt.gz"):
+        try:
+            yield read_text_file(f, strip)
+        except Skip as s:
+            yield s
+    elif f.kind in (".jsonl", ".jsonl.gz"):
+        yield from iter_jsonl(f, text_field, id_field, title_field, strip)
+    elif f.kind == ".parquet":
+        yield from iter_parquet(f, text_field, id_field, title_field, strip)
+    else:  # pragma: no cover - discover() filters these
+        raise InputError("unsupported file type", path=f.path)
+
+
+# ------------------------------------------------------------------------------------------ stdlib corpus
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_units(include: list[str] | None, exclude: list[str]) -> list[tuple[str, list[Path]]]:
+    """Top-level packages (and single-module files) of the running interpreter's standard library,
+    each as (name, sorted .py files). Test folders are left out, like a deduplicated code corpus."""
+    root = stdlib_root()
+    units = []
+    skip_dirs = {"__pycache__", "test", "tests", "idle_test"}
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        key = name[:-3] if name.endswith(".py") else name
+        if include is not None and key not in include:
+            continue
+        private = name.startswith(("_", "."))
+        if key in exclude or (private and include is None):
+            continue
+        if entry.is_dir():
+            files = sorted(
+                p for p in entry.rglob("*.py")
+                if not (set(p.relative_to(entry).parts[:-1]) & skip_dirs)
+            )
+            if files:
+                units.append((key, files))
+        elif name.endswith(".py"):
+            units.append((key, [entry]))
+    return units
+
+
+def read_stdlib_unit(name: str, files: list[Path]) -> RawDoc:
+    """One document per package: its files concatenated with a path header before each file."""
+    root = stdlib_root()
+    parts = []
+    for p in files:
+        text, _ = decode(p.read_bytes())
+        parts.append(f"# ---- {p.relative_to(root).as_posix()} ----\n{normalize_newlines(text)}")
+    body = "\n".join(parts)
+    return RawDoc(f"stdlib/{name}", "stdlib", name, body)
+
+
+def stdlib_doc_bytes(files: list[Path]) -> int:
+    return sum(p.stat().st_size for p in files)

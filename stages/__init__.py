@@ -1,0 +1,2 @@
+"""One module per stage. Each defines `Config` (its config section) and `STAGE` (a pipeline.stage.Stage).
+Stages never import each other; they share only `pipeline/` and the artifacts."""

@@ -1,0 +1,176 @@
+"""Stage `chunks`: tokenize documents and cut each into fixed-length chunks, one row per chunk.
+
+Chunk texts are cut from the document at the tokens' character offsets, so the texts of a
+document's chunks concatenate to exactly its text (a multi-byte character split between two
+tokens goes to the chunk holding its first token boundary). Beside the Parquet parts:
+`doc_index.parquet` (first chunk id and chunk count per document) and `tokens.npy`, an int32
+[n_chunks, chunk_len] array padded with -1, memory-mappable for training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from pipeline.config import RunConfigBase, StageConfig
+from pipeline.formats import CHUNKS_SCHEMA, DOC_INDEX, DOC_INDEX_SCHEMA, TOKEN_PAD, TOKENS_NPY, load_tokenizer
+from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
+
+log = logging.getLogger("rpt.chunks")
+
+SCHEMA = CHUNKS_SCHEMA
+PAD = TOKEN_PAD
+
+
+class Config(StageConfig):
+    chunk_len: int = Field(64, ge=1, le=4096, description="tokens per chunk (the paper: 64)")
+    batch_docs: int = Field(32, ge=1, description="documents per tokenizer batch (parallel within a batch)")
+
+    UNHASHED = frozenset({"batch_docs"})
+
+
+def chunk_document(ids: list[int], offsets: list[tuple[int, int]], text: str, chunk_len: int,
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Split one document's token ids into chunks; returns (ids as int32, chunk texts)."""
+    arr = np.asarray(ids, dtype=np.int32)
+    n = len(arr)
+    n_chunks = -(-n // chunk_len)
+    bounds = [0]
+    for k in range(1, n_chunks):
+        bounds.append(max(bounds[-1], offsets[k * chunk_len][0]))
+    bounds.append(len(text))
+    return arr, [text[bounds[k] : bounds[k + 1]] for k in range(n_chunks)]
+
+
+class ChunksStage(Stage):
+    name = "chunks"
+    version = 1
+    Config = Config
+    description = "tokenize documents and cut them into fixed-length chunks"
+    preferred_runner = "serial"  # the tokenizer already uses every core within a batch
+
+    def inputs(self, run: RunConfigBase) -> dict[str, InputRef]:
+        return {"documents": InputRef("documents"), "tokenizer": InputRef("tokenizer")}
+
+    def plan(self, ctx: StageContext) -> list[Shard]:
+        parts = [p.rsplit("/", 1)[-1] for p in ctx.inputs["documents"].parts()]
+        return [Shard(i, len(parts), {"part": p}) for i, p in enumerate(parts)]
+
+    def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        L = cfg.chunk_len
+        tok = load_tokenizer(ctx.inputs["tokenizer"])
+        docs = ctx.inputs["documents"]
+        t0 = time.perf_counter()
+        cols: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
+        n_docs = empty_docs = n_tokens = 0
+        split_chunks: dict[str, int] = {}
+        with docs.fs.open(docs.file(shard.payload["part"]), "rb") as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=cfg.batch_docs, columns=["doc_idx", "split", "text"]):
+                texts = batch.column("text").to_pylist()
+                encs = tok.encode_batch(texts, add_special_tokens=False)
+                for doc_idx, split, text, enc in zip(
+                    batch.column("doc_idx").to_pylist(), batch.column("split").to_pylist(), texts, encs
+                ):
+                    n_docs += 1
+                    if not enc.ids:
+                        empty_docs += 1
+                        continue
+                    arr, chunk_texts = chunk_document(enc.ids, enc.offsets, text, L)
+                    n_tokens += len(arr)
+                    split_chunks[split] = split_chunks.get(split, 0) + len(chunk_texts)
+                    for k, ctext in enumerate(chunk_texts):
+                        piece = arr[k * L : (k + 1) * L]
+                        cols["chunk_id"].append(len(cols["chunk_id"]))  # local; made global in finalize
+                        cols["doc_idx"].append(doc_idx)
+                        cols["split"].append(split)
+                        cols["chunk_idx"].append(k)
+                        cols["tokens"].append(piece)
+                        cols["n_tokens"].append(len(piece))
+                        cols["text"].append(ctext)
+        n_chunks = len(cols["chunk_id"])
+        flat = np.concatenate(cols["tokens"]) if n_chunks else np.zeros(0, np.int32)
+        lens = np.asarray(cols["n_tokens"], dtype=np.int32)
+        offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        tokens = pa.ListArray.from_arrays(pa.array(offs, pa.int32()), pa.array(flat, pa.int32()))
+        table = pa.table(
+            {
+                "chunk_id": pa.array(cols["chunk_id"], pa.int64()),
+                "doc_idx": pa.array(cols["doc_idx"], pa.int64()),
+                "split": pa.array(cols["split"], pa.string()),
+                "chunk_idx": pa.array(cols["chunk_idx"], pa.int32()),
+                "tokens": tokens,
+                "n_tokens": pa.array(lens, pa.int32()),
+                "text": pa.array(cols["text"], pa.string()),
+            },
+            schema=SCHEMA,
+        )
+        ctx.write_parquet(f"_local/chunks-{shard.name}.parquet", table, schema=SCHEMA)
+        secs = time.perf_counter() - t0
+        return {
+            "docs": n_docs,
+            "empty_docs": empty_docs,
+            "chunks": n_chunks,
+            "tokens": n_tokens,
+            "short_chunks": int((lens < L).sum()),
+            "split_chunks": split_chunks,
+            "tokenize_s": secs,
+        }
+
+    def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        L = cfg.chunk_len
+        total = sum(r.stats["chunks"] for r in results)
+        index_rows: dict[str, list[Any]] = {n: [] for n in DOC_INDEX_SCHEMA.names}
+        offset = 0
+        with ctx.local_dir("") as root:
+            tokens = np.lib.format.open_memmap(root / TOKENS_NPY, mode="w+", dtype=np.int32, shape=(total, L))
+            for r in results:
+                with ctx.fs.open(ctx.path(f"_local/chunks-{r.index:05d}.parquet"), "rb") as f:
+                    t = pq.read_table(f)
+                t = t.set_column(0, "chunk_id", pc.add(t.column("chunk_id"), pa.scalar(offset, pa.int64())))
+                ctx.write_parquet(f"part-{r.index:05d}.parquet", t, schema=SCHEMA)
+                # fixed-width export for training
+                lens = t.column("n_tokens").to_numpy()
+                flat = pc.list_flatten(t.column("tokens")).to_numpy()
+                block = np.full((t.num_rows, L), PAD, dtype=np.int32)
+                mask = np.arange(L)[None, :] < lens[:, None]
+                block[mask] = flat
+                tokens[offset : offset + t.num_rows] = block
+                # per-document index
+                doc = t.column("doc_idx").to_numpy()
+                if len(doc):
+                    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+                    ends = np.r_[starts[1:], len(doc)]
+                    splits = t.column("split").to_pylist()
+                    csum = np.r_[0, np.cumsum(lens)]
+                    for s, e in zip(starts, ends):
+                        index_rows["doc_idx"].append(int(doc[s]))
+                        index_rows["split"].append(splits[s])
+                        index_rows["first_chunk_id"].append(offset + int(s))
+                        index_rows["n_chunks"].append(int(e - s))
+                        index_rows["n_tokens"].append(int(csum[e] - csum[s]))
+                offset += t.num_rows
+            tokens.flush()
+            del tokens
+        ctx.fs.rm(ctx.path("_local"), recursive=True)
+        ctx.write_parquet(DOC_INDEX, pa.table(index_rows, schema=DOC_INDEX_SCHEMA), schema=DOC_INDEX_SCHEMA)
+        stats = merge_stats(r.stats for r in results)
+        tok_s = stats.pop("tokenize_s", 0.0)
+        stats["tokens_per_s"] = round(stats["tokens"] / tok_s, 1) if tok_s else None
+        stats["chunk_len"] = L
+        return stats
+
+    def output_schema(self) -> pa.Schema:
+        return SCHEMA
+
+
+STAGE = ChunksStage()

@@ -1,0 +1,246 @@
+"""Stage `documents`: raw corpus files (or the embedded stdlib corpus) -> one row per document.
+
+Shards are groups of input files (or stdlib packages). Each shard numbers its documents locally;
+finalize turns those into a dense global `doc_idx` in shard order, so the result does not depend
+on how many workers ran the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.config import StageConfig
+from pipeline.errors import ConfigError, InputError
+from pipeline.formats import DOCUMENTS_SCHEMA, SPLITS
+from pipeline.stage import Shard, ShardResult, Stage, StageContext, merge_stats
+from pipeline.textio import (
+    InputFile,
+    RawDoc,
+    Skip,
+    discover,
+    iter_file,
+    read_stdlib_unit,
+    stdlib_doc_bytes,
+    stdlib_root,
+    stdlib_units,
+)
+from pipeline.versioning import file_digest
+
+log = logging.getLogger("rpt.documents")
+
+SCHEMA = DOCUMENTS_SCHEMA
+DEFAULT_STDLIB_EXCLUDE = [
+    "test", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo", "ensurepip", "lib-dynload",
+    "pydoc_data", "this", "antigravity",
+]
+
+
+class SplitFractions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: float = Field(0.9, ge=0, le=1)
+    valid: float = Field(0.05, ge=0, le=1)
+    test: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.valid + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1 (train+valid+test = {total:g})")
+        return self
+
+
+class Config(StageConfig):
+    paths: list[str] = Field(
+        default_factory=list,
+        description="files, folders or globs (.txt, .txt.gz, .jsonl(.gz), .parquet); empty: the embedded "
+        "Python standard library corpus",
+    )
+    text_field: str = Field("text", description="the text field of .jsonl records / column of .parquet files")
+    id_field: str | None = Field(None, description="field/column holding a stable document id")
+    title_field: str | None = None
+    strip_gutenberg: bool = Field(True, description="remove Project Gutenberg headers and licence footers")
+    min_chars: int = Field(1000, ge=0, description="documents shorter than this are dropped (and counted)")
+    splits: SplitFractions = Field(default_factory=SplitFractions)
+    split_lists: dict[Literal["train", "valid", "test"], list[str]] = Field(
+        default_factory=dict,
+        description="explicit doc_ids per split; when given, fractions are ignored and unlisted docs are train",
+    )
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="bad input (empty/binary/unreadable file, malformed JSON line, missing text "
+        "column): raise an error naming it, or skip it and count it in the manifest stats"
+    )
+    stdlib_include: list[str] | None = Field(None, description="embedded corpus: only these top-level packages")
+    stdlib_exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_STDLIB_EXCLUDE))
+    fingerprint: Literal["content", "size"] = Field(
+        "content", description="how input files enter the version: sha256 of contents, or name+size (huge corpora)"
+    )
+    shard_bytes: int = Field(256 << 20, ge=1, description="input bytes per shard")
+
+    # Corpus paths never enter a version (the fingerprint of the files does); shard size changes no row.
+    UNHASHED = frozenset({"paths", "shard_bytes"})
+
+
+def assign_split(doc_id: str, cfg: Config, listed: dict[str, str]) -> str:
+    if cfg.split_lists:
+        return listed.get(doc_id, "train")
+    u = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    if u < cfg.splits.train:
+        return "train"
+    if u < cfg.splits.train + cfg.splits.valid:
+        return "valid"
+    return "test"
+
+
+class DocumentsStage(Stage):
+    name = "documents"
+    version = 1
+    Config = Config
+    description = "ingest corpus files into one Parquet row per document"
+    preferred_runner = "processes"
+
+    # ------------------------------------------------------------------ units of work
+    def _units(self, cfg: Config) -> list[dict[str, Any]]:
+        if not cfg.paths:
+            units = stdlib_units(cfg.stdlib_include, cfg.stdlib_exclude)
+            if not units:
+                raise ConfigError("documents: the embedded stdlib corpus is empty with this "
+                                  "stdlib_include/stdlib_exclude")
+            return [{"stdlib": name, "bytes": stdlib_doc_bytes(files)} for name, files in units]
+        files, ignored = discover(cfg.paths)
+        if ignored:
+            log.info("documents: ignoring %d files of unsupported types (e.g. %s)", len(ignored), ignored[0])
+        if not files:
+            raise InputError("no supported files (.txt, .txt.gz, .jsonl(.gz), .parquet) found",
+                             path=", ".join(cfg.paths))
+        return [{"path": f.path, "rel": f.rel, "bytes": os.path.getsize(f.path)} for f in files]
+
+    def fingerprint(self, cfg: Config) -> Any:
+        units = self._units(cfg)
+        if not cfg.paths:
+            root = stdlib_root()
+            files = {name: files for name, files in stdlib_units(cfg.stdlib_include, cfg.stdlib_exclude)}
+            return {
+                "corpus": "stdlib",
+                "python": sys.version.split()[0],
+                "files": [[p.relative_to(root).as_posix(), file_digest(p)] for u in units for p in files[u["stdlib"]]],
+            }
+        if cfg.fingerprint == "size":
+            return {"files": [[u["rel"], u["bytes"]] for u in units]}
+        return {"files": [[u["rel"], file_digest(u["path"])] for u in units]}
+
+    # ------------------------------------------------------------------ shards
+    def plan(self, ctx: StageContext) -> list[Shard]:
+        cfg: Config = ctx.cfg
+        groups: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for u in self._units(cfg):
+            if groups[-1] and size + u["bytes"] > cfg.shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append({k: v for k, v in u.items() if k != "bytes"})
+            size += u["bytes"]
+        return [Shard(i, len(groups), {"units": g}) for i, g in enumerate(groups)]
+
+    def _docs(self, cfg: Config, units: list[dict[str, Any]]) -> Any:
+        if not cfg.paths:
+            table = dict(stdlib_units(cfg.stdlib_include, cfg.stdlib_exclude))
+            for u in units:
+                yield read_stdlib_unit(u["stdlib"], table[u["stdlib"]])
+            return
+        for u in units:
+            yield from iter_file(InputFile(u["path"], u["rel"]), cfg.text_field, cfg.id_field,
+                                 cfg.title_field, cfg.strip_gutenberg)
+
+    def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        listed = {d: s for s, ids in cfg.split_lists.items() for d in ids}
+        cols: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
+        skipped: Counter[str] = Counter()
+        encodings: Counter[str] = Counter()
+        splits: Counter[str] = Counter()
+        dropped_short = dropped_chars = stripped = 0
+        for item in self._docs(cfg, shard.payload["units"]):
+            if isinstance(item, Skip):
+                if cfg.on_error == "raise":
+                    raise item.as_error()
+                log.warning("skipping %s%s: %s", item.path, f", line {item.line}" if item.line else "", item)
+                skipped[item.reason] += 1
+                continue
+            doc: RawDoc = item
+            if len(doc.text) < cfg.min_chars:
+                dropped_short += 1
+                dropped_chars += len(doc.text)
+                continue
+            split = assign_split(doc.doc_id, cfg, listed)
+            encodings[doc.encoding] += 1
+            stripped += doc.gutenberg
+            splits[split] += 1
+            cols["doc_id"].append(doc.doc_id)
+            cols["doc_idx"].append(len(cols["doc_idx"]))  # local; made global in finalize
+            cols["split"].append(split)
+            cols["source"].append(doc.source)
+            cols["title"].append(doc.title)
+            cols["text"].append(doc.text)
+            cols["n_chars"].append(len(doc.text))
+        ctx.write_parquet(f"_local/docs-{shard.name}.parquet", pa.table(cols, schema=SCHEMA))
+        return {
+            "docs": len(cols["doc_id"]),
+            "chars": sum(cols["n_chars"]),
+            "dropped_short": dropped_short,
+            "dropped_short_chars": dropped_chars,
+            "skipped": dict(skipped),
+            "encodings": dict(encodings),
+            "splits": dict(splits),
+            "gutenberg_stripped": stripped,
+        }
+
+    def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        offset = 0
+        seen: dict[str, int] = {}
+        for r in results:
+            local = f"_local/docs-{r.index:05d}.parquet"
+            with ctx.fs.open(ctx.path(local), "rb") as f:
+                t = pq.read_table(f)
+            for i, d in enumerate(t.column("doc_id").to_pylist()):
+                if d in seen:
+                    raise InputError(f"duplicate doc_id '{d}' (documents {seen[d]} and {offset + i}); "
+                                     "doc ids must be unique: set documents.id_field or rename the files")
+                seen[d] = offset + i
+            t = t.set_column(1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(offset, pa.int64())))
+            ctx.write_parquet(f"part-{r.index:05d}.parquet", t, schema=SCHEMA)
+            offset += t.num_rows
+        ctx.fs.rm(ctx.path("_local"), recursive=True)
+        missing = sorted({d for ids in cfg.split_lists.values() for d in ids} - set(seen))
+        if missing:
+            raise ConfigError(f"documents.split_lists names doc_ids not in the corpus: {', '.join(missing[:10])}"
+                              + (" ..." if len(missing) > 10 else ""))
+        stats = merge_stats(r.stats for r in results)
+        for s in SPLITS:
+            frac = getattr(cfg.splits, s) if not cfg.split_lists else (1.0 if s == "train" else len(cfg.split_lists.get(s, [])))
+            if frac and not stats.get("splits", {}).get(s):
+                log.warning("documents: split '%s' is empty; set documents.split_lists or more documents", s)
+        if offset == 0:
+            raise InputError("no documents left after filtering (all shorter than documents.min_chars "
+                             f"= {cfg.min_chars} or skipped)", path=", ".join(cfg.paths) or "stdlib")
+        return stats
+
+    def meta(self, ctx: StageContext) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        return {"corpus": "stdlib" if not cfg.paths else "files", "paths": cfg.paths}
+
+    def output_schema(self) -> pa.Schema:
+        return SCHEMA
+
+
+STAGE = DocumentsStage()
