@@ -40,13 +40,55 @@ def chunk_document(ids: list[int], offsets: list[tuple[int, int]], text: str, ch
                    ) -> tuple[np.ndarray, list[str]]:
     """Split one document's token ids into chunks; returns (ids as int32, chunk texts)."""
     arr = np.asarray(ids, dtype=np.int32)
-    n = len(arr)
-    n_chunks = -(-n // chunk_len)
-    bounds = [0]
-    for k in range(1, n_chunks):
-        bounds.append(max(bounds[-1], offsets[k * chunk_len][0]))
-    bounds.append(len(text))
+    n_chunks = -(-len(arr) // chunk_len)
+    # character offset where each chunk starts (monotone, so the texts partition the document)
+    starts = [offsets[k * chunk_len][0] for k in range(1, n_chunks)]
+    bounds = np.maximum.accumulate(np.asarray([0, *starts, len(text)], dtype=np.int64)).tolist()
     return arr, [text[bounds[k] : bounds[k + 1]] for k in range(n_chunks)]
+
+
+def chunk_batch(batch: pa.RecordBatch, tok: Any, chunk_len: int) -> tuple[pa.Table, dict[str, Any]]:
+    """Tokenize a batch of documents (in parallel inside `tokenizers`) and chunk them."""
+    texts = batch.column("text").to_pylist()
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    ids_l, texts_l, doc_l, split_l, pos_l, lens_l = [], [], [], [], [], []
+    empty = 0
+    split_chunks: dict[str, int] = {}
+    for doc_idx, split, text, enc in zip(
+        batch.column("doc_idx").to_pylist(), batch.column("split").to_pylist(), texts, encs
+    ):
+        if not enc.ids:
+            empty += 1
+            continue
+        arr, ctexts = chunk_document(enc.ids, enc.offsets, text, chunk_len)
+        n = len(ctexts)
+        ids_l.append(arr)
+        texts_l.extend(ctexts)
+        doc_l.append(np.full(n, doc_idx, np.int64))
+        split_l.extend([split] * n)
+        pos_l.append(np.arange(n, dtype=np.int32))
+        lens = np.full(n, chunk_len, np.int32)
+        lens[-1] = len(arr) - chunk_len * (n - 1)
+        lens_l.append(lens)
+        split_chunks[split] = split_chunks.get(split, 0) + n
+    flat = np.concatenate(ids_l) if ids_l else np.zeros(0, np.int32)
+    lens = np.concatenate(lens_l) if lens_l else np.zeros(0, np.int32)
+    offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    table = pa.table(
+        {
+            "chunk_id": pa.array(np.zeros(len(lens), np.int64)),  # set by the caller
+            "doc_idx": pa.array(np.concatenate(doc_l) if doc_l else np.zeros(0, np.int64)),
+            "split": pa.array(split_l, pa.string()),
+            "chunk_idx": pa.array(np.concatenate(pos_l) if pos_l else np.zeros(0, np.int32)),
+            "tokens": pa.ListArray.from_arrays(pa.array(offs), pa.array(flat)),
+            "n_tokens": pa.array(lens),
+            "text": pa.array(texts_l, pa.string()),
+        },
+        schema=SCHEMA,
+    )
+    stats = {"docs": batch.num_rows, "empty_docs": empty, "chunks": len(lens), "tokens": int(lens.sum()),
+             "short_chunks": int((lens < chunk_len).sum()), "split_chunks": split_chunks}
+    return table, stats
 
 
 class ChunksStage(Stage):
@@ -65,65 +107,27 @@ class ChunksStage(Stage):
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
-        L = cfg.chunk_len
         tok = load_tokenizer(ctx.inputs["tokenizer"])
         docs = ctx.inputs["documents"]
         t0 = time.perf_counter()
-        cols: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
-        n_docs = empty_docs = n_tokens = 0
-        split_chunks: dict[str, int] = {}
-        with docs.fs.open(docs.file(shard.payload["part"]), "rb") as f:
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=cfg.batch_docs, columns=["doc_idx", "split", "text"]):
-                texts = batch.column("text").to_pylist()
-                encs = tok.encode_batch(texts, add_special_tokens=False)
-                for doc_idx, split, text, enc in zip(
-                    batch.column("doc_idx").to_pylist(), batch.column("split").to_pylist(), texts, encs
-                ):
-                    n_docs += 1
-                    if not enc.ids:
-                        empty_docs += 1
-                        continue
-                    arr, chunk_texts = chunk_document(enc.ids, enc.offsets, text, L)
-                    n_tokens += len(arr)
-                    split_chunks[split] = split_chunks.get(split, 0) + len(chunk_texts)
-                    for k, ctext in enumerate(chunk_texts):
-                        piece = arr[k * L : (k + 1) * L]
-                        cols["chunk_id"].append(len(cols["chunk_id"]))  # local; made global in finalize
-                        cols["doc_idx"].append(doc_idx)
-                        cols["split"].append(split)
-                        cols["chunk_idx"].append(k)
-                        cols["tokens"].append(piece)
-                        cols["n_tokens"].append(len(piece))
-                        cols["text"].append(ctext)
-        n_chunks = len(cols["chunk_id"])
-        flat = np.concatenate(cols["tokens"]) if n_chunks else np.zeros(0, np.int32)
-        lens = np.asarray(cols["n_tokens"], dtype=np.int32)
-        offs = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-        tokens = pa.ListArray.from_arrays(pa.array(offs, pa.int32()), pa.array(flat, pa.int32()))
-        table = pa.table(
-            {
-                "chunk_id": pa.array(cols["chunk_id"], pa.int64()),
-                "doc_idx": pa.array(cols["doc_idx"], pa.int64()),
-                "split": pa.array(cols["split"], pa.string()),
-                "chunk_idx": pa.array(cols["chunk_idx"], pa.int32()),
-                "tokens": tokens,
-                "n_tokens": pa.array(lens, pa.int32()),
-                "text": pa.array(cols["text"], pa.string()),
-            },
-            schema=SCHEMA,
-        )
-        ctx.write_parquet(f"_local/chunks-{shard.name}.parquet", table, schema=SCHEMA)
-        secs = time.perf_counter() - t0
-        return {
-            "docs": n_docs,
-            "empty_docs": empty_docs,
-            "chunks": n_chunks,
-            "tokens": n_tokens,
-            "short_chunks": int((lens < L).sum()),
-            "split_chunks": split_chunks,
-            "tokenize_s": secs,
-        }
+        stats: list[dict[str, Any]] = []
+
+        def tables() -> Any:  # streamed: memory is bounded by one batch of documents
+            n = 0
+            with docs.fs.open(docs.file(shard.payload["part"]), "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_docs,
+                                                             columns=["doc_idx", "split", "text"]):
+                    t, st = chunk_batch(batch, tok, cfg.chunk_len)
+                    t = t.set_column(0, "chunk_id", pa.array(np.arange(n, n + t.num_rows, dtype=np.int64)))
+                    n += t.num_rows
+                    stats.append(st)
+                    yield t
+
+        # chunk ids are shard-local here; finalize offsets them into global, dense ids
+        ctx.write_parquet(f"_local/chunks-{shard.name}.parquet", tables(), schema=SCHEMA)
+        out = merge_stats(stats)
+        out["tokenize_s"] = time.perf_counter() - t0
+        return out
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         cfg: Config = ctx.cfg

@@ -1,0 +1,63 @@
+"""Shared fixtures. Tests run on CPU, offline, against the shared Gutenberg books and small slices of them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RPT_PROGRESS", "0")
+os.environ.pop("RPT_ARTIFACTS", None)
+
+REPO = Path(__file__).resolve().parents[1]
+GUTENBERG = (REPO / ".." / "shared" / "corpora" / "gutenberg").resolve()
+
+# Four short books (about 1.1M characters together), two of them Latin-1 encoded elsewhere in the set.
+SMALL_BOOKS = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz"]
+
+
+@pytest.fixture(scope="session")
+def gutenberg_dir() -> Path:
+    assert GUTENBERG.is_dir(), f"the shared corpus is expected at {GUTENBERG}"
+    return GUTENBERG
+
+
+def make_config(root: Path, **sections: dict):
+    """A run config rooted at `root` with the given sections, e.g. make_config(tmp, bm25={"k": 5})."""
+    from pipeline.config import config_from_dict
+
+    return config_from_dict({"artifacts_root": str(root), **sections})
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
+    """A folder holding four short Gutenberg books (as gz, like users have them)."""
+    d = tmp_path_factory.mktemp("corpus") / "books"
+    d.mkdir()
+    for name in SMALL_BOOKS:
+        (d / name).symlink_to(gutenberg_dir / name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
+    """documents -> tokenizer -> chunks built once per session on the four short books.
+
+    Returns the run config; its store holds the three artifacts. Tests that build further stages
+    should copy the config with `run.with_section(...)`/`make_config` and their own root, or build
+    into this store only artifacts that other tests may share.
+    """
+    from pipeline.executor import build
+
+    root = tmp_path_factory.mktemp("store")
+    run = make_config(
+        root,
+        documents={"paths": [str(small_corpus)], "split_lists": {"test": ["books/pg46.txt.gz"],
+                                                                 "valid": ["books/pg35.txt.gz"]}},
+        tokenizer={"vocab_size": 2048},
+    )
+    build("chunks", run, with_deps=True)
+    return run
