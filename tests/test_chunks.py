@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -96,6 +97,8 @@ def test_multibyte_characters_split_across_chunks(tmp_path):
 
 
 def test_given_tokenizer_is_adopted_by_content(small_run, tmp_path):
+    shutil.copytree(small_run.root(), tmp_path / "store")  # leave the shared session store untouched
+    small_run = small_run.model_copy(update={"artifacts_root": str(tmp_path / "store")})
     store = ArtifactStore(small_run.root())
     trained = store.resolve("tokenizer")
     given = tmp_path / "my-tokenizer.json"
