@@ -51,7 +51,7 @@ bench: setup
 	$(BIN)/python -m bench.ingest
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
-documents tokenize chunks: setup
+documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
 
 clean:

@@ -127,7 +127,7 @@ def _chunk_terms(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return indptr, terms[:nnz].copy(), counts[:nnz].copy(), dl
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _with_next(indptr: np.ndarray, terms: np.ndarray, counts: np.ndarray,
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Query rows c_i + c_{i+1} (term counts added) from per-chunk rows; the last row stays c_i."""
@@ -584,7 +584,9 @@ class BM25Stage(Stage):
     version = 1
     Config = Config
     description = "BM25 neighbor tables over token ids (document-causal or corpus scope)"
-    preferred_runner = "processes"  # CPU-bound kernels; one process per core, shards are document groups
+    # The kernels release the GIL (numba nogil), so threads run shards in parallel without a process's
+    # start-up and memory per worker (measured: threads x2 faster than processes x2 on 2 cores).
+    preferred_runner = "threads"
 
     def inputs(self, run: RunConfigBase) -> dict[str, InputRef]:
         return {"chunks": InputRef("chunks")}
@@ -602,9 +604,9 @@ class BM25Stage(Stage):
         reader = ChunkReader(ctx.inputs["chunks"])
         lo, hi = shard.payload["docs"]
         docs = reader.docs()[lo:hi]
-        stats = {"rows": 0, "full_rows": 0, "valid": 0, "docs": len(docs), "score_s": 0.0, "index_s": 0.0}
+        stats = {"rows": 0, "full_rows": 0, "valid": 0, "docs": len(docs), "score_s": 0.0}
         index = own_rows = None
-        if cfg.scope == "corpus":
+        if cfg.scope == "corpus":  # index_s: building the database index (once per worker process)
             t0 = time.perf_counter()
             index, own_rows = corpus_index(reader, p)
             stats["index_s"] = time.perf_counter() - t0
