@@ -77,6 +77,30 @@ def status(
         typer.echo(f"{state:8s} {ref}")
 
 
+@app.command()
+def report(
+    spec: Annotated[str, typer.Argument(help="evaluate artifact: evaluate (latest), evaluate@VERSION or @REF")] = "evaluate",
+    root: RootOpt = None,
+    config: ConfigOpt = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the artifact's report.md instead")] = False,
+) -> None:
+    """Print the perplexity and retrieval tables of an evaluate artifact (default: the latest)."""
+    from pipeline.report import REPORT_FILE, read_metrics, render_text
+
+    store = _store(root, config)
+    art = store.resolve(spec if "@" in spec or spec != "evaluate" else "evaluate")
+    metrics = read_metrics(art)
+    if markdown:
+        with art.fs.open(art.file(REPORT_FILE), "r") as f:
+            typer.echo(f.read())
+        return
+    column = art.meta.get("paper_column", "PG19")
+    docs, tokens = art.stats.get("docs"), art.stats.get("tokens")
+    header = [f"{art.ref} ({art.manifest.created_at}): {docs} {art.meta.get('split', 'test')} document(s), "
+              f"{tokens:,} tokens; paper column {column}" if tokens is not None else art.ref]
+    typer.echo(render_text(metrics, column, header))
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the full run config with every default filled in."""

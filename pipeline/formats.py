@@ -206,3 +206,24 @@ SCORES_SCHEMA = pa.schema(
         ("delta", pa.list_(pa.float32())),
     ]
 )
+
+
+# ------------------------------------------------------------------------------ evaluate
+# metrics.parquet of an evaluate artifact: one row per table x model x setting x neighbors x metric.
+#   table      perplexity | retrieval | overlap | training
+#   model      a train variant (perplexity, training) or a retriever: bm25, dense, rpt_lex, rpt_sem, gold
+#   setting    perplexity: none | bm25 | retriever | oracle (the neighbor source); retrieval: gold (what it is
+#              measured against); overlap: top-1; training: final
+#   neighbors  neighbors per chunk at inference (perplexity; 0 without retrieval), null elsewhere
+#   count      what the value averages over: test tokens (perplexity) or query chunks (retrieval, overlap)
+EVAL_METRICS_SCHEMA = pa.schema(
+    [
+        ("table", pa.string()),
+        ("model", pa.string()),
+        ("setting", pa.string()),
+        ("neighbors", pa.int32()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("count", pa.int64()),
+    ]
+)

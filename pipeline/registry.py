@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "tokenizer": "stages.tokenizer",
     "chunks": "stages.chunks",
     "bm25": "stages.bm25",
+    "evaluate": "stages.evaluate",
 }
 
 

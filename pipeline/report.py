@@ -1,0 +1,400 @@
+"""Tables, plots and the paper's numbers for an evaluate artifact (`report.md` and `rpt report`).
+
+Everything here reads the evaluate artifact's metrics.parquet (`pipeline.formats.EVAL_METRICS_SCHEMA`,
+one row per table x model x setting x neighbors x metric), so the stage's report.md and the terminal
+output of `rpt report` are the same tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ArtifactError
+
+METRICS_FILE = "metrics.parquet"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"
+DATASETS = ("ArXiv", "Code", "PG19", "Books3")
+
+# Paper (arXiv v2) Table 2: test perplexity, keyed by (variant, setting, neighbors). Settings: "none"
+# (no retrieval), "bm25" (BM25 neighbors of the query chunk), "retriever" (the model's own retriever),
+# "oracle" (gold neighbors from the scoring LM). The paper's oracle rows use 2 neighbors.
+PAPER_PERPLEXITY: dict[str, dict[tuple[str, str, int], float]] = {
+    ds: dict(zip(
+        [("baseline", "none", 0), ("retro_bm25", "bm25", 2), ("rpt_lex", "retriever", 2),
+         ("rpt_sem", "retriever", 2), ("rpt_sem", "retriever", 3), ("rpt_sem", "retriever", 4),
+         ("rpt_lex", "oracle", 2), ("rpt_sem", "oracle", 2)],
+        vals,
+    ))
+    for ds, vals in {
+        "ArXiv": (3.11, 2.94, 2.92, 2.77, 2.75, 2.74, 2.80, 2.69),
+        "Code": (2.30, 2.17, 2.23, 2.17, 2.16, 2.15, 2.12, 2.10),
+        "PG19": (11.48, 11.44, 11.59, 10.96, 10.92, 10.93, 10.88, 10.26),
+        "Books3": (15.00, 14.60, 14.32, 13.91, 13.87, 13.91, 13.30, 12.74),
+    }.items()
+}
+# Paper Table 3: retrieval against the scoring LM's gold, in percent: (P@2, R@10, nDCG@20).
+PAPER_RETRIEVAL: dict[str, dict[str, tuple[float, float, float]]] = {
+    "ArXiv": {"bm25": (27, 55, 24), "rpt_lex": (26, 54, 24), "rpt_sem": (32, 58, 30)},
+    "Code": {"bm25": (29, 53, 25), "rpt_lex": (26, 52, 23), "rpt_sem": (34, 56, 30)},
+    "PG19": {"bm25": (22, 55, 18), "rpt_lex": (22, 55, 18), "rpt_sem": (28, 61, 23)},
+    "Books3": {"bm25": (23, 55, 18), "rpt_lex": (19, 50, 16), "rpt_sem": (26, 58, 22)},
+}
+PAPER_RETRIEVAL_METRICS = ("precision@2", "recall@10", "ndcg@20")
+
+MODEL_NAMES = {
+    "baseline": "Transformer-XL (baseline)",
+    "retro_bm25": "RETRO w. BM25",
+    "rpt_lex": "RPT-Lex",
+    "rpt_sem": "RPT-Sem",
+}
+RETRIEVER_NAMES = {
+    "bm25": "BM25 (query = chunk)",
+    "dense": "Dense (frozen encoder)",
+    "rpt_lex": "RPT-Lex retriever",
+    "rpt_sem": "RPT-Sem retriever",
+    "gold": "Gold (top positive)",
+}
+METRIC_NAMES = {"precision": "P", "recall": "R", "ndcg": "nDCG"}
+
+
+# ------------------------------------------------------------------------------------------ metrics rows
+class Metrics:
+    """Lookup over metrics.parquet rows: value(table, model, setting, neighbors, metric)."""
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]]):
+        self.rows = [dict(r) for r in rows]
+        self._by = {(r["table"], r["model"], r["setting"], r["neighbors"], r["metric"]): r for r in self.rows}
+
+    def value(self, table: str, model: str, setting: str, neighbors: int | None, metric: str) -> float | None:
+        r = self._by.get((table, model, setting, neighbors, metric))
+        return None if r is None else r["value"]
+
+    def count(self, table: str, model: str, setting: str, neighbors: int | None, metric: str) -> int | None:
+        r = self._by.get((table, model, setting, neighbors, metric))
+        return None if r is None else r["count"]
+
+    def select(self, table: str, **eq: Any) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["table"] == table and all(r[k] == v for k, v in eq.items())]
+
+    def models(self, table: str) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.rows:
+            if r["table"] == table:
+                seen.setdefault(r["model"], None)
+        return list(seen)
+
+
+def read_metrics(art: Any) -> Metrics:
+    """The metrics of an evaluate artifact (`pipeline.store.Artifact`)."""
+    if art.stage != "evaluate":
+        raise ArtifactError(f"{art.ref} is not an evaluate artifact; `rpt report` reads evaluate@VERSION")
+    if not art.has(METRICS_FILE):
+        raise ArtifactError(f"{art.ref} has no {METRICS_FILE}; rebuild it with `rpt run evaluate`")
+    return Metrics(art.read_file(METRICS_FILE).to_pylist())
+
+
+# ------------------------------------------------------------------------------------------ tables
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+
+def _rel(v: float | None, base: float | None) -> str:
+    if v is None or base is None or math.isnan(v) or math.isnan(base) or base == 0:
+        return "—"
+    return f"{100 * (v / base - 1):+.1f}%"
+
+
+def perplexity_table(m: Metrics, column: str) -> Table:
+    """Table 2: every (variant, setting, neighbors) row we measured, beside the paper's number."""
+    paper = PAPER_PERPLEXITY[column]
+    base = m.value("perplexity", "baseline", "none", 0, "perplexity")
+    paper_base = paper[("baseline", "none", 0)]
+    # the paper's order: own neighbors by variant, then the oracle rows
+    rows = sorted(
+        m.select("perplexity", metric="perplexity"),
+        key=lambda r: (r["setting"] == "oracle",
+                       list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 9,
+                       r["neighbors"] or 0),
+    )
+    out = []
+    for r in rows:
+        key = (r["model"], r["setting"], r["neighbors"])
+        name = MODEL_NAMES.get(r["model"], r["model"]) + (" w. Oracle" if r["setting"] == "oracle" else "")
+        p = paper.get(key)
+        out.append([
+            name,
+            str(r["neighbors"]) if r["neighbors"] else "—",
+            r["setting"],
+            _num(r["value"]),
+            _rel(r["value"], base) if r["model"] != "baseline" else "",
+            _num(p),
+            _rel(p, paper_base) if p is not None and r["model"] != "baseline" else "",
+        ])
+    tokens = m.count("perplexity", "baseline", "none", 0, "perplexity")
+    if tokens is None and rows:
+        tokens = rows[0]["count"]
+    notes = [
+        f"Perplexity = exp(mean token NLL) over the same {tokens:,} test tokens for every row."
+        if tokens else "No perplexity rows.",
+        f"Paper: Rubin & Berant, Table 2, {column} column (arXiv v2); 2 neighbours unless stated. "
+        "The percentages are changes against the baseline row of the same column.",
+    ]
+    return Table(
+        "Test perplexity (paper Table 2)",
+        ["model", "neighbors", "neighbor source", "ours", "vs baseline", f"paper ({column})", "paper vs TXL"],
+        out,
+        notes,
+    )
+
+
+def retrieval_table(m: Metrics, column: str) -> Table:
+    """Table 3: every retriever's ranking metrics beside the paper's (in percent)."""
+    metrics: list[str] = []
+    for r in m.select("retrieval"):
+        if r["metric"] not in metrics:
+            metrics.append(r["metric"])
+    paper = PAPER_RETRIEVAL[column]
+    headers = ["retriever"]
+    for met in metrics:
+        kind, _, k = met.partition("@")
+        label = f"{METRIC_NAMES.get(kind, kind)}@{k}"
+        headers.append(label)
+        if met in PAPER_RETRIEVAL_METRICS:
+            headers.append(f"{label} paper")
+    rows = []
+    queries = None
+    for model in m.models("retrieval"):
+        row = [RETRIEVER_NAMES.get(model, model)]
+        for met in metrics:
+            v = m.value("retrieval", model, "gold", None, met)
+            queries = queries or m.count("retrieval", model, "gold", None, met)
+            row.append(_pct(v))
+            if met in PAPER_RETRIEVAL_METRICS:
+                p = paper.get(model)
+                row.append("—" if p is None else f"{p[PAPER_RETRIEVAL_METRICS.index(met)]:.0f}")
+        rows.append(row)
+    notes = [
+        f"Percent, averaged over {queries or 0:,} test query chunks that have at least one gold chunk "
+        "(a scored candidate with delta > 0); nDCG is graded by delta (linear gain).",
+        f"Paper: Table 3, {column} column (the paper has no dense-retriever column).",
+    ]
+    return Table("Retrieval against the scoring LM's gold (paper Table 3)", headers, rows, notes)
+
+
+def overlap_table(m: Metrics) -> Table:
+    rows = []
+    for model in m.models("overlap"):
+        v = {met: m.value("overlap", model, "top-1", None, met)
+             for met in ("query_tokens", "query_fraction", "target_tokens", "target_fraction")}
+        rows.append([
+            RETRIEVER_NAMES.get(model, model),
+            f"{_num(v['query_tokens'], 1)} ({_pct(v['query_fraction'])}%)",
+            f"{_num(v['target_tokens'], 1)} ({_pct(v['target_fraction'])}%)",
+        ])
+    notes = [
+        "Distinct token ids of the query chunk c_i (target chunk c_i+1) that also occur in the best "
+        "retrieved neighbor (chunk c_j with its continuation c_j+1), mean over the Table 3 queries; "
+        "in brackets as a share of the chunk's distinct ids.",
+        "Paper (Fig. 4): RPT-Sem's best neighbor overlaps the target more than RPT-Lex's; BM25 overlaps the "
+        "query most but not the target.",
+    ]
+    return Table("Token overlap of the best neighbor (paper Fig. 4)", ["retriever", "with query", "with target"],
+                 rows, notes)
+
+
+def training_table(m: Metrics) -> Table:
+    rows = []
+    for model in m.models("training"):
+        g = lambda met, model=model: m.value("training", model, "final", None, met)  # noqa: E731
+        rows.append([
+            MODEL_NAMES.get(model, model),
+            _num(g("steps"), 0),
+            _num(g("tokens"), 0),
+            _num(g("params"), 0),
+            _num(g("final_lm_loss"), 3),
+            _num(g("train_s"), 0),
+        ])
+    steps = {r["value"] for r in m.select("training", metric="steps")}
+    tokens = {r["value"] for r in m.select("training", metric="tokens")}
+    notes = ["Every variant trained for the same steps and tokens." if len(steps) <= 1 and len(tokens) <= 1
+             else "WARNING: the variants trained for different steps or tokens; the comparison is not even."]
+    return Table("Training (one train artifact per variant)",
+                 ["model", "steps", "tokens", "params", "final LM loss", "train s"], rows, notes)
+
+
+def ordering_checks(m: Metrics) -> list[tuple[str, bool | None]]:
+    """The paper's qualitative claims, checked on our numbers (None: a needed row is missing)."""
+    ppl = lambda v, s, k=2: m.value("perplexity", v, s, k if s != "none" else 0, "perplexity")  # noqa: E731
+    base, retro = ppl("baseline", "none"), ppl("retro_bm25", "bm25")
+    lex, sem = ppl("rpt_lex", "retriever"), ppl("rpt_sem", "retriever")
+    sem_oracle = ppl("rpt_sem", "oracle")
+    p2 = lambda r: m.value("retrieval", r, "gold", None, "precision@2")  # noqa: E731
+
+    def lt(a: float | None, b: float | None) -> bool | None:
+        return None if a is None or b is None else a < b
+
+    checks = [
+        ("RPT-Sem perplexity below RPT-Lex", lt(sem, lex)),
+        ("RPT-Sem perplexity below RETRO w. BM25", lt(sem, retro)),
+        ("RPT-Sem perplexity below the baseline", lt(sem, base)),
+        ("RPT-Lex perplexity below the baseline", lt(lex, base)),
+        ("RETRO w. BM25 perplexity below the baseline", lt(retro, base)),
+        ("RPT-Sem's P@2 above BM25's", lt(p2("bm25"), p2("rpt_sem"))),
+        ("RPT-Sem with oracle neighbors below RPT-Sem with its own", lt(sem_oracle, sem)),
+    ]
+    return checks
+
+
+def all_tables(m: Metrics, column: str) -> list[Table]:
+    out = [perplexity_table(m, column), retrieval_table(m, column)]
+    if m.models("overlap"):
+        out.append(overlap_table(m))
+    if m.models("training"):
+        out.append(training_table(m))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def _markdown(t: Table) -> str:
+    lines = [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |",
+             "|" + "|".join("---" for _ in t.headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
+    lines += [""] + [f"{n}  " for n in t.notes]
+    return "\n".join(lines)
+
+
+def _text(t: Table) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in t.rows)) if t.rows else len(h) for i, h in enumerate(t.headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [t.title, "=" * len(t.title), line(t.headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in t.rows]
+    out += [f"  {n}" for n in t.notes]
+    return "\n".join(out)
+
+
+def _checks_lines(m: Metrics) -> list[str]:
+    mark = {True: "yes", False: "no", None: "n/a"}
+    return [f"- {name}: **{mark[ok]}**" for name, ok in ordering_checks(m)]
+
+
+def render_text(m: Metrics, column: str, header: Sequence[str] = ()) -> str:
+    parts = [*header, ""] if header else []
+    parts += [_text(t) + "\n" for t in all_tables(m, column)]
+    parts += ["The paper's ordering on our numbers (2 neighbors):"]
+    parts += [line.replace("**", "") for line in _checks_lines(m)]
+    return "\n".join(parts)
+
+
+def render_markdown(m: Metrics, column: str, header: Sequence[str] = (), plots: Sequence[str] = ()) -> str:
+    parts = ["# Evaluation report", "", *header, ""]
+    parts += [_markdown(t) + "\n" for t in all_tables(m, column)]
+    parts += ["### The paper's ordering on these numbers (2 neighbors)", "", *_checks_lines(m), ""]
+    if plots:
+        parts += ["### Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def write_plots(m: Metrics, curves: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """PNG plots into out_dir; returns their names. `curves`: variant -> a train artifact's metrics table
+    (pyarrow) with step, tokens, lm_loss, ret_loss, recall_at_10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+
+    rows = m.select("perplexity", metric="perplexity")
+    if rows:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels = [f"{r['model']}\n{r['setting']}" + (f" K={r['neighbors']}" if r["neighbors"] else "") for r in rows]
+        colors = ["#888888" if r["setting"] == "none" else "#d62728" if r["setting"] == "oracle" else "#1f77b4"
+                  for r in rows]
+        ax.bar(range(len(rows)), [r["value"] for r in rows], color=colors)
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("test perplexity")
+        vals = [r["value"] for r in rows]
+        lo, hi = min(vals), max(vals)
+        ax.set_ylim(max(0.0, lo - 0.5 * (hi - lo + 1e-9) - 0.05 * lo), hi + 0.1 * (hi - lo + 1e-9) + 0.01 * hi)
+        ax.set_title("Perplexity by variant and neighbors (blue: own neighbors, red: oracle)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "perplexity.png", dpi=110)
+        plt.close(fig)
+        names.append("perplexity.png")
+
+    ret = m.select("retrieval")
+    if ret:
+        models = m.models("retrieval")
+        metrics = list(dict.fromkeys(r["metric"] for r in ret))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        w = 0.8 / max(len(models), 1)
+        for i, model in enumerate(models):
+            vals = [100 * (m.value("retrieval", model, "gold", None, met) or 0.0) for met in metrics]
+            ax.bar([j + i * w for j in range(len(metrics))], vals, w, label=RETRIEVER_NAMES.get(model, model))
+        ax.set_xticks([j + w * (len(models) - 1) / 2 for j in range(len(metrics))], metrics)
+        ax.set_ylabel("percent")
+        ax.set_title("Retrieval against the scoring LM's gold")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "retrieval.png", dpi=110)
+        plt.close(fig)
+        names.append("retrieval.png")
+
+    ov = m.models("overlap")
+    if ov:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        q = [100 * (m.value("overlap", r, "top-1", None, "query_fraction") or 0.0) for r in ov]
+        t = [100 * (m.value("overlap", r, "top-1", None, "target_fraction") or 0.0) for r in ov]
+        ax.bar([i - 0.2 for i in range(len(ov))], q, 0.4, label="with query c_i")
+        ax.bar([i + 0.2 for i in range(len(ov))], t, 0.4, label="with target c_i+1")
+        ax.set_xticks(range(len(ov)), [RETRIEVER_NAMES.get(r, r) for r in ov], rotation=20, ha="right", fontsize=7)
+        ax.set_ylabel("% of the chunk's distinct tokens")
+        ax.set_title("Token overlap of the best neighbor")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "overlap.png", dpi=110)
+        plt.close(fig)
+        names.append("overlap.png")
+
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for variant, tab in curves.items():
+            cols = tab.to_pydict()
+            a1.plot(cols["tokens"], cols["lm_loss"], label=variant)
+            rec = [x if x is not None else math.nan for x in cols.get("recall_at_10", [])]
+            if any(not math.isnan(x) for x in rec):
+                a2.plot(cols["step"], rec, label=variant)
+        a1.set_xlabel("training tokens")
+        a1.set_ylabel("LM loss (nats/token)")
+        a1.set_title("Training LM loss")
+        a1.legend(fontsize=7)
+        a2.set_xlabel("step")
+        a2.set_ylabel("recall@10 vs gold (train batches)")
+        a2.set_title("Learned retriever during training")
+        if a2.lines:
+            a2.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "training.png", dpi=110)
+        plt.close(fig)
+        names.append("training.png")
+    return names
