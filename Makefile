@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= true
 SYSTORCH := $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 
 .PHONY: setup demo test test-fast lint format bench neighbors documents tokenize chunks bm25 \
-        embeddings dense reference scores train evaluate flow clean
+        embeddings dense reference scores train evaluate report flow clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ bench: setup
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
 documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
+
+# `make report CONFIG=configs/gutenberg-cpu.yaml`: the tables of the latest evaluate artifact (docs/evaluate.md)
+report: setup
+	$(RPT) report -c $(CONFIG)
 
 clean:
 	rm -rf artifacts

@@ -173,6 +173,35 @@ def test_report_command_prints_the_tables(eval_run):
     assert res.exit_code != 0
 
 
+def test_a_killed_evaluation_resumes_at_the_unfinished_variant(eval_run, monkeypatch):
+    from stages.evaluate import STAGE
+
+    run, art = eval_run
+    run2 = run.with_section("evaluate", {"neighbors": [2]})  # another version, same models
+    real = type(STAGE).run_shard
+    calls: list[str] = []
+
+    def dies_on_rpt_sem(self, ctx, shard):
+        calls.append(shard.payload["variant"])
+        if shard.payload["variant"] == "rpt_sem":
+            raise KeyboardInterrupt  # as if killed
+        return real(self, ctx, shard)
+
+    monkeypatch.setattr(type(STAGE), "run_shard", dies_on_rpt_sem)
+    with pytest.raises(KeyboardInterrupt):
+        build("evaluate", run2)
+    assert calls == ["baseline", "retro_bm25", "rpt_lex", "rpt_sem"]
+    calls.clear()
+    monkeypatch.setattr(type(STAGE), "run_shard", lambda self, ctx, shard: calls.append(
+        shard.payload["variant"]) or real(self, ctx, shard))
+    art2 = build("evaluate", run2)
+    assert calls == ["rpt_sem"]  # the three finished variants were not recomputed
+    full = {(r["model"], r["setting"], r["neighbors"], r["metric"]): r["value"] for r in _metrics(art)}
+    for r in _metrics(art2):
+        if r["table"] in ("perplexity", "retrieval"):
+            assert r["value"] == pytest.approx(full[(r["model"], r["setting"], r["neighbors"], r["metric"])])
+
+
 def test_a_split_without_gold_is_an_error_naming_the_setting(eval_run):
     run, _ = eval_run
     bad = run.with_section("evaluate", {"split": "valid"})  # scores.splits = [train, test]
