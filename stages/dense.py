@@ -265,13 +265,20 @@ def use_faiss_gpu(device: str) -> bool:
     return n > 0
 
 
+_GPU_RES: list[Any] = []  # faiss GPU resources must outlive every index that uses them
+
+
 def to_gpu(index: Any) -> Any:
-    """Move an IVF/flat index to GPU 0; HNSW (no GPU version) and unsupported layouts stay on the CPU."""
+    """Move an IVF/flat index to GPU 0 (float16 PQ lookup tables: needed above 48 code bytes); layouts the
+    GPU does not support stay on the CPU, with a warning."""
     import faiss
 
     try:
-        res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(res, 0, index)
+        if not _GPU_RES:
+            _GPU_RES.append(faiss.StandardGpuResources())
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = True
+        return faiss.index_cpu_to_gpu(_GPU_RES[0], 0, index, co)
     except (RuntimeError, AttributeError) as e:
         log.warning("faiss could not move %s to the GPU (%s); searching on the CPU", type(index).__name__, e)
         return index
@@ -516,7 +523,9 @@ class DenseStage(Stage):
         t0 = time.perf_counter()
         value, curve = (given, []) if given else self._tune(ctx, work, db, ip, tune_q, param, gpu)
         t_tune = time.perf_counter() - t0
-        index = faiss.index_gpu_to_cpu(work) if work is not index else index
+        on_gpu = work is not index
+        if on_gpu:
+            index = faiss.index_gpu_to_cpu(work)
         with ctx.local_dir("") as root:
             tmp = root / f"{INDEX_FILE}.tmp-{os.getpid()}"
             faiss.write_index(index, str(tmp))
@@ -527,7 +536,7 @@ class DenseStage(Stage):
             "ef_construction": index.hnsw.efConstruction if ip.kind == "hnsw" else None,
             "train_vectors": len(train) if ip.kind == "ivfpq" else None, "search_param": param,
             "search_value": int(value), "tuned": given is None, "target_recall": cfg.target_recall,
-            "tuning_queries": len(tune_q), "tuning_curve": curve, "trained_on_gpu": gpu and ip.kind == "ivfpq",
+            "tuning_queries": len(tune_q), "tuning_curve": curve, "trained_on_gpu": on_gpu,
             "train_s": round(t_train, 3), "add_s": round(t_add, 3), "tune_s": round(t_tune, 3),
             "sha256": ctx.file_entry(INDEX_FILE).sha256,
         }
