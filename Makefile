@@ -54,5 +54,9 @@ bench: setup
 documents tokenize chunks: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
 
+# `make dense CONFIG=configs/gutenberg.yaml SET="--set dense.scope=document-causal"`
+embeddings dense: setup
+	$(RPT) run $@ -c $(CONFIG) --with-deps $(SET)
+
 clean:
 	rm -rf artifacts

@@ -14,9 +14,13 @@ from pipeline.store import ArtifactStore
 
 
 @pytest.fixture(scope="module")
-def emb_run(small_run, tiny_encoder):
-    """The four-book run with stand-in-encoder embeddings built (~3k chunks; 2 train books ~1.2k chunks)."""
-    run = small_run.with_section("embeddings", {"model": str(tiny_encoder), "workers": 1, "batch_size": 256})
+def emb_run(small_run, tiny_encoder, tmp_path_factory):
+    """The four-book run with stand-in-encoder embeddings built (~3k chunks; 2 train books ~1.2k chunks),
+    in a copy of the shared session store (these tests add and replace artifacts)."""
+    root = tmp_path_factory.mktemp("dense-store")
+    shutil.copytree(small_run.root(), root, dirs_exist_ok=True)
+    run = small_run.model_copy(update={"artifacts_root": str(root)})
+    run = run.with_section("embeddings", {"model": str(tiny_encoder), "workers": 1, "batch_size": 256})
     build("embeddings", run)
     return run
 
@@ -176,3 +180,14 @@ def test_index_is_reused_on_resume(emb_run, monkeypatch):
     assert builds == [1], "the trained index of the partial build is reused"
     assert art.manifest.meta["index"]["search_value"] == 4 and not art.manifest.meta["index"]["tuned"]
     assert art.verify() == []
+
+
+def test_topk_ties_go_to_the_later_chunk_and_short_rows_pad():
+    import torch
+
+    from stages.dense import topk_rows
+
+    s = torch.tensor([[0.5, 0.9, 0.5, -0.0, 0.0, float("-inf")], [float("-inf")] * 5 + [0.1]])
+    pos, sc = topk_rows(s, 4)
+    assert pos.tolist() == [[1, 2, 0, 4], [5, -1, -1, -1]]  # 0.0 and -0.0 tie too: the later (4) first
+    assert sc[1, 1:].isinf().all()
