@@ -96,51 +96,69 @@ class Config(StageConfig):
 # ----------------------------------------------------------------------------------------- exact search
 
 
-def _order_key(scores: Any, pos: Any) -> Any:
+def _order_key(scores: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """int64 keys that sort like (score, position): a float32's bits made monotone, then the position.
-    Top-k on them gives score-descending order with ties broken by the higher position (later chunk)."""
-    import torch
-
-    s = (scores + 0.0).contiguous()  # + 0.0 turns -0.0 into 0.0
-    b = s.view(torch.int32).to(torch.int64)
-    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    The largest keys are the highest scores, ties broken by the higher position (the later chunk)."""
+    b = (np.asarray(scores, np.float32) + np.float32(0)).view(np.int32).astype(np.int64)  # + 0 makes -0.0 0.0
+    b = np.where(b < 0, b ^ 0x7FFFFFFF, b)
     return b * (1 << 32) + pos
 
 
-def topk_rows(scores: Any, k: int, pos: Any | None = None) -> tuple[Any, Any]:
-    """Row-wise top-k of a float32 score block (-inf = not retrievable), ties to the higher position.
-    Returns (positions int64 [B, k], scores [B, k]); slots without a retrievable entry hold -1 / -inf.
-
-    A float top-k fetches a few extra entries and only those are ordered by the exact (score, position)
-    key; rows whose tie at the k-th score may reach past the fetched entries are redone on the full row."""
-    import torch
-
-    B, N = scores.shape
-    out_pos = torch.full((B, k), NEIGHBOR_PAD, dtype=torch.int64, device=scores.device)
-    out_sc = torch.full((B, k), float("-inf"), dtype=torch.float32, device=scores.device)
-    if N == 0 or B == 0:
+def select_top(vals: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of each row of a few candidates (scores, positions) by score, ties to the higher position;
+    non-finite scores (not retrievable) become -1 / -inf at the tail. Returns ([B, k] positions, scores)."""
+    B, f = vals.shape
+    out_pos = np.full((B, k), NEIGHBOR_PAD, np.int64)
+    out_sc = np.full((B, k), -np.inf, np.float32)
+    if f == 0 or B == 0:
         return out_pos, out_sc
-    kk = min(N, k + TIE_MARGIN)
-    vals, sel = torch.topk(scores, kk, dim=1, sorted=True)
-    p = sel if pos is None else pos.gather(1, sel)
-    if kk < N:
-        kth = vals[:, min(k, kk) - 1]
-        ambiguous = torch.nonzero((vals[:, -1] == kth) & torch.isfinite(kth)).squeeze(1)
-        if len(ambiguous):
-            full = pos[ambiguous] if pos is not None else torch.arange(N, device=scores.device).expand(len(ambiguous), N)
-            sel2 = torch.topk(_order_key(scores[ambiguous], full), kk, dim=1).indices
-            vals[ambiguous], p[ambiguous] = scores[ambiguous].gather(1, sel2), full.gather(1, sel2)
-    order = torch.argsort(_order_key(vals, p), dim=1, descending=True)[:, :k]
-    vals, p = vals.gather(1, order), p.gather(1, order)
-    ok = torch.isfinite(vals)
-    n = vals.shape[1]
-    out_pos[:, :n] = torch.where(ok, p, torch.full_like(p, NEIGHBOR_PAD))
-    out_sc[:, :n] = torch.where(ok, vals, torch.full_like(vals, float("-inf")))
+    key = _order_key(vals, pos)
+    kk = min(k, f)
+    idx = np.argpartition(key, f - kk, axis=1)[:, f - kk :] if kk < f else np.broadcast_to(np.arange(f), (B, f))
+    idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(key, idx, 1), axis=1), 1)
+    v, p = np.take_along_axis(vals, idx, 1), np.take_along_axis(pos, idx, 1)
+    ok = np.isfinite(v)
+    out_pos[:, :kk] = np.where(ok, p, NEIGHBOR_PAD)
+    out_sc[:, :kk] = np.where(ok, v, -np.inf)
     return out_pos, out_sc
 
 
+def topk_rows(scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of a float32 torch score block (-inf = not retrievable; CPU or GPU), ties to the
+    higher column. Returns numpy (columns int64 [B, k], scores [B, k]), -1 / -inf padded.
+
+    A partial top-k fetches a few extra entries and only those are ordered exactly; rows whose tie at
+    the k-th score may reach past the fetched entries are redone on their full row."""
+    import torch
+
+    B, N = scores.shape
+    if N == 0 or B == 0:
+        return select_top(np.zeros((B, 0), np.float32), np.zeros((B, 0), np.int64), k)
+    kk = min(N, k + TIE_MARGIN)
+    if scores.device.type == "cpu" and N <= 16384:  # numpy's partition beat torch.topk on short rows here
+        s = scores.numpy()
+        # partitioning the negated block for its smallest runs several times faster than for the largest
+        sel = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < N else np.broadcast_to(np.arange(N), (B, N))
+        vals = np.take_along_axis(s, sel, 1)
+        p = sel
+    else:
+        vals_t, sel_t = torch.topk(scores, kk, dim=1, sorted=False)
+        vals, p = vals_t.cpu().numpy(), sel_t.cpu().numpy()
+    if kk < N:
+        kth = np.partition(vals, kk - min(k, kk), axis=1)[:, kk - min(k, kk)]  # the k-th largest fetched
+        low = vals.min(1)
+        ambiguous = np.flatnonzero((low == kth) & np.isfinite(kth))
+        if len(ambiguous):
+            rows = torch.from_numpy(ambiguous).to(scores.device)
+            full_v = scores[rows].cpu().numpy()
+            full_p = np.broadcast_to(np.arange(N), full_v.shape)
+            p2, v2 = select_top(full_v, full_p, kk)
+            vals[ambiguous], p[ambiguous] = v2, p2
+    return select_top(vals, p, k)
+
+
 def score_block(q: Any, x: Any, metric: str, x_sq: Any | None = None) -> Any:
-    """Scores of queries [B, d] against vectors [N, d]: inner products or negative squared L2 distances."""
+    """Scores of queries [B, d] against vectors [N, d] (torch): inner products or negative squared L2."""
     import torch
 
     if q.device.type == "cpu":  # numpy's OpenBLAS sgemm ran 1.3-1.5x faster than torch's on the dev machine
@@ -154,17 +172,31 @@ def score_block(q: Any, x: Any, metric: str, x_sq: Any | None = None) -> Any:
     return s
 
 
-def mask_ranges(scores: Any, lo: np.ndarray, hi: np.ndarray) -> None:
-    """Set scores[r, lo[r]:hi[r]] = -inf (each row's own document), one slice per distinct range."""
+def fill_masked(scores: Any, mask: np.ndarray) -> None:
+    """scores[mask] = -inf in place; on the CPU through numpy (torch's threaded elementwise kernels stall
+    on a busy machine), on a GPU with a device mask."""
     import torch
 
+    if scores.device.type == "cpu":
+        scores.numpy()[mask] = -np.inf
+    else:
+        scores.masked_fill_(torch.from_numpy(mask).to(scores.device), float("-inf"))
+
+
+def mask_ranges(scores: Any, lo: np.ndarray, hi: np.ndarray) -> None:
+    """Set scores[r, lo[r]:hi[r]] = -inf (each row's own document), one slice per distinct range."""
     pairs = np.stack([lo, hi], 1)
     uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
     inverse = inverse.ravel()
+    target = scores.numpy() if scores.device.type == "cpu" else scores
     for u, (a, b) in enumerate(uniq):
         if b > a:
-            rows = torch.from_numpy(np.flatnonzero(inverse == u)).to(scores.device)
-            scores[rows, int(a) : int(b)] = float("-inf")
+            rows = np.flatnonzero(inverse == u)
+            if target is scores:
+                import torch
+
+                rows = torch.from_numpy(rows).to(scores.device)
+            target[rows, int(a) : int(b)] = float("-inf")
 
 
 def exact_corpus_search(q: np.ndarray, db: Any, k: int, own_lo: np.ndarray, own_hi: np.ndarray, metric: str,
@@ -185,8 +217,7 @@ def exact_corpus_search(q: np.ndarray, db: Any, k: int, own_lo: np.ndarray, own_
             qb = torch.from_numpy(np.ascontiguousarray(q[s:e], np.float32)).to(device)
             sc = score_block(qb, db, metric, x_sq)
             mask_ranges(sc, own_lo[s:e], own_hi[s:e])
-            p, v = topk_rows(sc, k)
-            out_pos[s:e], out_sc[s:e] = p.cpu().numpy(), v.cpu().numpy()
+            out_pos[s:e], out_sc[s:e] = topk_rows(sc, k)
             bar.update(e - s)
     bar.close()
     return out_pos, out_sc
@@ -212,9 +243,8 @@ def causal_document_search(x: Any, k: int, exclude_recent: int, metric: str) -> 
                 continue
             sc = score_block(x[s:e], x[: last + 1], metric, None if x_sq is None else x_sq[: last + 1])
             allowed = causal_retrievable(np.arange(s, e)[:, None], cand[None, : last + 1], exclude_recent)
-            sc.masked_fill_(torch.from_numpy(~allowed).to(sc.device), float("-inf"))
-            p, v = topk_rows(sc, k)
-            out_pos[s:e], out_sc[s:e] = p.cpu().numpy(), v.cpu().numpy()
+            fill_masked(sc, ~allowed)
+            out_pos[s:e], out_sc[s:e] = topk_rows(sc, k)
     return out_pos, out_sc
 
 
@@ -225,8 +255,6 @@ def rerank_filter(q: np.ndarray, cand: np.ndarray, k: int, q_doc: np.ndarray, db
                   metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop candidates (db positions, -1 = none) from the query's own document, score the rest exactly
     and keep the top k. Returns (positions, scores, number of surviving candidates per row)."""
-    import torch
-
     n, f = cand.shape
     valid = cand >= 0
     safe = np.where(valid, cand, 0)
@@ -236,15 +264,13 @@ def rerank_filter(q: np.ndarray, cand: np.ndarray, k: int, q_doc: np.ndarray, db
     rows = max(1, BLOCK_ELEMS // max(1, f * db.shape[1]))
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        qt = torch.from_numpy(np.ascontiguousarray(q[s:e], np.float32))
-        ct = torch.from_numpy(np.ascontiguousarray(db[safe[s:e]], np.float32))  # [B, f, d]
-        sc = torch.einsum("bd,bfd->bf", qt, ct)
+        qb = np.asarray(q[s:e], np.float32)
+        cb = db[safe[s:e]]  # [B, f, d]
+        sc = np.matmul(cb, qb[:, :, None])[:, :, 0]
         if metric == "l2":
-            sc = -((qt * qt).sum(1, keepdim=True) + (ct * ct).sum(2) - 2 * sc).clamp_min_(0)
-        v = torch.from_numpy(valid[s:e])
-        sc.masked_fill_(~v, float("-inf"))
-        p, top = topk_rows(sc, k, torch.from_numpy(np.where(valid[s:e], cand[s:e], -1)))
-        out_pos[s:e], out_sc[s:e] = p.numpy(), top.numpy()
+            sc = -np.maximum((qb * qb).sum(1)[:, None] + (cb * cb).sum(2) - 2 * sc, 0)
+        sc[~valid[s:e]] = -np.inf
+        out_pos[s:e], out_sc[s:e] = select_top(sc.astype(np.float32), np.where(valid[s:e], cand[s:e], -1), k)
     return out_pos, out_sc, valid.sum(1)
 
 

@@ -183,11 +183,27 @@ def test_index_is_reused_on_resume(emb_run, monkeypatch):
 
 
 def test_topk_ties_go_to_the_later_chunk_and_short_rows_pad():
+    """Against a lexsort on many small rows full of ties (the k-th score tied past the fetched margin)."""
     import torch
 
     from stages.dense import topk_rows
 
-    s = torch.tensor([[0.5, 0.9, 0.5, -0.0, 0.0, float("-inf")], [float("-inf")] * 5 + [0.1]])
-    pos, sc = topk_rows(s, 4)
-    assert pos.tolist() == [[1, 2, 0, 4], [5, -1, -1, -1]]  # 0.0 and -0.0 tie too: the later (4) first
-    assert sc[1, 1:].isinf().all()
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        B, N, k = rng.integers(1, 6), rng.integers(0, 40), rng.integers(1, 12)
+        s = rng.integers(-3, 4, size=(B, N)).astype(np.float32) / 2
+        s[rng.random((B, N)) < 0.2] = -np.inf  # not retrievable
+        if N:
+            s[0, 0] = -0.0  # ties with 0.0
+        pos, sc = topk_rows(torch.from_numpy(s.copy()), k)
+        for r in range(B):
+            cols = np.flatnonzero(np.isfinite(s[r]))
+            want = cols[np.lexsort((-cols, -(s[r][cols] + 0.0)))][:k]
+            assert np.array_equal(pos[r][: len(want)], want)
+            assert np.all(pos[r][len(want) :] == -1) and np.all(np.isinf(sc[r][len(want) :]))
+    # long rows take the torch.topk path; with 7 distinct values the k-th score is always tied
+    s = rng.integers(-3, 4, size=(3, 20000)).astype(np.float32)
+    pos, _ = topk_rows(torch.from_numpy(s.copy()), 5)
+    cols = np.arange(20000)
+    for r in range(3):
+        assert np.array_equal(pos[r], cols[np.lexsort((-cols, -s[r]))][:5])
