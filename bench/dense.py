@@ -72,13 +72,19 @@ def slice_run(store: Path, chars: int, books: int) -> Any:
                 text = raw.decode("latin-1")
             out.write_text(text[20_000 : 20_000 + chars], encoding="utf-8")
     present = {p.stem for p in folder.glob("*.txt")}
-    return config_from_dict({
-        "artifacts_root": str(store / "artifacts"),
-        "documents": {"paths": [str(folder)], "split_lists": {
-            "valid": [f"slices/{b}.txt" for b in VALID if b in present],
-            "test": [f"slices/{b}.txt" for b in TEST if b in present]}},
-        "tokenizer": {"vocab_size": 8192},
-    })
+    return config_from_dict(
+        {
+            "artifacts_root": str(store / "artifacts"),
+            "documents": {
+                "paths": [str(folder)],
+                "split_lists": {
+                    "valid": [f"slices/{b}.txt" for b in VALID if b in present],
+                    "test": [f"slices/{b}.txt" for b in TEST if b in present],
+                },
+            },
+            "tokenizer": {"vocab_size": 8192},
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------- 1. embedding
@@ -110,14 +116,18 @@ def _bench_embedding_on(device: str, path: Path, texts: list[str], repeat: int) 
         runs.insert(0, ("ours bf16 autocast", lambda: encode(ours, texts, batch, "bf16")[0]))
     st = SentenceTransformer(str(path), device=device)
     runs.append(("peer: SentenceTransformer.encode (batch 32)", lambda: st.encode(texts)))
-    tok, bert = AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path)).to(device).eval()
+    tok, bert = (
+        AutoTokenizer.from_pretrained(str(path)),
+        AutoModel.from_pretrained(str(path)).to(device).eval(),
+    )
 
     def retro_style() -> np.ndarray:
         res = []
         with torch.no_grad():
             for i in range(0, len(texts), 16):
-                enc = tok(texts[i : i + 16], padding=True, truncation=True, max_length=256,
-                          return_tensors="pt").to(device)
+                enc = tok(
+                    texts[i : i + 16], padding=True, truncation=True, max_length=256, return_tensors="pt"
+                ).to(device)
                 h = bert(**enc).last_hidden_state
                 m = enc["attention_mask"].unsqueeze(-1).float()
                 res.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu().numpy())
@@ -130,10 +140,16 @@ def _bench_embedding_on(device: str, path: Path, texts: list[str], repeat: int) 
         secs, emb = best_of(fn, repeat)
         emb = np.asarray(emb.cpu() if hasattr(emb, "cpu") else emb, dtype=np.float32)
         ref = emb if ref is None else ref
-        results[name] = {"chunks_per_s": len(texts) / secs, "max_abs_diff_vs_first": float(np.abs(emb - ref).max())}
+        results[name] = {
+            "chunks_per_s": len(texts) / secs,
+            "max_abs_diff_vs_first": float(np.abs(emb - ref).max()),
+        }
     base = results["peer: SentenceTransformer.encode (batch 32)"]["chunks_per_s"]
     for name, r in results.items():
-        print(line(name, r["chunks_per_s"], "chunks/s", base) + f"   (max |diff| {r['max_abs_diff_vs_first']:.1e})")
+        print(
+            line(name, r["chunks_per_s"], "chunks/s", base)
+            + f"   (max |diff| {r['max_abs_diff_vs_first']:.1e})"
+        )
     return results
 
 
@@ -156,8 +172,10 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     emb_art = build("embeddings", run, with_deps=True)
-    print(f"\n[2] corpus scope on {emb_art.ref} ({emb_art.manifest.rows:,} chunks; built or found in "
-          f"{time.perf_counter() - t0:.0f} s; stage throughput {emb_art.stats.get('chunks_per_s')} chunks/s)")
+    print(
+        f"\n[2] corpus scope on {emb_art.ref} ({emb_art.manifest.rows:,} chunks; built or found in "
+        f"{time.perf_counter() - t0:.0f} s; stage throughput {emb_art.stats.get('chunks_per_s')} chunks/s)"
+    )
     chunks = ChunkReader(build("chunks", run))
     _, emb16 = read_embeddings(emb_art)
     emb = emb16.astype(np.float32)
@@ -177,7 +195,9 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
     t_ours, (exact, _) = best_of(lambda: exact_corpus_search(q, dbt, k, lo, hi, "ip"), repeat)
     flat = faiss.IndexFlatIP(db.shape[1])
     flat.add(db)
-    t_faiss, (fpos, _, _) = best_of(lambda: faiss_search(flat, q, k, k + 100, doc, db_doc, db, "ip", N), repeat)
+    t_faiss, (fpos, _, _) = best_of(
+        lambda: faiss_search(flat, q, k, k + 100, doc, db_doc, db, "ip", N), repeat
+    )
 
     def numpy_exact() -> np.ndarray:
         res = np.empty((n, k), np.int64)
@@ -196,7 +216,9 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
     print(line("peer: numpy matmul + argpartition", n / t_np, "q/s"))
     print(line("ours: torch blocked matmul + top-k (auto)", n / t_ours, "q/s", n / t_np))
     print(line("faiss IndexFlatIP + over-fetch/filter", n / t_faiss, "q/s", n / t_np))
-    print(f"    agreement with ours: faiss {recall(train[fpos], ids_exact):.4f}, numpy {recall(train[npos], ids_exact):.4f}")
+    print(
+        f"    agreement with ours: faiss {recall(train[fpos], ids_exact):.4f}, numpy {recall(train[npos], ids_exact):.4f}"
+    )
     out["exact"] = {"numpy_qps": n / t_np, "torch_qps": n / t_ours, "faiss_flat_qps": n / t_faiss}
 
     # IVF-PQ as the stage builds it: nlist = 4 sqrt(N) (at most N/39), PQ dim/4, trained on a seeded sample
@@ -209,14 +231,18 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
     ivf.train(sample)
     ivf.add(db)
     t_build = time.perf_counter() - t0
-    print(f"  IVF{nlist},PQ{m} built in {t_build:.1f} s; recall@{k} vs exact and queries/s (over-fetch {k + 100}, exact re-score):")
+    print(
+        f"  IVF{nlist},PQ{m} built in {t_build:.1f} s; recall@{k} vs exact and queries/s (over-fetch {k + 100}, exact re-score):"
+    )
     rows = []
     for nprobe in sorted({1, 2, 4, 8, 16, 32, 64, 128, nlist} & set(range(1, nlist + 1))):
         set_search_param(ivf, "nprobe", nprobe)
         t, (pos, _, _) = best_of(lambda: faiss_search(ivf, q, k, k + 100, doc, db_doc, db, "ip", N), repeat)
         r = recall(train[pos], ids_exact)
         rows.append({"nprobe": nprobe, "recall": r, "qps": n / t})
-        print(f"    nprobe {nprobe:>4}: recall@{k} {r:.4f}  {n / t:>10,.0f} q/s  (x{(n / t) / (n / t_ours):.2f} vs exact torch)")
+        print(
+            f"    nprobe {nprobe:>4}: recall@{k} {r:.4f}  {n / t:>10,.0f} q/s  (x{(n / t) / (n / t_ours):.2f} vs exact torch)"
+        )
     out["ivfpq"] = {"factory": f"IVF{nlist},PQ{m}", "build_s": t_build, "curve": rows}
 
     t0 = time.perf_counter()
@@ -250,9 +276,11 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
         art = build("dense", r)
         secs = time.perf_counter() - t0
         st, ix = art.stats, art.meta["index"]
-        print(f"  stage dense index={index}: {secs:.1f} s for {n:,} queries ({n / secs:,.0f} q/s end to end), "
-              f"recall@{k} {st['recall_at_k']}, fill rate {st['fill_rate']}, {ix.get('factory')} "
-              f"{ix.get('search_param') or ''}={ix.get('search_value') or ''}")
+        print(
+            f"  stage dense index={index}: {secs:.1f} s for {n:,} queries ({n / secs:,.0f} q/s end to end), "
+            f"recall@{k} {st['recall_at_k']}, fill rate {st['fill_rate']}, {ix.get('factory')} "
+            f"{ix.get('search_param') or ''}={ix.get('search_value') or ''}"
+        )
         out[f"stage_{index}"] = {"seconds": secs, "recall": st["recall_at_k"], "index": ix}
     return out
 
@@ -314,7 +342,9 @@ def bench_causal(sizes: list[int], repeat: int, k: int = 20, exclude_recent: int
 
     from stages.dense import causal_document_search
 
-    print(f"\n[4] document-causal exact search within one document (d=384, k={k}, exclude_recent={exclude_recent})")
+    print(
+        f"\n[4] document-causal exact search within one document (d=384, k={k}, exclude_recent={exclude_recent})"
+    )
     rng = np.random.default_rng(0)
     out = {}
     for n in sizes:
@@ -343,11 +373,16 @@ def main() -> None:
     ap.add_argument("--books", type=int, default=44)
     ap.add_argument("--chars", type=int, default=60_000, help="characters per book slice (corpus-scope part)")
     ap.add_argument("--embed", type=int, default=600, help="chunks for the embedding-throughput part")
-    ap.add_argument("--synthetic", type=int, default=100_000, help="database size of the scale part (0: skip)")
+    ap.add_argument(
+        "--synthetic", type=int, default=100_000, help="database size of the scale part (0: skip)"
+    )
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--store", default=os.environ.get("RPT_BENCH_STORE", "/tmp/rpt-bench-dense"),
-                    help="cache folder: the slice corpus and its artifacts (reused across runs)")
+    ap.add_argument(
+        "--store",
+        default=os.environ.get("RPT_BENCH_STORE", "/tmp/rpt-bench-dense"),
+        help="cache folder: the slice corpus and its artifacts (reused across runs)",
+    )
     ap.add_argument("--parts", default="1,2,3,4", help="which parts to run")
     args = ap.parse_args()
     parts = {int(p) for p in args.parts.split(",")}
@@ -361,7 +396,9 @@ def main() -> None:
         from pipeline.formats import ChunkReader
 
         chunks = ChunkReader(build("chunks", run, with_deps=True))
-        ids = np.random.default_rng(0).choice(chunks.n_chunks, min(args.embed, chunks.n_chunks), replace=False)
+        ids = np.random.default_rng(0).choice(
+            chunks.n_chunks, min(args.embed, chunks.n_chunks), replace=False
+        )
         result["embedding"] = bench_embedding(chunks.texts(np.sort(ids)), args.repeat)
     if 2 in parts:
         result["corpus"] = bench_corpus(run, args.repeat, args.k)

@@ -61,30 +61,42 @@ TIE_MARGIN = 8  # extra entries fetched by the float top-k to settle ties at the
 class Config(StageConfig):
     k: int = Field(20, ge=1, le=4096, description="neighbors per query chunk")
     scope: Literal["corpus", "document-causal"] = Field(
-        "corpus", description="corpus: train-split database, own document excluded (RETRO); "
-        "document-causal: earlier chunks of the query's own document (RPT)"
+        "corpus",
+        description="corpus: train-split database, own document excluded (RETRO); "
+        "document-causal: earlier chunks of the query's own document (RPT)",
     )
-    exclude_recent: int = Field(16, ge=0, description="document-causal: chunk i retrieves j <= i-1-exclude_recent")
+    exclude_recent: int = Field(
+        16, ge=0, description="document-causal: chunk i retrieves j <= i-1-exclude_recent"
+    )
     index: Literal["auto", "flat", "ivfpq", "hnsw"] = Field(
         "auto", description="corpus scope; auto: flat (exact) up to flat_max database vectors, ivfpq above"
     )
-    flat_max: int = Field(100_000, ge=0, description="index: auto uses exact search up to this many database vectors")
-    metric: Literal["ip", "l2"] = Field("ip", description="inner product (cosine on normalised embeddings) or L2")
+    flat_max: int = Field(
+        200_000, ge=0, description="index: auto uses exact search up to this many database vectors"
+    )
+    metric: Literal["ip", "l2"] = Field(
+        "ip", description="inner product (cosine on normalised embeddings) or L2"
+    )
     nlist: int | None = Field(None, ge=1, description="IVF lists; None: 4*sqrt(N), at most N/39")
     nprobe: int | None = Field(None, ge=1, description="IVF lists probed; None: tuned to reach target_recall")
     pq_m: int | None = Field(None, ge=1, description="PQ sub-quantizers (bytes per vector); None: dim/4")
     hnsw_m: int = Field(32, ge=4, le=256, description="HNSW neighbors per node")
     ef_search: int | None = Field(None, ge=1, description="HNSW efSearch; None: tuned to reach target_recall")
-    target_recall: float = Field(0.95, gt=0, le=1, description="recall@k that nprobe/ef_search tuning aims for")
+    target_recall: float = Field(
+        0.95, gt=0, le=1, description="recall@k that nprobe/ef_search tuning aims for"
+    )
     train_sample: int | None = Field(
-        None, ge=1, description="IVF training vectors (seeded random sample); None: min(N, max(256*nlist, 65536))"
+        None,
+        ge=1,
+        description="IVF training vectors (seeded random sample); None: min(N, max(256*nlist, 65536))",
     )
     overfetch: int = Field(100, ge=0, description="extra candidates fetched before the own-document filter")
     recall_sample: int = Field(1000, ge=0, description="held-out queries for measuring (and tuning) recall")
     seed: int = Field(0, description="seed of the training, tuning and recall samples")
     backend: Literal["auto", "faiss", "torch"] = Field(
-        "auto", description="exact search engine: torch matmul+top-k (exact own-doc mask) or faiss IndexFlat; "
-        "ivfpq/hnsw always use faiss; auto: torch"
+        "auto",
+        description="exact search engine: torch matmul+top-k (exact own-doc mask) or faiss IndexFlat; "
+        "ivfpq/hnsw always use faiss; auto: torch",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: GPU when torch/faiss see one")
     batch_size: int = Field(4096, ge=1, description="queries per search call")
@@ -114,7 +126,9 @@ def select_top(vals: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, n
         return out_pos, out_sc
     key = _order_key(vals, pos)
     kk = min(k, f)
-    idx = np.argpartition(key, f - kk, axis=1)[:, f - kk :] if kk < f else np.broadcast_to(np.arange(f), (B, f))
+    idx = (
+        np.argpartition(key, f - kk, axis=1)[:, f - kk :] if kk < f else np.broadcast_to(np.arange(f), (B, f))
+    )
     idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(key, idx, 1), axis=1), 1)
     v, p = np.take_along_axis(vals, idx, 1), np.take_along_axis(pos, idx, 1)
     ok = np.isfinite(v)
@@ -199,8 +213,16 @@ def mask_ranges(scores: Any, lo: np.ndarray, hi: np.ndarray) -> None:
             target[rows, int(a) : int(b)] = float("-inf")
 
 
-def exact_corpus_search(q: np.ndarray, db: Any, k: int, own_lo: np.ndarray, own_hi: np.ndarray, metric: str,
-                        device: str = "cpu", desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def exact_corpus_search(
+    q: np.ndarray,
+    db: Any,
+    k: int,
+    own_lo: np.ndarray,
+    own_hi: np.ndarray,
+    metric: str,
+    device: str = "cpu",
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of each query over the database, excluding db positions [own_lo, own_hi) per query (the
     query's own document). `db` is a float32 torch tensor on `device`. Returns (db positions, scores)."""
     import torch
@@ -251,8 +273,15 @@ def causal_document_search(x: Any, k: int, exclude_recent: int, metric: str) -> 
 # ----------------------------------------------------------------------------------------- faiss search
 
 
-def rerank_filter(q: np.ndarray, cand: np.ndarray, k: int, q_doc: np.ndarray, db_doc: np.ndarray, db: np.ndarray,
-                  metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rerank_filter(
+    q: np.ndarray,
+    cand: np.ndarray,
+    k: int,
+    q_doc: np.ndarray,
+    db_doc: np.ndarray,
+    db: np.ndarray,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop candidates (db positions, -1 = none) from the query's own document, score the rest exactly
     and keep the top k. Returns (positions, scores, number of surviving candidates per row)."""
     n, f = cand.shape
@@ -274,8 +303,17 @@ def rerank_filter(q: np.ndarray, cand: np.ndarray, k: int, q_doc: np.ndarray, db
     return out_pos, out_sc, valid.sum(1)
 
 
-def faiss_search(index: Any, q: np.ndarray, k: int, fetch: int, q_doc: np.ndarray, db_doc: np.ndarray,
-                 db: np.ndarray, metric: str, max_fetch: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def faiss_search(
+    index: Any,
+    q: np.ndarray,
+    k: int,
+    fetch: int,
+    q_doc: np.ndarray,
+    db_doc: np.ndarray,
+    db: np.ndarray,
+    metric: str,
+    max_fetch: int,
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Over-fetch from a faiss index, filter the own document, re-score exactly; rows left with fewer
     than k neighbors while the index still had more to give are searched again with 4x the fetch."""
     n = len(q)
@@ -312,8 +350,10 @@ def use_faiss_gpu(device: str) -> bool:
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device == "cuda" and n == 0:
-        raise ConfigError("dense.device=cuda but faiss sees no GPU (install the `gpu` extra: faiss-gpu==1.15.1) "
-                          "or use dense.backend: torch for exact search on the GPU")
+        raise ConfigError(
+            "dense.device=cuda but faiss sees no GPU (install the `gpu` extra: faiss-gpu==1.15.1) "
+            "or use dense.backend: torch for exact search on the GPU"
+        )
     return n > 0
 
 
@@ -381,8 +421,10 @@ def _embeddings(ctx: StageContext, lo: int, hi: int) -> np.ndarray:
     art = ctx.inputs["embeddings"]
     ids, emb = read_embeddings(art, lo, hi)
     if len(ids) != hi - lo or (len(ids) and (ids[0] != lo or ids[-1] != hi - 1)):
-        raise InputError(f"{art.ref} lacks embeddings of chunk ids {lo}..{hi - 1} (found {len(ids)} of "
-                         f"{hi - lo}); rebuild it (rpt run embeddings) and check `rpt artifacts verify`")
+        raise InputError(
+            f"{art.ref} lacks embeddings of chunk ids {lo}..{hi - 1} (found {len(ids)} of "
+            f"{hi - lo}); rebuild it (rpt run embeddings) and check `rpt artifacts verify`"
+        )
     return emb.astype(np.float32)
 
 
@@ -392,8 +434,10 @@ def load_database(ctx: StageContext) -> Database:
         emb = _embeddings(ctx, 0, reader.n_chunks)
         docs = reader.docs("train")
         if not docs:
-            raise InputError(f"{reader.art.ref} has no train-split chunks: the corpus scope retrieves from the "
-                             "train split (set documents.splits / split_lists, or use dense.scope: document-causal)")
+            raise InputError(
+                f"{reader.art.ref} has no train-split chunks: the corpus scope retrieves from the "
+                "train split (set documents.splits / split_lists, or use dense.scope: document-causal)"
+            )
         ids = np.concatenate([d.chunk_ids for d in docs])
         doc = np.concatenate([np.full(d.n, d.doc_idx, np.int64) for d in docs])
         return Database(ids, doc, emb[ids])
@@ -438,8 +482,10 @@ def plan_index(cfg: Config, n_db: int, dim: int) -> IndexPlan:
     backend = cfg.backend
     if kind != "flat":
         if backend == "torch":
-            raise ConfigError(f"dense.backend=torch does exact search only, but dense.index resolves to {kind}; "
-                              "use dense.index: flat, or dense.backend: auto/faiss")
+            raise ConfigError(
+                f"dense.backend=torch does exact search only, but dense.index resolves to {kind}; "
+                "use dense.index: flat, or dense.backend: auto/faiss"
+            )
         backend = "faiss"
     elif backend == "auto":
         backend = "torch"
@@ -447,7 +493,9 @@ def plan_index(cfg: Config, n_db: int, dim: int) -> IndexPlan:
         return IndexPlan(kind, backend)
     pq_m = cfg.pq_m or _default_pq_m(dim)
     if dim % pq_m:
-        raise ConfigError(f"dense.pq_m={pq_m} must divide the embedding dimension {dim}; e.g. dense.pq_m: {_default_pq_m(dim)}")
+        raise ConfigError(
+            f"dense.pq_m={pq_m} must divide the embedding dimension {dim}; e.g. dense.pq_m: {_default_pq_m(dim)}"
+        )
     avail = min(cfg.train_sample or n_db, n_db)
     nlist = cfg.nlist or max(1, min(round(4 * math.sqrt(n_db)), avail // 39))
     n_train = min(n_db, cfg.train_sample) if cfg.train_sample else min(n_db, max(256 * nlist, 65536))
@@ -460,8 +508,10 @@ def plan_index(cfg: Config, n_db: int, dim: int) -> IndexPlan:
             + ", or use dense.index: flat (exact search)."
         )
     if n_train < 256:
-        raise ConfigError(f"dense: PQ training needs at least 256 vectors (8-bit codes), the sample has {n_train}; "
-                          "use dense.index: flat for a database this small")
+        raise ConfigError(
+            f"dense: PQ training needs at least 256 vectors (8-bit codes), the sample has {n_train}; "
+            "use dense.index: flat for a database this small"
+        )
     return IndexPlan(kind, backend, nlist, pq_m, n_train)
 
 
@@ -472,7 +522,9 @@ def _default_pq_m(dim: int) -> int:
     return next(m for m in range(target, 0, -1) if dim % m == 0)
 
 
-def _samples(cfg: Config, n_queries: int, n_db: int, n_train: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _samples(
+    cfg: Config, n_queries: int, n_db: int, n_train: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded samples: training rows of the database, and two disjoint sets of query chunk ids, one to
     tune nprobe/efSearch on and one held out to measure recall on."""
     rng = np.random.default_rng(cfg.seed)
@@ -506,8 +558,10 @@ class DenseStage(Stage):
         n = reader.n_chunks
         rows = ctx.inputs["embeddings"].manifest.rows
         if rows != n:
-            raise InputError(f"{ctx.inputs['embeddings'].ref} has {rows} rows but {reader.art.ref} has {n} chunks; "
-                             "they do not belong together: rebuild embeddings from these chunks")
+            raise InputError(
+                f"{ctx.inputs['embeddings'].ref} has {rows} rows but {reader.art.ref} has {n} chunks; "
+                "they do not belong together: rebuild embeddings from these chunks"
+            )
         if cfg.scope == "document-causal":
             return self._doc_shards(reader, cfg.shard_chunks)
         db = load_database(ctx)
@@ -515,10 +569,21 @@ class DenseStage(Stage):
         if ip.kind != "flat" and not self._index_ready(ctx):
             self._build_index(ctx, db, ip, n)
         elif ip.kind == "flat":
-            self._write_info(ctx, {"kind": "flat", "backend": ip.backend, "factory": "Flat", "exact": True,
-                                   "database": len(db.ids)})
+            self._write_info(
+                ctx,
+                {
+                    "kind": "flat",
+                    "backend": ip.backend,
+                    "factory": "Flat",
+                    "exact": True,
+                    "database": len(db.ids),
+                },
+            )
         starts = list(range(0, n, cfg.shard_chunks))
-        return [Shard(i, len(starts), {"lo": lo, "hi": min(lo + cfg.shard_chunks, n)}) for i, lo in enumerate(starts)]
+        return [
+            Shard(i, len(starts), {"lo": lo, "hi": min(lo + cfg.shard_chunks, n)})
+            for i, lo in enumerate(starts)
+        ]
 
     @staticmethod
     def _doc_shards(reader: ChunkReader, budget: int) -> list[Shard]:
@@ -563,7 +628,13 @@ class DenseStage(Stage):
             index.hnsw.efConstruction = max(40, 2 * cfg.hnsw_m)
         work = to_gpu(index) if gpu and ip.kind == "ivfpq" else index
         if ip.kind == "ivfpq":
-            log.info("training %s on %d of %d database vectors (seed %d)", factory, len(train), len(db.ids), cfg.seed)
+            log.info(
+                "training %s on %d of %d database vectors (seed %d)",
+                factory,
+                len(train),
+                len(db.ids),
+                cfg.seed,
+            )
             work.train(np.ascontiguousarray(db.emb[train]))
         t_train = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -587,27 +658,51 @@ class DenseStage(Stage):
             faiss.write_index(index, str(tmp))
             os.replace(tmp, root / INDEX_FILE)
         info = {
-            "kind": ip.kind, "backend": "faiss", "factory": factory, "exact": False, "database": len(db.ids),
-            "metric": cfg.metric, "nlist": ip.nlist, "pq_m": ip.pq_m, "hnsw_m": cfg.hnsw_m if ip.kind == "hnsw" else None,
+            "kind": ip.kind,
+            "backend": "faiss",
+            "factory": factory,
+            "exact": False,
+            "database": len(db.ids),
+            "metric": cfg.metric,
+            "nlist": ip.nlist,
+            "pq_m": ip.pq_m,
+            "hnsw_m": cfg.hnsw_m if ip.kind == "hnsw" else None,
             "ef_construction": index.hnsw.efConstruction if ip.kind == "hnsw" else None,
-            "train_vectors": len(train) if ip.kind == "ivfpq" else None, "search_param": param,
-            "search_value": int(value), "tuned": given is None, "target_recall": cfg.target_recall,
-            "tuning_queries": len(tune_q), "tuning_curve": curve, "trained_on_gpu": on_gpu,
-            "train_s": round(t_train, 3), "add_s": round(t_add, 3), "tune_s": round(t_tune, 3),
+            "train_vectors": len(train) if ip.kind == "ivfpq" else None,
+            "search_param": param,
+            "search_value": int(value),
+            "tuned": given is None,
+            "target_recall": cfg.target_recall,
+            "tuning_queries": len(tune_q),
+            "tuning_curve": curve,
+            "trained_on_gpu": on_gpu,
+            "train_s": round(t_train, 3),
+            "add_s": round(t_add, 3),
+            "tune_s": round(t_tune, 3),
             "sha256": ctx.file_entry(INDEX_FILE).sha256,
         }
         self._write_info(ctx, info)
         log.info("built %s (%s=%s) in %.1f s", factory, param, value, t_train + t_add + t_tune)
 
-    def _tune(self, ctx: StageContext, index: Any, db: Database, ip: IndexPlan, tune_q: np.ndarray, param: str,
-              gpu: bool) -> tuple[int, list[list[float]]]:
+    def _tune(
+        self,
+        ctx: StageContext,
+        index: Any,
+        db: Database,
+        ip: IndexPlan,
+        tune_q: np.ndarray,
+        param: str,
+        gpu: bool,
+    ) -> tuple[int, list[list[float]]]:
         """The smallest nprobe/efSearch on a geometric ladder whose recall@k on the tuning queries reaches
         target_recall (the largest tried when none does)."""
         cfg: Config = ctx.cfg
         fetch = cfg.k + cfg.overfetch
         if ip.kind == "ivfpq":
             # steps of sqrt(2): 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ... up to every list
-            ladder = sorted({min(round(2 ** (i / 2)), ip.nlist) for i in range(0, 2 * int(math.log2(ip.nlist)) + 3)})
+            ladder = sorted(
+                {min(round(2 ** (i / 2)), ip.nlist) for i in range(0, 2 * int(math.log2(ip.nlist)) + 3)}
+            )
             if gpu:
                 ladder = [v for v in ladder if v <= GPU_MAX_K] or [GPU_MAX_K]
         else:
@@ -620,15 +715,24 @@ class DenseStage(Stage):
         curve = []
         for v in ladder:
             set_search_param(index, param, v)
-            got, _, _ = faiss_search(index, q, cfg.k, fetch, q_doc, db.doc, db.emb, cfg.metric,
-                                     GPU_MAX_K if gpu else len(db.ids))
+            got, _, _ = faiss_search(
+                index, q, cfg.k, fetch, q_doc, db.doc, db.emb, cfg.metric, GPU_MAX_K if gpu else len(db.ids)
+            )
             r = recall(db.chunk_ids(got), db.chunk_ids(exact))
             curve.append([v, round(r, 4)])
             log.info("tuning %s=%d: recall@%d %.4f", param, v, cfg.k, r)
             if r >= cfg.target_recall:
                 return v, curve
-        log.warning("no %s reached recall@%d >= %.2f (best %.4f at %s=%d); raise dense.overfetch or use a finer "
-                    "index", param, cfg.k, cfg.target_recall, curve[-1][1], param, ladder[-1])
+        log.warning(
+            "no %s reached recall@%d >= %.2f (best %.4f at %s=%d); raise dense.overfetch or use a finer "
+            "index",
+            param,
+            cfg.k,
+            cfg.target_recall,
+            curve[-1][1],
+            param,
+            ladder[-1],
+        )
         return ladder[-1], curve
 
     def _exact(self, ctx: StageContext, db: Database, q_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -644,18 +748,31 @@ class DenseStage(Stage):
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         lo, hi = int(shard.payload["lo"]), int(shard.payload["hi"])
+        import torch  # noqa: F401  (imported before the clock starts: search_s is search time)
+
         t0 = time.perf_counter()
         if cfg.scope == "document-causal":
             ids, scores, extra = self._causal_shard(ctx, lo, hi)
         else:
             ids, scores, extra = self._corpus_shard(ctx, lo, hi)
-        ctx.write_parquet(f"part-{shard.name}.parquet", neighbor_table(np.arange(lo, hi), ids, scores),
-                          schema=neighbor_schema(cfg.k))
+        ctx.write_parquet(
+            f"part-{shard.name}.parquet",
+            neighbor_table(np.arange(lo, hi), ids, scores),
+            schema=neighbor_schema(cfg.k),
+        )
         valid = (ids != NEIGHBOR_PAD).sum(1)
-        return {"rows": hi - lo, "full_rows": int((valid == cfg.k).sum()), "valid_neighbors": int(valid.sum()),
-                "empty_rows": int((valid == 0).sum()), "search_s": time.perf_counter() - t0, **extra}
+        return {
+            "rows": hi - lo,
+            "full_rows": int((valid == cfg.k).sum()),
+            "valid_neighbors": int(valid.sum()),
+            "empty_rows": int((valid == 0).sum()),
+            "search_s": time.perf_counter() - t0,
+            **extra,
+        }
 
-    def _causal_shard(self, ctx: StageContext, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _causal_shard(
+        self, ctx: StageContext, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         import torch
 
         cfg: Config = ctx.cfg
@@ -671,7 +788,9 @@ class DenseStage(Stage):
             out_sc[a:b] = s
         return out_ids, out_sc, {"docs": len(docs)}
 
-    def _corpus_shard(self, ctx: StageContext, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def _corpus_shard(
+        self, ctx: StageContext, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         cfg: Config = ctx.cfg
         db = load_database(ctx)
         reader = ChunkReader(ctx.inputs["chunks"])
@@ -684,18 +803,38 @@ class DenseStage(Stage):
         if info.get("kind") == "flat" and info.get("backend") == "torch":
             device = _torch_device(cfg.device)
             own_lo, own_hi = own_doc_ranges(reader, db, q_ids)
-            pos, sc = exact_corpus_search(q, _db_tensor(ctx, db, device), cfg.k, own_lo, own_hi, cfg.metric,
-                                          device, desc=f"dense exact {lo}..{hi}")
+            pos, sc = exact_corpus_search(
+                q,
+                _db_tensor(ctx, db, device),
+                cfg.k,
+                own_lo,
+                own_hi,
+                cfg.metric,
+                device,
+                desc=f"dense exact {lo}..{hi}",
+            )
         else:
             index, gpu = self._search_index(ctx, db, info)
             q_doc = reader.chunk_doc[lo:hi]
             fetch = cfg.k + cfg.overfetch
             refetched = 0
-            for s in progress(range(0, hi - lo, cfg.batch_size), desc=f"dense {info.get('factory')} {lo}..{hi}",
-                              unit="batch"):
+            for s in progress(
+                range(0, hi - lo, cfg.batch_size),
+                desc=f"dense {info.get('factory')} {lo}..{hi}",
+                unit="batch",
+            ):
                 e = min(hi - lo, s + cfg.batch_size)
-                pos[s:e], sc[s:e], st = faiss_search(index, q[s:e], cfg.k, fetch, q_doc[s:e], db.doc, db.emb,
-                                                     cfg.metric, GPU_MAX_K if gpu else len(db.ids))
+                pos[s:e], sc[s:e], st = faiss_search(
+                    index,
+                    q[s:e],
+                    cfg.k,
+                    fetch,
+                    q_doc[s:e],
+                    db.doc,
+                    db.emb,
+                    cfg.metric,
+                    GPU_MAX_K if gpu else len(db.ids),
+                )
                 refetched += st["refetched_rows"]
             extra["refetched_rows"] = refetched
         return db.chunk_ids(pos), sc, extra
@@ -746,10 +885,18 @@ class DenseStage(Stage):
         t0 = time.perf_counter()
         exact, _ = self._exact(ctx, db, held_out)
         r = recall(_written_neighbors(ctx, held_out), db.chunk_ids(exact))
-        log.info("recall@%d of the written table against exact search on %d held-out queries: %.4f",
-                 cfg.k, len(held_out), r)
-        return {"recall_at_k": round(r, 6), "recall_k": cfg.k, "recall_queries": len(held_out),
-                "recall_s": round(time.perf_counter() - t0, 3)}
+        log.info(
+            "recall@%d of the written table against exact search on %d held-out queries: %.4f",
+            cfg.k,
+            len(held_out),
+            r,
+        )
+        return {
+            "recall_at_k": round(r, 6),
+            "recall_k": cfg.k,
+            "recall_queries": len(held_out),
+            "recall_s": round(time.perf_counter() - t0, 3),
+        }
 
     def meta(self, ctx: StageContext) -> dict[str, Any]:
         cfg: Config = ctx.cfg
@@ -766,8 +913,11 @@ class DenseStage(Stage):
             out.update(exclude_recent=cfg.exclude_recent, index={"kind": "exact-per-document", "exact": True})
         else:
             info = self._read_info(ctx) or {}
-            out.update(index={k: v for k, v in info.items() if k != "sha256"}, overfetch=cfg.overfetch,
-                       database="train split")
+            out.update(
+                index={k: v for k, v in info.items() if k != "sha256"},
+                overfetch=cfg.overfetch,
+                database="train split",
+            )
         return out
 
 
@@ -799,13 +949,17 @@ def _torch_device(device: str) -> str:
 def _db_tensor(ctx: StageContext, db: Database, device: str) -> Any:
     import torch
 
-    return _cached(ctx, ("dbt", ctx.inputs["chunks"].version, device), lambda: torch.from_numpy(db.emb).to(device))
+    return _cached(
+        ctx, ("dbt", ctx.inputs["chunks"].version, device), lambda: torch.from_numpy(db.emb).to(device)
+    )
 
 
 def _embeddings_at(ctx: StageContext, q_ids: np.ndarray) -> np.ndarray:
     """float32 embeddings of arbitrary chunk ids (a sample)."""
     art = ctx.inputs["embeddings"]
-    t = art.read(columns=["chunk_id", "embedding"], filter=pc.field("chunk_id").isin(pa.array(q_ids, pa.int64())))
+    t = art.read(
+        columns=["chunk_id", "embedding"], filter=pc.field("chunk_id").isin(pa.array(q_ids, pa.int64()))
+    )
     dim = t.schema.field("embedding").type.list_size
     ids = t.column("chunk_id").to_numpy()
     emb = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
@@ -819,9 +973,12 @@ def _written_neighbors(ctx: StageContext, q_ids: np.ndarray) -> np.ndarray:
     """The neighbor ids this build wrote for the given query chunk ids (read back from the parts)."""
     import pyarrow.dataset as pads
 
-    parts = sorted(p for p in ctx.fs.ls(ctx.workdir, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+    parts = sorted(
+        p for p in ctx.fs.ls(ctx.workdir, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")
+    )
     t = pads.dataset(parts, format="parquet", filesystem=ctx.fs).to_table(
-        columns=["chunk_id", "neighbor_ids"], filter=pc.field("chunk_id").isin(pa.array(q_ids, pa.int64())))
+        columns=["chunk_id", "neighbor_ids"], filter=pc.field("chunk_id").isin(pa.array(q_ids, pa.int64()))
+    )
     k = t.schema.field("neighbor_ids").type.list_size
     ids = t.column("chunk_id").to_numpy()
     nb = t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)

