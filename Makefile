@@ -49,14 +49,12 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.bm25
+	$(BIN)/python -m bench.dense
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
-documents tokenize chunks: setup
+documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
-
-# `make dense CONFIG=configs/gutenberg.yaml SET="--set dense.scope=document-causal"`
-embeddings dense: setup
-	$(RPT) run $@ -c $(CONFIG) --with-deps $(SET)
 
 clean:
 	rm -rf artifacts
