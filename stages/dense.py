@@ -620,13 +620,13 @@ class DenseStage(Stage):
         cfg: Config = ctx.cfg
         dim = db.emb.shape[1]
         factory = ip.factory(dim, cfg.hnsw_m)
-        gpu = use_faiss_gpu(cfg.device)
+        gpu = ip.kind == "ivfpq" and use_faiss_gpu(cfg.device)  # faiss has no GPU HNSW
         train, tune_q, _ = _samples(cfg, n_queries, len(db.ids), ip.n_train)
         t0 = time.perf_counter()
         index = faiss.index_factory(dim, factory, _faiss_metric(cfg.metric))
         if ip.kind == "hnsw":
             index.hnsw.efConstruction = max(40, 2 * cfg.hnsw_m)
-        work = to_gpu(index) if gpu and ip.kind == "ivfpq" else index
+        work = to_gpu(index) if gpu else index
         if ip.kind == "ivfpq":
             log.info(
                 "training %s on %d of %d database vectors (seed %d)",
@@ -844,7 +844,7 @@ class DenseStage(Stage):
         import faiss
 
         cfg: Config = ctx.cfg
-        gpu = use_faiss_gpu(cfg.device)
+        gpu = info.get("kind") != "hnsw" and use_faiss_gpu(cfg.device)  # faiss has no GPU HNSW
 
         def make() -> Any:
             if info.get("kind") == "flat":
@@ -852,7 +852,7 @@ class DenseStage(Stage):
                 index.add(db.emb)
             else:
                 index = faiss.read_index(_local_file(ctx, INDEX_FILE))
-            if gpu and info.get("kind") != "hnsw":
+            if gpu:
                 index = to_gpu(index)
             if info.get("search_param"):
                 set_search_param(index, info["search_param"], info["search_value"])
@@ -901,16 +901,20 @@ class DenseStage(Stage):
     def meta(self, ctx: StageContext) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         emb_meta = ctx.inputs["embeddings"].meta
-        out: dict[str, Any] = {
+        causal = cfg.scope == "document-causal"
+        out: dict[str, Any] = {  # source, scope, query, k, exclude_recent: the same keys as bm25's
             "source": "dense",
             "scope": cfg.scope,
+            "query": "chunk",
+            "k": cfg.k,
+            "exclude_recent": cfg.exclude_recent if causal else None,
             "metric": cfg.metric,
             "score": "inner product" if cfg.metric == "ip" else "negative squared L2 distance",
             "encoder": (emb_meta.get("encoder") or {}).get("name"),
             "normalized": emb_meta.get("normalize"),
         }
-        if cfg.scope == "document-causal":
-            out.update(exclude_recent=cfg.exclude_recent, index={"kind": "exact-per-document", "exact": True})
+        if causal:
+            out["index"] = {"kind": "exact-per-document", "exact": True}
         else:
             info = self._read_info(ctx) or {}
             out.update(
