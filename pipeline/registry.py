@@ -17,6 +17,8 @@ STAGES: dict[str, str] = {
     "chunks": "stages.chunks",
     "bm25": "stages.bm25",
     "evaluate": "stages.evaluate",
+    "embeddings": "stages.embeddings",
+    "dense": "stages.dense",
 }
 
 
