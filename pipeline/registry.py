@@ -16,9 +16,9 @@ STAGES: dict[str, str] = {
     "tokenizer": "stages.tokenizer",
     "chunks": "stages.chunks",
     "bm25": "stages.bm25",
-    "evaluate": "stages.evaluate",
     "embeddings": "stages.embeddings",
     "dense": "stages.dense",
+    "evaluate": "stages.evaluate",
 }
 
 
