@@ -80,8 +80,17 @@ class TrainSequences(Dataset):
 class StreamSampler(Sampler[int]):
     """This rank's example indices for steps [start_step, end_step), in training order."""
 
-    def __init__(self, n: int, seed: int, micro_batch: int, accum: int, rank: int = 0, world: int = 1,
-                 start_step: int = 0, end_step: int = 0):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        micro_batch: int,
+        accum: int,
+        rank: int = 0,
+        world: int = 1,
+        start_step: int = 0,
+        end_step: int = 0,
+    ):
         if n <= 0:
             raise ValueError("no training sequences")
         self.n, self.seed, self.b, self.a, self.rank, self.world = n, seed, micro_batch, accum, rank, world
@@ -111,6 +120,16 @@ class StreamSampler(Sampler[int]):
         return (self.end - self.start) * self.a * self.b
 
 
-def make_loader(ds: TrainSequences, sampler: StreamSampler, workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(ds, batch_size=sampler.b, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if workers else None, drop_last=False)
+def make_loader(
+    ds: TrainSequences, sampler: StreamSampler, workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=sampler.b,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        drop_last=False,
+    )

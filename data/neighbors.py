@@ -33,7 +33,9 @@ class ChunkTable:
         return ChunkTable(self.ids[:, :c], self.values[:, :c])
 
 
-def dense_table(query: np.ndarray, ids: np.ndarray, values: np.ndarray, n_chunks: int, source: str) -> ChunkTable:
+def dense_table(
+    query: np.ndarray, ids: np.ndarray, values: np.ndarray, n_chunks: int, source: str
+) -> ChunkTable:
     if len(query) and (query.min() < 0 or query.max() >= n_chunks):
         raise InputError(f"{source}: chunk_id out of range [0, {n_chunks}); it was built from other chunks")
     out_ids = np.full((n_chunks, ids.shape[1]), NEIGHBOR_PAD, dtype=np.int64)
@@ -96,7 +98,8 @@ def exclude_recent_of(art: Artifact) -> int:
         raise InputError(f"{art.ref}: manifest config has no exclude_recent; is this a bm25 artifact?")
     scope = cfg.get("scope")
     if scope is not None and scope != "document-causal":
-        raise InputError(f"{art.ref}: scope is {scope!r}; training retrieves within the document "
-                         "(bm25.scope=document-causal)")
+        raise InputError(
+            f"{art.ref}: scope is {scope!r}; training retrieves within the document "
+            "(bm25.scope=document-causal)"
+        )
     return int(cfg["exclude_recent"])
-

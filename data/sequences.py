@@ -34,8 +34,13 @@ class SequencePlan:
 def plan_sequences(reader: ChunkReader, split: str, n_chunks: int) -> SequencePlan:
     docs = reader.docs(split)
     if not docs:
-        return SequencePlan(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64), n_chunks,
-                            {"docs": 0, "sequences": 0, "docs_too_short": 0})
+        return SequencePlan(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
+            n_chunks,
+            {"docs": 0, "sequences": 0, "docs_too_short": 0},
+        )
     first = np.array([d.first for d in docs], dtype=np.int64)
     n = np.array([d.n for d in docs], dtype=np.int64)
     last = first + n - 1
@@ -58,8 +63,13 @@ def plan_sequences(reader: ChunkReader, split: str, n_chunks: int) -> SequencePl
             end = st + n_chunks  # chunk index after the sequence, within the document
             nxt.append(f0 + end if end < nn else -1)
         loss_from.extend(lf)
-    plan = SequencePlan(np.asarray(starts, np.int64), np.asarray(loss_from, np.int32), np.asarray(nxt, np.int64),
-                        n_chunks, {})
-    plan.stats = {"docs": len(docs), "docs_too_short": too_short, "sequences": len(plan),
-                  "tokens": int(len(plan) * n_chunks * reader.chunk_len)}
+    plan = SequencePlan(
+        np.asarray(starts, np.int64), np.asarray(loss_from, np.int32), np.asarray(nxt, np.int64), n_chunks, {}
+    )
+    plan.stats = {
+        "docs": len(docs),
+        "docs_too_short": too_short,
+        "sequences": len(plan),
+        "tokens": int(len(plan) * n_chunks * reader.chunk_len),
+    }
     return plan

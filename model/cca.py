@@ -47,7 +47,12 @@ class ChunkedCrossAttention(nn.Module):
         # positions as in the official code: queries m-1 .. 2m-2, each neighbor's keys 0 .. 2m-1
         q_pos = torch.arange(m - 1, 2 * m - 1, device=dev)
         k_pos = torch.arange(2 * m, device=dev).repeat(lk // (2 * m))
-        out = self.attn(q, mem.states.reshape(B * n_chunks, lk, d), q_pos=q_pos, k_pos=k_pos,
-                        key_mask=mem.mask.reshape(B * n_chunks, lk))
+        out = self.attn(
+            q,
+            mem.states.reshape(B * n_chunks, lk, d),
+            q_pos=q_pos,
+            k_pos=k_pos,
+            key_mask=mem.mask.reshape(B * n_chunks, lk),
+        )
         out = out.reshape(B, T, d)
         return F.pad(out, (0, 0, m - 1, 0))[:, :T]  # back: position p gets row p - (m - 1)

@@ -47,15 +47,19 @@ def model_bytes(model: torch.nn.Module) -> bytes:
 
 
 def config_json(cfg: RPTConfig, **extra: Any) -> str:
-    return json.dumps({"format": FORMAT, "model": cfg.model_dump(mode="json"), **extra}, indent=2, sort_keys=True)
+    return json.dumps(
+        {"format": FORMAT, "model": cfg.model_dump(mode="json"), **extra}, indent=2, sort_keys=True
+    )
 
 
 def load_weights(model: RPT, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
     if set(missing) - allowed or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {sorted(set(missing) - allowed)}, "
-                         f"unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"checkpoint does not match the model: missing {sorted(set(missing) - allowed)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -63,7 +67,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     folder = folder.parent if folder.is_file() else folder
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: expected a checkpoint folder with {CONFIG_FILE} and {MODEL_FILE}")
+        raise FileNotFoundError(
+            f"{cfg_path} not found: expected a checkpoint folder with {CONFIG_FILE} and {MODEL_FILE}"
+        )
     return json.loads(cfg_path.read_text())
 
 
@@ -104,7 +110,9 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def load_optimizer_state(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for name, val in tensors.items():
         _, idx, key = name.split(".", 2)

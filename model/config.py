@@ -90,8 +90,17 @@ class RPTConfig(BaseModel):
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, ffn_dim=352, window=512, stride=256),
     "small": dict(d_model=512, n_layers=8, n_heads=8, ffn_dim=1408, window=1024, stride=512),
-    "paper": dict(d_model=1024, n_layers=12, n_heads=8, ffn_dim=2816, window=2048, stride=1024,
-                  cca_layers=[1, 2, 3, 4, 5], vocab_size=50277, dropout=0.05),
+    "paper": dict(
+        d_model=1024,
+        n_layers=12,
+        n_heads=8,
+        ffn_dim=2816,
+        window=2048,
+        stride=1024,
+        cca_layers=[1, 2, 3, 4, 5],
+        vocab_size=50277,
+        dropout=0.05,
+    ),
 }
 
 

@@ -137,8 +137,9 @@ class WindowSelfAttention(Attention):
         k = apply_rope(self._heads(self.wk(x)), cos, sin)
         v = self._heads(self.wv(x))
         if T <= S:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+            ).transpose(1, 2)
             return self.wo(out.reshape(B, T, -1))
         pad = (-T) % S  # padding after the last token never influences earlier tokens (causal)
         if pad:

@@ -26,8 +26,12 @@ RECALL_AT = (2, 5, 10, 20)
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean NLL over labelled tokens, per-token NLL [B, T] with 0 at ignored positions)."""
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none").reshape(labels.shape)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    ).reshape(labels.shape)
     n = (labels != IGNORE).sum().clamp(min=1)
     return nll.sum() / n, nll
 
@@ -41,7 +45,9 @@ def dense_targets(scores: torch.Tensor, cand_pos: torch.Tensor, cand_target: tor
     return t.masked_fill(~torch.isfinite(scores), float("-inf"))
 
 
-def gold_positions(scores: torch.Tensor, cand_pos: torch.Tensor, cand_target: torch.Tensor, k: int) -> torch.Tensor:
+def gold_positions(
+    scores: torch.Tensor, cand_pos: torch.Tensor, cand_target: torch.Tensor, k: int
+) -> torch.Tensor:
     """Top-k positives by target per chunk ([B, l, k], -1 where fewer than k positives)."""
     t = dense_targets(scores, cand_pos, cand_target)
     t = t.masked_fill(~(t > 0), float("-inf"))

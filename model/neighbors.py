@@ -31,11 +31,21 @@ class NeighborEncoder(nn.Module):
         d = cfg.d_model
         self.m, self.eta, self.span = cfg.chunk_len, cfg.gate_eta, max(1, cfg.window // cfg.chunk_len)
         self.self_norm, self.self_attn = RMSNorm(d, cfg.norm_eps), Attention(cfg)
-        self.q_norm, self.kv_norm, self.query_attn = RMSNorm(d, cfg.norm_eps), RMSNorm(d, cfg.norm_eps), Attention(cfg)
-        self.x_norm1, self.x_attn, self.x_norm2 = RMSNorm(d, cfg.norm_eps), Attention(cfg), RMSNorm(d, cfg.norm_eps)
+        self.q_norm, self.kv_norm, self.query_attn = (
+            RMSNorm(d, cfg.norm_eps),
+            RMSNorm(d, cfg.norm_eps),
+            Attention(cfg),
+        )
+        self.x_norm1, self.x_attn, self.x_norm2 = (
+            RMSNorm(d, cfg.norm_eps),
+            Attention(cfg),
+            RMSNorm(d, cfg.norm_eps),
+        )
         self.gate = nn.Linear(d, 1, bias=True)
 
-    def forward(self, states: torch.Tensor, query_states: torch.Tensor, positions: torch.Tensor) -> NeighborMemory:
+    def forward(
+        self, states: torch.Tensor, query_states: torch.Tensor, positions: torch.Tensor
+    ) -> NeighborMemory:
         """states [B, T, d]: token states neighbors are made of; query_states [B, T, d]: lower-decoder
         states of the query chunks; positions [B, l, K]: chosen chunk positions (-1: none)."""
         B, T, d = states.shape
@@ -54,8 +64,9 @@ class NeighborEncoder(nn.Module):
         nb = pairs[torch.arange(B, device=dev)[:, None, None], pos.clamp(min=0)]  # [B, n, K, 2m, d]
         flat = nb.reshape(B * n, K * 2 * m, d)
         qc = query_states.reshape(B * n, m, d)
-        flat = flat + self.query_attn(self.q_norm(flat), self.kv_norm(qc), q_pos=ppos.repeat(K),
-                                      k_pos=torch.arange(m, device=dev))
+        flat = flat + self.query_attn(
+            self.q_norm(flat), self.kv_norm(qc), q_pos=ppos.repeat(K), k_pos=torch.arange(m, device=dev)
+        )
         nb = flat.reshape(B, n, K, 2 * m, d)
 
         pooled = nb.mean(dim=3).reshape(B, n * K, d)
@@ -65,7 +76,9 @@ class NeighborEncoder(nn.Module):
         mask = allowed[None] & valid.reshape(B, 1, n * K)
         mask = mask | torch.eye(n * K, dtype=torch.bool, device=dev)[None]  # never an empty row
         x = pooled + self.x_attn(self.x_norm1(pooled), q_pos=idx, attn_mask=mask)
-        gate = torch.sigmoid(self.gate(self.x_norm2(x)).squeeze(-1).float()).clamp(min=self.eta).reshape(B, n, K)
+        gate = (
+            torch.sigmoid(self.gate(self.x_norm2(x)).squeeze(-1).float()).clamp(min=self.eta).reshape(B, n, K)
+        )
 
         gated = (nb * gate[..., None, None].to(nb.dtype)).reshape(B, n, K * 2 * m, d)
         kv_mask = valid[..., None].expand(B, n, K, 2 * m).reshape(B, n, K * 2 * m)

@@ -121,7 +121,9 @@ class RPT(nn.Module):
         cfg = self.cfg
         B, T = tokens.shape
         if T % cfg.chunk_len:
-            raise ValueError(f"sequence length {T} is not a multiple of chunk_len {cfg.chunk_len}; pad at the end")
+            raise ValueError(
+                f"sequence length {T} is not a multiple of chunk_len {cfg.chunk_len}; pad at the end"
+            )
         source = source or self.default_source()
         k = k or cfg.n_neighbors
         if source != "none" and self.neighbors is None:
@@ -156,7 +158,11 @@ class RPT(nn.Module):
         elif source == "retriever":
             positions = out.ret_topk
         elif source == "gold":
-            ref = scores.detach() if scores is not None else self._causal_scores(T // cfg.chunk_len, B, tokens.device)
+            ref = (
+                scores.detach()
+                if scores is not None
+                else self._causal_scores(T // cfg.chunk_len, B, tokens.device)
+            )
             positions = gold_positions(ref, cand_pos, cand_target, k)
         mem = None
         if positions is not None:
@@ -183,4 +189,3 @@ def shift_labels(tokens: torch.Tensor, next_token: torch.Tensor | None = None) -
     `next_token` [B] when given (the token after the sequence), else IGNORE."""
     last = next_token[:, None] if next_token is not None else torch.full_like(tokens[:, :1], IGNORE)
     return torch.cat([tokens[:, 1:], last], dim=1)
-

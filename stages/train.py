@@ -27,6 +27,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,23 +47,45 @@ log = logging.getLogger("rpt.train")
 BM25_FOR_TRAINING = {"scope": "document-causal", "query": "chunk+target"}
 # model fields the stage sets from its inputs or its own keys
 DERIVED_MODEL_FIELDS = {"variant", "chunk_len", "vocab_size", "exclude_recent", "n_neighbors"}
-FINAL_FILES = ("model.safetensors", "config.json", "optimizer.safetensors", "train_state.json", "metrics.parquet")
+FINAL_FILES = (
+    "model.safetensors",
+    "config.json",
+    "optimizer.safetensors",
+    "train_state.json",
+    "metrics.parquet",
+)
 CKPT_DIR = "ckpt"
 
 METRICS_SCHEMA = pa.schema(
-    [("step", pa.int64()), ("loss", pa.float64()), ("lm_loss", pa.float64()), ("ret_loss", pa.float64()),
-     ("p_gold", pa.float64()), ("used_gold", pa.float64()), ("recall_at_2", pa.float64()),
-     ("recall_at_5", pa.float64()), ("recall_at_10", pa.float64()), ("recall_at_20", pa.float64()),
-     ("n_pairs", pa.int64()), ("lr", pa.float64()), ("alpha_ret", pa.float64()), ("tau", pa.float64()),
-     ("grad_norm", pa.float64()), ("tokens", pa.int64()), ("tokens_per_s", pa.float64()),
-     ("elapsed_s", pa.float64())]
+    [
+        ("step", pa.int64()),
+        ("loss", pa.float64()),
+        ("lm_loss", pa.float64()),
+        ("ret_loss", pa.float64()),
+        ("p_gold", pa.float64()),
+        ("used_gold", pa.float64()),
+        ("recall_at_2", pa.float64()),
+        ("recall_at_5", pa.float64()),
+        ("recall_at_10", pa.float64()),
+        ("recall_at_20", pa.float64()),
+        ("n_pairs", pa.int64()),
+        ("lr", pa.float64()),
+        ("alpha_ret", pa.float64()),
+        ("tau", pa.float64()),
+        ("grad_norm", pa.float64()),
+        ("tokens", pa.int64()),
+        ("tokens_per_s", pa.float64()),
+        ("elapsed_s", pa.float64()),
+    ]
 )
 
 
 class Config(StageConfig):
     variant: Variant = Field("rpt_sem", description="baseline | retro_bm25 | rpt_lex | rpt_sem")
     preset: Literal["tiny", "small", "paper"] = "tiny"
-    model: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset's RPTConfig fields")
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the preset's RPTConfig fields"
+    )
     split: str = Field("train", description="documents split to train on")
     steps: int = Field(1000, ge=1)
     seq_len: int = Field(2048, ge=1, description="tokens per training sequence (a multiple of chunk_len)")
@@ -74,7 +97,9 @@ class Config(StageConfig):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
     alpha_ret: float = Field(0.1, ge=0, description="retriever-loss weight after its ramp")
-    alpha_ret_ramp_steps: int | None = Field(None, ge=0, description="linear 0 -> alpha_ret; None: 20% of steps")
+    alpha_ret_ramp_steps: int | None = Field(
+        None, ge=0, description="linear 0 -> alpha_ret; None: 20% of steps"
+    )
     tau_max: float = Field(4.0, gt=0, description="LambdaRank margin after its ramp (paper: PG19 4, code 2)")
     tau_ramp_steps: int | None = Field(None, ge=0, description="linear 1 -> tau_max; None: 90% of steps")
     ss_fraction: float = Field(0.9, ge=0, le=1, description="scheduled sampling: P(gold) 1 -> 0 by then")
@@ -82,7 +107,9 @@ class Config(StageConfig):
     lex_positives: int = Field(20, ge=1, description="rpt_lex: top BM25 candidates used as positives")
     seed: int = 0
     # how, not what
-    micro_batch: int | None = Field(None, ge=1, description="sequences per forward; None: batch_size / processes")
+    micro_batch: int | None = Field(
+        None, ge=1, description="sequences per forward; None: batch_size / processes"
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU")
     compile: bool = Field(False, description="torch.compile the model")
@@ -91,8 +118,18 @@ class Config(StageConfig):
     workers: int = Field(2, ge=0, description="DataLoader worker processes")
     nproc_per_node: int = Field(1, ge=1, description=">1: DDP under torchrun with this many processes")
 
-    UNHASHED = frozenset({"micro_batch", "device", "dtype", "compile", "checkpoint_every", "log_every",
-                          "workers", "nproc_per_node"})
+    UNHASHED = frozenset(
+        {
+            "micro_batch",
+            "device",
+            "dtype",
+            "compile",
+            "checkpoint_every",
+            "log_every",
+            "workers",
+            "nproc_per_node",
+        }
+    )
 
     @field_validator("model")
     @classmethod
@@ -103,17 +140,28 @@ class Config(StageConfig):
             raise ValueError(f"unknown model field(s) {bad} (valid: {sorted(known - DERIVED_MODEL_FIELDS)})")
         derived = sorted(set(v) & DERIVED_MODEL_FIELDS)
         if derived:
-            raise ValueError(f"{derived} are set by the stage (train.variant, train.n_neighbors, the chunks, "
-                             "tokenizer and bm25 inputs), not in train.model")
+            raise ValueError(
+                f"{derived} are set by the stage (train.variant, train.n_neighbors, the chunks, "
+                "tokenizer and bm25 inputs), not in train.model"
+            )
         return v
 
 
 def build_model_config(cfg: Config, chunk_len: int, vocab_size: int, exclude_recent: int) -> RPTConfig:
     try:
-        return preset(cfg.preset, **cfg.model, variant=cfg.variant, chunk_len=chunk_len, vocab_size=vocab_size,
-                      exclude_recent=exclude_recent, n_neighbors=cfg.n_neighbors)
+        return preset(
+            cfg.preset,
+            **cfg.model,
+            variant=cfg.variant,
+            chunk_len=chunk_len,
+            vocab_size=vocab_size,
+            exclude_recent=exclude_recent,
+            n_neighbors=cfg.n_neighbors,
+        )
     except (ValidationError, ValueError) as e:
-        raise ConfigError(f"train.model (preset {cfg.preset}, chunk_len {chunk_len} from the chunks input): {e}") from None
+        raise ConfigError(
+            f"train.model (preset {cfg.preset}, chunk_len {chunk_len} from the chunks input): {e}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -168,20 +216,31 @@ class TrainStage(Stage):
         w = exclude_recent_of(ctx.inputs["bm25"]) if "bm25" in ctx.inputs else 0
         mcfg = build_model_config(cfg, chunk_len, vocab, w)
         if cfg.seq_len % chunk_len:
-            raise ConfigError(f"train.seq_len={cfg.seq_len} must be a multiple of chunks.chunk_len={chunk_len}")
+            raise ConfigError(
+                f"train.seq_len={cfg.seq_len} must be a multiple of chunks.chunk_len={chunk_len}"
+            )
         always_seen = (mcfg.window - mcfg.stride) // chunk_len
         if "bm25" in ctx.inputs and w != always_seen:
-            log.info("bm25.exclude_recent=%d; the %d chunks before a chunk are always inside its attention "
-                     "window (window-stride)/chunk_len, so exclude_recent=%d avoids retrieving them",
-                     w, always_seen, always_seen)
+            log.info(
+                "bm25.exclude_recent=%d; the %d chunks before a chunk are always inside its attention "
+                "window (window-stride)/chunk_len, so exclude_recent=%d avoids retrieving them",
+                w,
+                always_seen,
+                always_seen,
+            )
         return mcfg
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         mcfg = self._model_config(ctx)
         with ctx.local_dir("") as root:
-            job = TrainJob(store=ctx.store.uri, inputs={r: [a.stage, a.version] for r, a in ctx.inputs.items()},
-                           workdir=str(root), train=cfg.model_dump(mode="json"), model=mcfg.model_dump(mode="json"))
+            job = TrainJob(
+                store=ctx.store.uri,
+                inputs={r: [a.stage, a.version] for r, a in ctx.inputs.items()},
+                workdir=str(root),
+                train=cfg.model_dump(mode="json"),
+                model=mcfg.model_dump(mode="json"),
+            )
             if cfg.nproc_per_node > 1:
                 launch_torchrun(job, cfg.nproc_per_node)
             else:
@@ -210,8 +269,17 @@ def launch_torchrun(job: TrainJob, nproc: int) -> None:
     job.save(job_file)
     err_file = root / CKPT_DIR / "error.txt"
     err_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stages.train", "--job", str(job_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "stages.train",
+        "--job",
+        str(job_file),
+    ]
     log.info("launching %s", " ".join(cmd))
     rc = subprocess.run(cmd, check=False).returncode
     if rc != 0:
@@ -295,9 +363,17 @@ def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _save_state(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, mcfg: RPTConfig,
-                train: dict[str, Any], step: int, rows: list[dict[str, Any]], rngs: list[dict[str, torch.Tensor]],
-                stats: dict[str, Any]) -> None:
+def _save_state(
+    folder: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    mcfg: RPTConfig,
+    train: dict[str, Any],
+    step: int,
+    rows: list[dict[str, Any]],
+    rngs: list[dict[str, torch.Tensor]],
+    stats: dict[str, Any],
+) -> None:
     from safetensors.torch import save
 
     from model.checkpoint import config_json, model_bytes, optimizer_state
@@ -326,13 +402,16 @@ def _checkpoint(root: Path, step: int, save: Any, keep: int = 1) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_atomic(ck / "LATEST", name.encode())
-    done = sorted(p for p in ck.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)
+    done = sorted(
+        p for p in ck.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name
+    )
     for p in done[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _restore(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int,
-             device: torch.device) -> tuple[int, list[dict[str, Any]]]:
+def _restore(
+    folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, device: torch.device
+) -> tuple[int, list[dict[str, Any]]]:
     from safetensors.torch import load_file
 
     from model.checkpoint import load_optimizer_state, load_weights
@@ -341,7 +420,9 @@ def _restore(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, r
     load_weights(model, load_file(str(folder / "model.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
     # Optimizer.load_state_dict moves each state tensor to its parameter's device
-    load_optimizer_state(opt, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"])
+    load_optimizer_state(
+        opt, {k: v for k, v in tensors.items() if k.startswith("state.")}, state["optimizer"]
+    )
     rng = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"rng.{rank}.")}
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"])
@@ -382,8 +463,10 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     micro = cfg.micro_batch or max(1, cfg.batch_size // world)
     if cfg.batch_size % (micro * world):
-        raise ConfigError(f"train.batch_size={cfg.batch_size} is not a multiple of micro_batch ({micro}) "
-                          f"x processes ({world})")
+        raise ConfigError(
+            f"train.batch_size={cfg.batch_size} is not a multiple of micro_batch ({micro}) "
+            f"x processes ({world})"
+        )
     accum = cfg.batch_size // (micro * world)
 
     # ---- data
@@ -392,8 +475,10 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     n_chunks = cfg.seq_len // mcfg.chunk_len
     plan = plan_sequences(reader, cfg.split, n_chunks)
     if len(plan) == 0:
-        raise InputError(f"no training sequences: every {cfg.split!r} document of {chunks.ref} has fewer than "
-                         f"{n_chunks} full chunks ({cfg.seq_len} tokens); lower train.seq_len")
+        raise InputError(
+            f"no training sequences: every {cfg.split!r} document of {chunks.ref} has fewer than "
+            f"{n_chunks} full chunks ({cfg.seq_len} tokens); lower train.seq_len"
+        )
     bm25 = cand = None
     if "bm25" in job.inputs:
         bm25 = neighbor_table(job.artifact("bm25"), reader.n_chunks)
@@ -401,14 +486,25 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
         cand = scores_table(job.artifact("scores"), reader.n_chunks)
     elif cfg.variant == "rpt_lex":
         cand = bm25.head(cfg.lex_positives) if bm25 is not None else None
-    ds = TrainSequences(str(chunks.local_path(TOKENS_NPY)), plan, mcfg.chunk_len, exclude_recent=mcfg.exclude_recent,
-                        bm25=bm25 if cfg.variant == "retro_bm25" else None, n_neighbors=cfg.n_neighbors, cand=cand)
+    ds = TrainSequences(
+        str(chunks.local_path(TOKENS_NPY)),
+        plan,
+        mcfg.chunk_len,
+        exclude_recent=mcfg.exclude_recent,
+        bm25=bm25 if cfg.variant == "retro_bm25" else None,
+        n_neighbors=cfg.n_neighbors,
+        cand=cand,
+    )
 
     # ---- model, optimizer, resume
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = RPT(mcfg)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=device.type == "cuda" or None)
+    opt = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=device.type == "cuda" or None,
+    )
     model.to(device)
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # dropout stream of this rank
     if device.type == "cuda":
@@ -424,7 +520,9 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             log.info("resuming from %s (step %d of %d)", ck, start, cfg.steps)
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         net = torch.compile(net)
 
@@ -435,10 +533,22 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     tau_ramp = cfg.tau_ramp_steps if cfg.tau_ramp_steps is not None else int(0.9 * cfg.steps)
     has_ret = mcfg.has_retriever
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    stats = {"params": model.num_params(), "sequences": len(plan), "docs_too_short": plan.stats["docs_too_short"],
-             "exclude_recent": mcfg.exclude_recent, "world": world, "micro_batch": micro, "accum": accum}
-    bar = progress(total=cfg.steps, initial=start, desc=f"train {cfg.variant}", unit="step",
-                   **({"disable": True} if rank else {}))
+    stats = {
+        "params": model.num_params(),
+        "sequences": len(plan),
+        "docs_too_short": plan.stats["docs_too_short"],
+        "exclude_recent": mcfg.exclude_recent,
+        "world": world,
+        "micro_batch": micro,
+        "accum": accum,
+    }
+    bar = progress(
+        total=cfg.steps,
+        initial=start,
+        desc=f"train {cfg.variant}",
+        unit="step",
+        **({"disable": True} if rank else {}),
+    )
     t_last, tok_last = time.perf_counter(), 0
     t_start = time.perf_counter()
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
@@ -461,8 +571,15 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             sync = a == accum - 1 or world == 1
             ctx_sync = nullcontext() if sync else net.no_sync()
             with ctx_sync, autocast:
-                out = net(batch["tokens"], batch["labels"], source=source, neighbor_pos=batch.get("neighbor_pos"),
-                          cand_pos=batch.get("cand_pos"), cand_target=batch.get("cand_target"), tau=tau)
+                out = net(
+                    batch["tokens"],
+                    batch["labels"],
+                    source=source,
+                    neighbor_pos=batch.get("neighbor_pos"),
+                    cand_pos=batch.get("cand_pos"),
+                    cand_target=batch.get("cand_target"),
+                    tau=tau,
+                )
                 loss = out.lm_loss + alpha * out.ret_loss if out.ret_loss is not None else out.lm_loss
             with ctx_sync:
                 (loss / accum).backward()
@@ -482,9 +599,11 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
         step_loss = acc[0].item() / n_micro
         if not math.isfinite(step_loss):
             last = _latest_checkpoint(root)
-            msg = (f"train: loss is {step_loss} at step {step} (lr {lr:.3g}); stopped. The last good checkpoint is "
-                   f"{last if last else 'none (no checkpoint was written yet)'}; lower train.lr or raise "
-                   "train.warmup_steps and rerun to resume from it")
+            msg = (
+                f"train: loss is {step_loss} at step {step} (lr {lr:.3g}); stopped. The last good checkpoint is "
+                f"{last if last else 'none (no checkpoint was written yet)'}; lower train.lr or raise "
+                "train.warmup_steps and rerun to resume from it"
+            )
             raise RptError(msg)
         grad_norm = float("nan")
         if cfg.grad_clip > 0:
@@ -499,32 +618,70 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             tps = (tok - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, tok
             rec = [acc[6 + 2 * i].item() for i in range(4)]
-            row = {"step": done, "loss": step_loss, "lm_loss": acc[1].item() / n_micro,
-                   "ret_loss": acc[2].item() / n_micro if has_ret else float("nan"), "p_gold": pg,
-                   "used_gold": acc[3].item() / n_micro, "n_pairs": int(acc[4].item()), "lr": lr,
-                   "alpha_ret": alpha, "tau": tau, "grad_norm": grad_norm, "tokens": done * tokens_per_step,
-                   "tokens_per_s": tps, "elapsed_s": elapsed0 + now - t_start}
+            row = {
+                "step": done,
+                "loss": step_loss,
+                "lm_loss": acc[1].item() / n_micro,
+                "ret_loss": acc[2].item() / n_micro if has_ret else float("nan"),
+                "p_gold": pg,
+                "used_gold": acc[3].item() / n_micro,
+                "n_pairs": int(acc[4].item()),
+                "lr": lr,
+                "alpha_ret": alpha,
+                "tau": tau,
+                "grad_norm": grad_norm,
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": tps,
+                "elapsed_s": elapsed0 + now - t_start,
+            }
             for i, kk in enumerate((2, 5, 10, 20)):
                 row[f"recall_at_{kk}"] = acc[5 + 2 * i].item() / rec[i] if rec[i] else float("nan")
             rows.append(row)
             if rank == 0:
                 bar.set_postfix(loss=f"{step_loss:.3f}", lm=f"{row['lm_loss']:.3f}")
                 if done % cfg.log_every == 0:
-                    log.info("step %d/%d loss %.4f lm %.4f ret %.4f r@%d %.2f lr %.2e %.0f tok/s", done, cfg.steps,
-                             step_loss, row["lm_loss"], row["ret_loss"], cfg.n_neighbors,
-                             row.get(f"recall_at_{min(cfg.n_neighbors, 20)}", float("nan")), lr, tps)
+                    log.info(
+                        "step %d/%d loss %.4f lm %.4f ret %.4f r@%d %.2f lr %.2e %.0f tok/s",
+                        done,
+                        cfg.steps,
+                        step_loss,
+                        row["lm_loss"],
+                        row["ret_loss"],
+                        cfg.n_neighbors,
+                        row.get(f"recall_at_{min(cfg.n_neighbors, 20)}", float("nan")),
+                        lr,
+                        tps,
+                    )
         if done % cfg.checkpoint_every == 0 and done < cfg.steps:
             rngs = dist.gather_objects(_rng_tensors(device))
             if rank == 0:
-                _checkpoint(root, done, lambda d: _save_state(d, model, opt, mcfg, job.train, done, rows, rngs, stats))
+                save = partial(
+                    _save_state,
+                    model=model,
+                    opt=opt,
+                    mcfg=mcfg,
+                    train=job.train,
+                    step=done,
+                    rows=rows,
+                    rngs=rngs,
+                    stats=stats,
+                )
+                _checkpoint(root, done, save)
             dist.barrier()
     bar.close()
     rngs = dist.gather_objects(_rng_tensors(device))
     if rank == 0:
         last = rows[-1] if rows else {}
-        stats.update({"steps": cfg.steps, "tokens": cfg.steps * tokens_per_step, "final_loss": last.get("loss"),
-                      "final_lm_loss": last.get("lm_loss"), "final_ret_loss": last.get("ret_loss"),
-                      "train_s": round(last.get("elapsed_s", 0.0), 2)})
+        stats.update(
+            {
+                "steps": cfg.steps,
+                "tokens": cfg.steps * tokens_per_step,
+                "final_loss": last.get("loss"),
+                "final_lm_loss": last.get("lm_loss"),
+                "final_ret_loss": last.get("ret_loss"),
+                "train_s": round(last.get("elapsed_s", 0.0), 2),
+            }
+        )
         if device.type == "cuda":
             stats["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         _save_state(root, model, opt, mcfg, job.train, cfg.steps, rows, rngs, stats)

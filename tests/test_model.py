@@ -32,8 +32,17 @@ def _one_thread():
 
 
 def tiny(variant: str, **kw) -> RPTConfig:
-    base = dict(variant=variant, vocab_size=V, d_model=32, n_heads=2, ffn_dim=48, chunk_len=M, window=24,
-                stride=8, exclude_recent=1)
+    base = dict(
+        variant=variant,
+        vocab_size=V,
+        d_model=32,
+        n_heads=2,
+        ffn_dim=48,
+        chunk_len=M,
+        window=24,
+        stride=8,
+        exclude_recent=1,
+    )
     return preset("tiny", **{**base, **kw})
 
 
@@ -51,8 +60,13 @@ def given_neighbors(B: int, n: int, K: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.where(i >= 2, pos, torch.full_like(pos, -1))
 
 
-SOURCES = [("baseline", "none"), ("retro_bm25", "given"), ("rpt_lex", "retriever"), ("rpt_sem", "retriever"),
-           ("rpt_sem", "gold")]
+SOURCES = [
+    ("baseline", "none"),
+    ("retro_bm25", "given"),
+    ("rpt_lex", "retriever"),
+    ("rpt_sem", "retriever"),
+    ("rpt_sem", "gold"),
+]
 
 
 @pytest.mark.parametrize(("variant", "source"), SOURCES)
@@ -63,8 +77,13 @@ def test_causality_every_variant(variant: str, source: str) -> None:
     B, T = 2, L * M
     tok = torch.randint(0, V, (B, T))
     cand_pos, cand_t = supervision(B, L)
-    kw = dict(source=source, neighbor_pos=given_neighbors(B, L), cand_pos=cand_pos, cand_target=cand_t,
-              return_logits=True)
+    kw = dict(
+        source=source,
+        neighbor_pos=given_neighbors(B, L),
+        cand_pos=cand_pos,
+        cand_target=cand_t,
+        return_logits=True,
+    )
     with torch.no_grad():
         base = model(tok, **kw).logits
         for t in (3, M - 1, M, 2 * M + 5, 5 * M - 1, T - 1):
@@ -134,7 +153,9 @@ def test_retriever_scores_only_retrievable_chunks(exclude_recent: int) -> None:
     assert torch.equal(torch.isfinite(s), rule.expand_as(s))
     top = out.ret_topk
     ii = torch.arange(L)[None, :, None].expand_as(top)
-    assert bool(((top == -1) | torch.from_numpy(causal_retrievable(ii.numpy(), top.numpy(), exclude_recent))).all())
+    assert bool(
+        ((top == -1) | torch.from_numpy(causal_retrievable(ii.numpy(), top.numpy(), exclude_recent))).all()
+    )
     assert bool((top[:, : exclude_recent + 1] == -1).all())  # the first chunks have nothing to retrieve
     # the loss gives no gradient to any non-retrievable score
     s_leaf = s.detach().clone().requires_grad_(True)
@@ -166,8 +187,14 @@ def test_schedules_at_endpoints() -> None:
     assert sch.p_gold(900, T) == 0.0 and sch.p_gold(999, T) == 0.0
     assert sch.p_gold(899, T) == pytest.approx(0.0, abs=1e-4)
     assert sch.alpha_ret(0, 200, 0.1) == 0.0 and sch.alpha_ret(200, 200, 0.1) == pytest.approx(0.1)
-    assert sch.alpha_ret(100, 200, 0.1) == pytest.approx(0.05) and sch.alpha_ret(5000, 200, 0.1) == pytest.approx(0.1)
-    assert sch.margin(0, 900, 4.0) == 1.0 and sch.margin(900, 900, 4.0) == 4.0 and sch.margin(10**6, 900, 4.0) == 4.0
+    assert sch.alpha_ret(100, 200, 0.1) == pytest.approx(0.05) and sch.alpha_ret(
+        5000, 200, 0.1
+    ) == pytest.approx(0.1)
+    assert (
+        sch.margin(0, 900, 4.0) == 1.0
+        and sch.margin(900, 900, 4.0) == 4.0
+        and sch.margin(10**6, 900, 4.0) == 4.0
+    )
     assert sch.learning_rate(0, T, 1e-3, 10, 0.1) == pytest.approx(1e-4)
     assert sch.learning_rate(9, T, 1e-3, 10, 0.1) == pytest.approx(1e-3)
     assert sch.learning_rate(T, T, 1e-3, 10, 0.1) == pytest.approx(1e-4)
@@ -207,7 +234,9 @@ def test_lambdarank_matches_naive_and_gradient_direction() -> None:
     tgt[0, 5] = torch.tensor([1.5, 0.3, -0.2])
     leaf = s.clone().requires_grad_(True)
     loss, n = lambdarank_loss(leaf, pos, tgt, tau=1.0)
-    ref, ref_n = naive_lambdarank(s[0, 5].numpy().astype(np.float64), pos[0, 5].numpy(), tgt[0, 5].numpy(), 1.0)
+    ref, ref_n = naive_lambdarank(
+        s[0, 5].numpy().astype(np.float64), pos[0, 5].numpy(), tgt[0, 5].numpy(), 1.0
+    )
     assert int(n) == ref_n == 5  # (2 vs 0, 1, 3) and (0 vs 1, 3)
     assert loss.item() == pytest.approx(ref / ref_n, rel=1e-5)
     loss.backward()
@@ -229,7 +258,9 @@ def test_lambdarank_matches_naive_and_gradient_direction() -> None:
         got, got_n = lambdarank_loss(sc, cp, ct, tau=2.0)
         tot, cnt = 0.0, 0
         for q in range(n_ch):
-            r, c = naive_lambdarank(sc[0, q].double().numpy(), cp[0, q].numpy(), ct[0, q].double().numpy(), 2.0)
+            r, c = naive_lambdarank(
+                sc[0, q].double().numpy(), cp[0, q].numpy(), ct[0, q].double().numpy(), 2.0
+            )
             tot, cnt = tot + r, cnt + c
         assert int(got_n) == cnt
         assert float(got) == pytest.approx(tot / max(cnt, 1), rel=1e-4, abs=1e-7)
@@ -256,7 +287,9 @@ def test_tiny_model_overfits_small_batch() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None
     for step in range(120):
-        out = model(tok, labels, cand_pos=cand_pos, cand_target=cand_t, source="gold" if step % 2 else "retriever")
+        out = model(
+            tok, labels, cand_pos=cand_pos, cand_target=cand_t, source="gold" if step % 2 else "retriever"
+        )
         loss = out.lm_loss + 0.1 * out.ret_loss
         first = first if first is not None else float(out.lm_loss)
         opt.zero_grad()
