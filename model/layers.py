@@ -115,6 +115,18 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
 
 
+# CausalBias lets SDPA pick flash/efficient kernels with a lower-right causal mask. Tools that
+# intercept dispatch (torch.utils.flop_counter) cannot handle that tensor subclass; they set this.
+EXPLICIT_MASKS = False
+
+
+def lower_right_causal(n_q: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """Mask for queries that are the last n_q of n_k keys: query i sees keys j <= i + n_k - n_q."""
+    if not EXPLICIT_MASKS:
+        return causal_lower_right(n_q, n_k)
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+
+
 class WindowSelfAttention(Attention):
     """Causal sliding-window self-attention (Transformer-XL style, as in the paper).
 
@@ -150,7 +162,7 @@ class WindowSelfAttention(Attention):
         for b in range(min(n - 1, nb)):  # early blocks: all history from position 0
             qq = q[:, b * S : (b + 1) * S].transpose(1, 2)
             kk, vv = (t[:, : (b + 1) * S].transpose(1, 2) for t in (k, v))
-            mask = None if b == 0 else causal_lower_right(S, (b + 1) * S)
+            mask = None if b == 0 else lower_right_causal(S, (b + 1) * S, x.device)
             o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=b == 0)
             outs.append(o.transpose(1, 2))
         if nb >= n:
@@ -161,7 +173,7 @@ class WindowSelfAttention(Attention):
             qq = q[:, (n - 1) * S :].reshape(B * m, S, H, dh).transpose(1, 2)
             kk = kw.reshape(B * m, n * S, H, dh).transpose(1, 2)
             vv = vw.reshape(B * m, n * S, H, dh).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=causal_lower_right(S, n * S))
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=lower_right_causal(S, n * S, x.device))
             outs.append(o.transpose(1, 2).reshape(B, m * S, H, dh))
         out = torch.cat(outs, dim=1)[:, :T]
         return self.wo(out.reshape(B, T, -1))
