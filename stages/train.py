@@ -2,9 +2,9 @@
 
 Inputs by variant (each variant is its own artifact version):
   baseline     chunks, tokenizer
-  retro_bm25   + bm25 (scope=document-causal, query=chunk+target): neighbors fed to CCA
-  rpt_lex      + bm25 (same): the first `lex_positives` BM25 candidates are the positives
-  rpt_sem      + bm25 (same) and scores: positives are candidates with delta > 0
+  retro_bm25   + bm25 (scope=document-causal, query=chunk+target, k=bm25_candidates): neighbors for CCA
+  rpt_lex      + bm25 (same): its candidates are the positives, their BM25 score the target
+  rpt_sem      + bm25 (k=scores.candidates: the scored table) and scores: positives have delta > 0
 The model's exclude_recent is the bm25 artifact's.
 
 The artifact: model.safetensors + config.json (`model.checkpoint.load_checkpoint`), the optimizer and
@@ -104,7 +104,12 @@ class Config(StageConfig):
     tau_ramp_steps: int | None = Field(None, ge=0, description="linear 1 -> tau_max; None: 90% of steps")
     ss_fraction: float = Field(0.9, ge=0, le=1, description="scheduled sampling: P(gold) 1 -> 0 by then")
     n_neighbors: int = Field(2, ge=1, description="K neighbors per chunk")
-    lex_positives: int = Field(20, ge=1, description="rpt_lex: top BM25 candidates used as positives")
+    bm25_candidates: int = Field(
+        20,
+        ge=1,
+        description="k of the bm25 (chunk+target) input: rpt_lex positives, retro_bm25 neighbor pool "
+        "(rpt_sem shares the scores stage's bm25: k = scores.candidates)",
+    )
     seed: int = 0
     # how, not what
     micro_batch: int | None = Field(
@@ -198,12 +203,13 @@ class TrainStage(Stage):
     uses_gpu = True
 
     def inputs(self, run: RunConfigBase) -> dict[str, InputRef]:
-        v = run.section("train").variant
+        cfg: Config = run.section("train")
         refs = {"chunks": InputRef("chunks"), "tokenizer": InputRef("tokenizer")}
-        if v != "baseline":
-            refs["bm25"] = InputRef("bm25", BM25_FOR_TRAINING)
-        if v == "rpt_sem":
+        if cfg.variant == "rpt_sem":  # the very bm25 artifact the scores stage scored
+            refs["bm25"] = InputRef("bm25", {**BM25_FOR_TRAINING, "k": run.section("scores").candidates})
             refs["scores"] = InputRef("scores")
+        elif cfg.variant != "baseline":
+            refs["bm25"] = InputRef("bm25", {**BM25_FOR_TRAINING, "k": cfg.bm25_candidates})
         return refs
 
     def _model_config(self, ctx: StageContext) -> RPTConfig:
@@ -485,7 +491,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     if cfg.variant == "rpt_sem":
         cand = scores_table(job.artifact("scores"), reader.n_chunks)
     elif cfg.variant == "rpt_lex":
-        cand = bm25.head(cfg.lex_positives) if bm25 is not None else None
+        cand = bm25  # RPT-Lex: the BM25 (chunk+target) candidates are the positives, their score the target
     ds = TrainSequences(
         str(chunks.local_path(TOKENS_NPY)),
         plan,
