@@ -49,7 +49,8 @@ class Retriever(nn.Module):
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[B, l, l] float32 scores; -inf where the chunk is not retrievable."""
-        s = torch.einsum("bqd,bkd->bqk", q.float(), k.float()) * self.scale
+        with torch.autocast(q.device.type, enabled=False):  # ranks and the loss want float32 scores
+            s = torch.einsum("bqd,bkd->bqk", q.float(), k.float()) * self.scale
         allowed = retrievable_mask(q.shape[1], self.exclude_recent, q.device)
         return s.masked_fill(~allowed, float("-inf"))
 
