@@ -132,4 +132,7 @@ def make_loader(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         drop_last=False,
+        # its own generator: creating the iterator must not draw from the global RNG, or a resumed
+        # run's dropout stream would be shifted against the uninterrupted run's
+        generator=torch.Generator().manual_seed(sampler.seed),
     )

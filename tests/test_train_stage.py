@@ -86,7 +86,7 @@ def test_train_baseline_end_to_end(small_run, tmp_path: Path) -> None:
 
 
 def test_kill_and_resume_gives_the_same_losses(small_run, tmp_path: Path, caplog) -> None:
-    train = {"steps": 12}
+    train = {"steps": 12, "workers": 1, "model": {**TRAIN["model"], "dropout": 0.1}}  # RNG and loader state
     ref = build("train", store_copy(small_run, tmp_path / "a", **train))
     run = store_copy(small_run, tmp_path / "b", **train)
     cfg_file = tmp_path / "b.yaml"
