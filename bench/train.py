@@ -75,8 +75,13 @@ class Runner:
     def step(self) -> None:
         b = self.batch
         with self.autocast:
-            out = self.fn(b["tokens"], b["labels"], neighbor_pos=b.get("neighbor_pos"), cand_pos=b.get("cand_pos"),
-                          cand_target=b.get("cand_target"))
+            out = self.fn(
+                b["tokens"],
+                b["labels"],
+                neighbor_pos=b.get("neighbor_pos"),
+                cand_pos=b.get("cand_pos"),
+                cand_target=b.get("cand_target"),
+            )
             loss = out.lm_loss + 0.1 * out.ret_loss if out.ret_loss is not None else out.lm_loss
         loss.backward()
         self.opt.step()
@@ -90,6 +95,14 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t)
+
+    def peak_memory_gb(self) -> float:
+        """Peak GPU memory of one step of this variant (other variants' weights stay resident)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def flops(self) -> int:
         from torch.utils.flop_counter import FlopCounterMode
@@ -121,9 +134,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"preset {args.preset}, seq_len {args.seq_len}, batch {args.batch}")
+    device = (
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
+        else torch.device(args.device)
+    )
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+        f"preset {args.preset}, seq_len {args.seq_len}, batch {args.batch}"
+    )
     runners = {v: Runner(v, args, device) for v in ["baseline", *args.variants]}
     for r in runners.values():
         for _ in range(2):
@@ -133,15 +152,28 @@ def main() -> None:
             r.timed()
     base = statistics.median(runners["baseline"].times)
     tokens = args.batch * args.seq_len
-    results: dict[str, Any] = {"preset": args.preset, "seq_len": args.seq_len, "batch": args.batch,
-                               "device": str(device), "variants": {}}
+    results: dict[str, Any] = {
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "device": str(device),
+        "variants": {},
+    }
     peak = peak_flops(device)
-    print(f"{'variant':12s} {'params':>10s} {'s/step':>9s} {'tok/s':>10s} {'vs baseline':>12s}"
-          + (f" {'GFLOP/step':>11s} {'MFU' if peak else 'GFLOP/s':>8s}" if args.mfu else ""))
+    print(
+        f"{'variant':12s} {'params':>10s} {'s/step':>9s} {'tok/s':>10s} {'vs baseline':>12s}"
+        + (f" {'GFLOP/step':>11s} {'MFU' if peak else 'GFLOP/s':>8s}" if args.mfu else "")
+        + ("  peak mem" if device.type == "cuda" else "")
+    )
     for v, r in runners.items():
         med = statistics.median(r.times)
-        row = {"params": r.model.num_params(), "s_per_step": med, "tokens_per_s": tokens / med, "ratio": med / base,
-               "times": r.times}
+        row = {
+            "params": r.model.num_params(),
+            "s_per_step": med,
+            "tokens_per_s": tokens / med,
+            "ratio": med / base,
+            "times": r.times,
+        }
         line = f"{v:12s} {row['params'] / 1e6:9.2f}M {med:9.4f} {tokens / med:10.0f} {med / base:11.2f}x"
         if args.mfu:
             fl = r.flops()
@@ -151,12 +183,12 @@ def main() -> None:
                 line += f" {fl / 1e9:11.1f} {100 * row['mfu']:7.1f}%"
             else:
                 line += f" {fl / 1e9:11.1f} {fl / med / 1e9:8.1f}"
+        if device.type == "cuda":
+            row["peak_memory_gb"] = r.peak_memory_gb()
+            line += f"  {row['peak_memory_gb']:.2f} GiB"
         results["variants"][v] = row
         print(line)
-    if device.type == "cuda":
-        results["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        print(f"peak GPU memory {results['peak_memory_gb']:.2f} GiB (all variants in one process)")
-    else:
+    if device.type != "cuda":
         results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"peak RSS {results['peak_rss_mb']:.0f} MiB; no GPU here, so no MFU")
     print(f"saved {save(f'train-{args.preset}-{device.type}', results)}")
