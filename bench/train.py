@@ -6,6 +6,7 @@ retriever choosing the neighbors). Variants are timed interleaved (baseline, var
 after warm-up, so machine noise hits both sides alike; the ratio of medians is printed.
 The paper measured 1.51x time per update for RPT over its Transformer-XL baseline (target <= 1.3x).
 
+`--count-only` counts FLOPs per step on the meta device (nothing is computed), for any preset.
 `--mfu` adds model FLOP utilisation on a GPU: FLOPs of one step counted by
 torch.utils.flop_counter (matmuls and attention, forward and backward) / step time / the device's
 dense bf16 peak, plus peak GPU memory. On a CPU it reports achieved GFLOP/s instead.
@@ -118,6 +119,38 @@ class Runner:
         return fc.get_total_flops()
 
 
+def meta_flops(variant: str, args: argparse.Namespace) -> tuple[int, int]:
+    """(FLOPs of forward + backward, parameters) at any size without computing: the model and the batch
+    live on the meta device and torch.utils.flop_counter counts the matmuls and attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import layers
+    from model import rpt as rpt_module
+
+    overrides = {"variant": variant, "chunk_len": 64, "exclude_recent": args.exclude_recent}
+    if args.vocab:
+        overrides["vocab_size"] = args.vocab
+    cfg = preset(args.preset, **overrides)
+    recall, layers.EXPLICIT_MASKS = rpt_module.retrieval_recall, True
+    rpt_module.retrieval_recall = lambda *a, **k: {}  # data-dependent shapes; no FLOPs worth counting
+    try:
+        with torch.device("meta"):
+            model = RPT(cfg)
+            b = make_batch(variant, args.batch, args.seq_len, 64, cfg.vocab_size, 2, torch.device("meta"))
+            with FlopCounterMode(display=False) as fc:
+                out = model(
+                    b["tokens"],
+                    b["labels"],
+                    neighbor_pos=b.get("neighbor_pos"),
+                    cand_pos=b.get("cand_pos"),
+                    cand_target=b.get("cand_target"),
+                )
+                (out.lm_loss + (out.ret_loss if out.ret_loss is not None else 0)).backward()
+    finally:
+        rpt_module.retrieval_recall, layers.EXPLICIT_MASKS = recall, False
+    return fc.get_total_flops(), model.num_params()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
@@ -131,7 +164,20 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--mfu", action="store_true", help="count FLOPs; MFU against the GPU's bf16 peak")
+    ap.add_argument(
+        "--count-only",
+        action="store_true",
+        help="only count FLOPs per step (meta device, no compute): any preset on any machine",
+    )
     args = ap.parse_args()
+    if args.count_only:
+        base_fl = None
+        print(f"preset {args.preset}, seq_len {args.seq_len}, batch {args.batch}: FLOPs per step (fwd + bwd)")
+        for v in ["baseline", *args.variants]:
+            fl, n = meta_flops(v, args)
+            base_fl = base_fl or fl
+            print(f"{v:12s} {n / 1e6:9.1f}M params {fl / 1e12:9.3f} TFLOP {fl / base_fl:6.3f}x")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = (

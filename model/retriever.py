@@ -12,6 +12,7 @@ leaks nothing from the future into the prediction of any token.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -49,7 +50,9 @@ class Retriever(nn.Module):
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[B, l, l] float32 scores; -inf where the chunk is not retrievable."""
-        with torch.autocast(q.device.type, enabled=False):  # ranks and the loss want float32 scores
+        dev = q.device.type
+        off = torch.autocast(dev, enabled=False) if dev in ("cuda", "cpu") else nullcontext()
+        with off:  # ranks and the loss want float32 scores, also under bf16 autocast
             s = torch.einsum("bqd,bkd->bqk", q.float(), k.float()) * self.scale
         allowed = retrievable_mask(q.shape[1], self.exclude_recent, q.device)
         return s.masked_fill(~allowed, float("-inf"))
