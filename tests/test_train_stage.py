@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import yaml
 from model.checkpoint import load_checkpoint
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, RptError
-from pipeline.executor import build, resolve
+from pipeline.executor import build, build_node, resolve
 from pipeline.store import ArtifactStore
+from tests.stub_train_bm25 import register_stubs
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("tokens_per_s", "elapsed_s")  # wall-clock columns
@@ -47,23 +49,41 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def store_copy(small_run, dest: Path, **train):
-    """A run config over a private copy of the small store (documents, tokenizer, chunks)."""
+def _config(small_run, root: Path, **train):
+    register_stubs()
+    data = small_run.model_dump(mode="json")
+    data["artifacts_root"] = str(root)
+    data["train"] = {**TRAIN, **train}
+    data["bm25"] = {"exclude_recent": 1}  # = (window - stride) / chunk_len of the model below
+    data["scores"] = {"candidates": 20}  # the same bm25 table for every variant
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def stores(small_run, tmp_path_factory):
+    """store_copy(dest, **train): a run config over a private copy of a store that already holds every
+    input of train (documents, tokenizer, chunks, bm25 chunk+target, scores) for the small books."""
+    template = tmp_path_factory.mktemp("train-template")
     src = Path(small_run.root())
     for stage in ("documents", "tokenizer", "chunks"):
-        shutil.copytree(src / stage, dest / stage)
-    data = small_run.model_dump(mode="json")
-    data["artifacts_root"] = str(dest)
-    data["train"] = {**TRAIN, **train}
-    return config_from_dict(data)
+        shutil.copytree(src / stage, template / stage)
+    build_node(
+        resolve("train", _config(small_run, template, variant="rpt_sem")).inputs["scores"], with_deps=True
+    )
+
+    def store_copy(dest: Path, **train):
+        shutil.copytree(template, dest, dirs_exist_ok=True)
+        return _config(small_run, dest, **train)
+
+    return store_copy
 
 
 def metrics(art) -> pl.DataFrame:
     return pl.read_parquet(art.local_path("metrics.parquet"))
 
 
-def test_train_baseline_end_to_end(small_run, tmp_path: Path) -> None:
-    run = store_copy(small_run, tmp_path)
+def test_train_baseline_end_to_end(stores, tmp_path: Path) -> None:
+    run = stores(tmp_path)
     art = build("train", run)
     names = {f.path for f in art.manifest.files}
     assert {
@@ -85,17 +105,37 @@ def test_train_baseline_end_to_end(small_run, tmp_path: Path) -> None:
     assert build("train", run).version == art.version  # a rerun is a no-op
 
 
-def test_kill_and_resume_gives_the_same_losses(small_run, tmp_path: Path, caplog) -> None:
-    train = {"steps": 12, "workers": 1, "model": {**TRAIN["model"], "dropout": 0.1}}  # RNG and loader state
-    ref = build("train", store_copy(small_run, tmp_path / "a", **train))
-    run = store_copy(small_run, tmp_path / "b", **train)
+@pytest.mark.parametrize("variant", ["retro_bm25", "rpt_lex", "rpt_sem"])
+def test_retrieval_variants_train(stores, tmp_path: Path, variant: str) -> None:
+    run = stores(tmp_path, variant=variant, steps=3, seq_len=512)  # 8 chunks: room to retrieve
+    art = build("train", run)
+    assert "bm25" in art.manifest.inputs and ("scores" in art.manifest.inputs) == (variant == "rpt_sem")
+    m = metrics(art)
+    _, cfg = load_checkpoint(art.local_path())
+    assert cfg.variant == variant and cfg.exclude_recent == 1 and cfg.has_cca
+    if variant == "retro_bm25":
+        assert m["ret_loss"].is_nan().all() and (m["used_gold"] == 0).all()
+    else:
+        assert m["p_gold"][0] == 1.0 and m["used_gold"][0] == 1.0 and m["p_gold"].is_sorted(descending=True)
+        assert m["ret_loss"].is_finite().all() and m["n_pairs"].sum() > 0
+        rec = m["recall_at_2"].drop_nans()
+        assert len(rec) > 0 and rec.is_between(0, 1).all()
+
+
+def test_kill_and_resume_gives_the_same_losses(stores, tmp_path: Path, caplog) -> None:
+    # rpt_lex: retriever and scheduled sampling; dropout and a loader worker: RNG and loader state
+    train = {"variant": "rpt_lex", "steps": 12, "workers": 1, "model": {**TRAIN["model"], "dropout": 0.1}}
+    ref = build("train", stores(tmp_path / "a", **train))
+    run = stores(tmp_path / "b", **train)
     cfg_file = tmp_path / "b.yaml"
     cfg_file.write_text(yaml.safe_dump(run.model_dump(mode="json")))
     node = resolve("train", run)
     ckpt = Path(run.root()) / "train" / f".partial-{node.version}" / "ckpt" / "LATEST"
     env = {**os.environ, "RPT_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cli = "from tests.stub_train_bm25 import register_stubs; register_stubs(); from pipeline.cli import main; main()"
     proc = subprocess.Popen(
-        [str(REPO / ".venv/bin/rpt"), "run", "train", "-c", str(cfg_file)],
+        [sys.executable, "-c", cli, "run", "train", "-c", str(cfg_file)],
+        cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -117,10 +157,10 @@ def test_kill_and_resume_gives_the_same_losses(small_run, tmp_path: Path, caplog
     )
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(small_run, tmp_path: Path, monkeypatch) -> None:
+def test_nan_loss_stops_and_keeps_last_checkpoint(stores, tmp_path: Path, monkeypatch) -> None:
     from model.rpt import RPT
 
-    run = store_copy(small_run, tmp_path, steps=6)
+    run = stores(tmp_path, steps=6)
     real = RPT.forward
     calls = {"n": 0}
 
@@ -141,23 +181,25 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(small_run, tmp_path: Path, mon
     assert not ArtifactStore(run.root()).exists("train", node.version)
 
 
-def test_ddp_two_processes_match_one(small_run, tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one(stores, tmp_path: Path) -> None:
     """gloo, 2 CPU processes x micro-batch 2 == 1 process x 2 accumulation steps x micro-batch 2."""
-    one = build("train", store_copy(small_run, tmp_path / "one", steps=3))
-    two = build("train", store_copy(small_run, tmp_path / "two", steps=3, nproc_per_node=2, device="cpu"))
+    kw = {"variant": "rpt_lex", "steps": 3}  # retriever gradients and per-micro-batch gold draws too
+    one = build("train", stores(tmp_path / "one", **kw))
+    two = build("train", stores(tmp_path / "two", nproc_per_node=2, device="cpu", **kw))
     assert two.manifest.stats["world"] == 2 and one.manifest.stats["accum"] == 2
     a, b = metrics(one), metrics(two)
-    for col in ("loss", "lm_loss", "grad_norm", "lr"):
+    assert a["used_gold"].to_list() == b["used_gold"].to_list()
+    for col in ("loss", "lm_loss", "ret_loss", "grad_norm", "lr"):
         for x, y in zip(a[col].to_list(), b[col].to_list()):
             assert math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6), (col, x, y)
 
 
-def test_config_errors(small_run, tmp_path: Path) -> None:
+def test_config_errors(stores, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.model.*unknown model field"):
         config_from_dict({"train": {"model": {"depth": 3}}})
     with pytest.raises(ConfigError, match=r"set by the stage"):
         config_from_dict({"train": {"model": {"chunk_len": 32}}})
     with pytest.raises(ConfigError, match=r"multiple of chunks\.chunk_len"):
-        build("train", store_copy(small_run, tmp_path / "a", seq_len=100))
+        build("train", stores(tmp_path / "a", seq_len=100))
     with pytest.raises(RptError, match=r"lower train\.seq_len"):
-        build("train", store_copy(small_run, tmp_path / "b", seq_len=64 * 100000))
+        build("train", stores(tmp_path / "b", seq_len=64 * 100000))
