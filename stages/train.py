@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import Field, ValidationError, field_validator
 
-from model.config import PRESETS, RPTConfig, Variant, preset
+from model.config import RPTConfig, Variant, preset
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
@@ -438,6 +438,25 @@ def _restore(
     return int(state["step"]), rows
 
 
+def _metrics_row(window: torch.Tensor, micro_per_step: int, has_ret: bool) -> dict[str, Any]:
+    """Means over the steps of a logging window. `window` holds the sums of the per-step vectors
+    [loss, lm, ret, gold, n_pairs, recall@2 sum, count, @5, count, @10, count, @20, count] (each summed
+    over micro-batches and processes), then grad_norm and the number of steps."""
+    w = window.tolist()
+    n_steps, n_micro = w[14], w[14] * micro_per_step
+    row = {
+        "loss": w[0] / n_micro,
+        "lm_loss": w[1] / n_micro,
+        "ret_loss": w[2] / n_micro if has_ret else float("nan"),
+        "used_gold": w[3] / n_micro,
+        "n_pairs": round(w[4] / n_steps),
+        "grad_norm": w[13] / n_steps,
+    }
+    for i, k in enumerate((2, 5, 10, 20)):
+        row[f"recall_at_{k}"] = w[5 + 2 * i] / w[6 + 2 * i] if w[6 + 2 * i] else float("nan")
+    return row
+
+
 def _gold_draw(seed: int, step: int, micro: int, p: float) -> bool:
     """One Bernoulli(p) per micro-batch (the official code draws one per forward pass), a pure
     function of (seed, step, micro-batch index) so resumed and DDP runs draw the same."""
@@ -559,6 +578,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     t_start = time.perf_counter()
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    window = torch.zeros(15, dtype=torch.float64)  # sums since the last metrics row (see _metrics_row)
     model.train()
     for step in range(start, cfg.steps):
         lr = sch.learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -601,60 +621,53 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
                     acc[5 + 2 * i] += torch.where(ok, r, 0.0)
                     acc[6 + 2 * i] += ok.float()
         acc = dist.all_reduce(acc).double().cpu()
-        n_micro = accum * world
-        step_loss = acc[0].item() / n_micro
-        if not math.isfinite(step_loss):
+        step_loss = acc[0].item() / (accum * world)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             last = _latest_checkpoint(root)
-            msg = (
-                f"train: loss is {step_loss} at step {step} (lr {lr:.3g}); stopped. The last good checkpoint is "
-                f"{last if last else 'none (no checkpoint was written yet)'}; lower train.lr or raise "
-                "train.warmup_steps and rerun to resume from it"
+            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
+            raise RptError(
+                f"train: {what} at step {step} (lr {lr:.3g}); stopped without updating the weights. The last "
+                f"good checkpoint is {last if last else 'none (none was written yet)'}; lower train.lr or raise "
+                "train.warmup_steps, then rerun: the run resumes from it"
             )
-            raise RptError(msg)
-        grad_norm = float("nan")
-        if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
+        window += torch.cat([acc, torch.tensor([grad_norm, 1.0], dtype=torch.float64)])
         if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
+            # a row holds means over the steps since the previous row (rows fall on checkpoints too,
+            # so a resumed run rebuilds the same rows)
             now = time.perf_counter()
             tok = (done - start) * tokens_per_step
             tps = (tok - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, tok
-            rec = [acc[6 + 2 * i].item() for i in range(4)]
-            row = {
-                "step": done,
-                "loss": step_loss,
-                "lm_loss": acc[1].item() / n_micro,
-                "ret_loss": acc[2].item() / n_micro if has_ret else float("nan"),
-                "p_gold": pg,
-                "used_gold": acc[3].item() / n_micro,
-                "n_pairs": int(acc[4].item()),
-                "lr": lr,
-                "alpha_ret": alpha,
-                "tau": tau,
-                "grad_norm": grad_norm,
-                "tokens": done * tokens_per_step,
-                "tokens_per_s": tps,
-                "elapsed_s": elapsed0 + now - t_start,
-            }
-            for i, kk in enumerate((2, 5, 10, 20)):
-                row[f"recall_at_{kk}"] = acc[5 + 2 * i].item() / rec[i] if rec[i] else float("nan")
+            row = _metrics_row(window, accum * world, has_ret)
+            row.update(
+                step=done,
+                p_gold=pg,
+                lr=lr,
+                alpha_ret=alpha,
+                tau=tau,
+                tokens=done * tokens_per_step,
+                tokens_per_s=tps,
+                elapsed_s=elapsed0 + now - t_start,
+            )
+            window.zero_()
             rows.append(row)
             if rank == 0:
-                bar.set_postfix(loss=f"{step_loss:.3f}", lm=f"{row['lm_loss']:.3f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}")
                 if done % cfg.log_every == 0:
                     log.info(
-                        "step %d/%d loss %.4f lm %.4f ret %.4f r@%d %.2f lr %.2e %.0f tok/s",
+                        "step %d/%d loss %.4f lm %.4f ret %.4f r@2 %.2f r@10 %.2f lr %.2e %.0f tok/s",
                         done,
                         cfg.steps,
-                        step_loss,
+                        row["loss"],
                         row["lm_loss"],
                         row["ret_loss"],
-                        cfg.n_neighbors,
-                        row.get(f"recall_at_{min(cfg.n_neighbors, 20)}", float("nan")),
+                        row["recall_at_2"],
+                        row["recall_at_10"],
                         lr,
                         tps,
                     )
@@ -723,5 +736,3 @@ STAGE = TrainStage()
 
 if __name__ == "__main__":
     main()
-
-__all__ = ["PRESETS", "STAGE", "Config", "TrainJob", "run_training"]
