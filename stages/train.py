@@ -457,6 +457,17 @@ def _metrics_row(window: torch.Tensor, micro_per_step: int, has_ret: bool) -> di
     return row
 
 
+def _tensorboard(root: Path, rank: int) -> Any:
+    """A SummaryWriter into the artifact's `tensorboard/` folder when tensorboard is installed (rank 0)."""
+    if rank:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(root / "tensorboard"))
+
+
 def _gold_draw(seed: int, step: int, micro: int, p: float) -> bool:
     """One Bernoulli(p) per micro-batch (the official code draws one per forward pass), a pure
     function of (seed, step, micro-batch index) so resumed and DDP runs draw the same."""
@@ -579,6 +590,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     window = torch.zeros(15, dtype=torch.float64)  # sums since the last metrics row (see _metrics_row)
+    tb = _tensorboard(root, rank)
     model.train()
     for step in range(start, cfg.steps):
         lr = sch.learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -656,6 +668,10 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             )
             window.zero_()
             rows.append(row)
+            if tb is not None:
+                for key, val in row.items():
+                    if key != "step" and math.isfinite(val):
+                        tb.add_scalar(f"train/{key}", val, done)
             if rank == 0:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}")
                 if done % cfg.log_every == 0:
@@ -688,6 +704,8 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
                 _checkpoint(root, done, save)
             dist.barrier()
     bar.close()
+    if tb is not None:
+        tb.close()
     rngs = dist.gather_objects(_rng_tensors(device))
     if rank == 0:
         last = rows[-1] if rows else {}
