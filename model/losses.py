@@ -107,8 +107,9 @@ def retrieval_recall(
     has = n_pos > 0
     ranks = _ranks(scores.float())
     out = {}
-    for k in ks:
+    n_has = has.sum()
+    for k in ks:  # no host sync: NaN when no query has a positive
         hit = (pos & (ranks < k)).sum(-1).float()
-        r = hit / n_pos.clamp(min=1)
-        out[k] = r[has].mean() if has.any() else torch.tensor(float("nan"), device=scores.device)
+        r = torch.where(has, hit / n_pos.clamp(min=1), 0.0).sum() / n_has
+        out[k] = torch.where(n_has > 0, r, float("nan"))
     return out

@@ -273,6 +273,7 @@ def test_recall_and_gold_positions() -> None:
     tgt = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.9, 0.4]]])
     r = retrieval_recall(s, pos, tgt, ks=(1, 2, 3))
     assert float(r[1]) == 0.0 and float(r[2]) == 0.5 and float(r[3]) == 1.0
+    assert math.isnan(float(retrieval_recall(s, pos, -tgt, ks=(2,))[2]))  # no positives: undefined
     g = gold_positions(s, pos, tgt, k=3)
     assert g[0, 3].tolist() == [2, 1, -1] and bool((g[0, :3] == -1).all())
 
