@@ -33,6 +33,7 @@ from model.neighbors import NeighborEncoder
 from model.retriever import Retriever, retrievable_mask, topk_positions
 
 Source = Literal["none", "given", "retriever", "gold"]
+LOGIT_SLICE = 8192  # tokens per LM-head slice when only the loss is needed
 
 
 @dataclass
@@ -170,11 +171,19 @@ class RPT(nn.Module):
             out.neighbor_pos, out.gate = mem.positions, mem.gate
         for layer in self.upper:
             h = layer(h, mem)
-        logits = self.lm_head(self.norm(h))
+        h = self.norm(h)
         if return_logits:
-            out.logits = logits
+            out.logits = self.lm_head(h)
         if labels is not None:
-            out.lm_loss, out.token_nll = lm_loss(logits, labels)
+            if out.logits is not None:
+                out.lm_loss, out.token_nll = lm_loss(out.logits, labels)
+            else:  # slices of the sequence: a long document never holds [T, V] float32 logits at once
+                nll = [
+                    lm_loss(self.lm_head(h[:, s : s + LOGIT_SLICE]), labels[:, s : s + LOGIT_SLICE])[1]
+                    for s in range(0, T, LOGIT_SLICE)
+                ]
+                out.token_nll = torch.cat(nll, dim=1)
+                out.lm_loss = out.token_nll.sum() / (labels != IGNORE).sum().clamp(min=1)
             out.loss = out.lm_loss
         return out
 

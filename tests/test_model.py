@@ -361,3 +361,21 @@ def test_gpu_bf16_causal_and_trains(variant: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 1.0
+
+
+def test_loss_in_slices_equals_full_logits(monkeypatch) -> None:
+    import model.rpt as rpt_module
+
+    torch.manual_seed(8)
+    model = RPT(tiny("retro_bm25")).eval()
+    tok = torch.randint(0, V, (2, L * M))
+    labels = shift_labels(tok)
+    labels[0, :5] = -100
+    with torch.no_grad():
+        full = model(tok, labels, neighbor_pos=given_neighbors(2, L), return_logits=True)
+        monkeypatch.setattr(rpt_module, "LOGIT_SLICE", 7)
+        sliced = model(tok, labels, neighbor_pos=given_neighbors(2, L))
+    assert sliced.logits is None
+    torch.testing.assert_close(sliced.token_nll, full.token_nll)
+    torch.testing.assert_close(sliced.lm_loss, full.lm_loss)
+    assert bool((full.token_nll[0, :5] == 0).all())
