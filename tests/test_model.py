@@ -246,7 +246,7 @@ def test_lambdarank_matches_naive_and_gradient_direction() -> None:
     assert torch.equal(leaf.grad[0, :5], torch.zeros(5, 6))
     # a gradient step lowers the loss
     stepped = (s - 0.5 * leaf.grad).detach()
-    assert float(lambdarank_loss(stepped, pos, tgt, tau=1.0)[0]) < float(loss)
+    assert lambdarank_loss(stepped, pos, tgt, tau=1.0)[0].item() < loss.item()
     # random cases against the loop version
     rng = np.random.default_rng(0)
     for _ in range(5):
