@@ -19,6 +19,7 @@ STAGES: dict[str, str] = {
     "embeddings": "stages.embeddings",
     "dense": "stages.dense",
     "evaluate": "stages.evaluate",
+    "train": "stages.train",
 }
 
 
