@@ -15,6 +15,8 @@ STAGES: dict[str, str] = {
     "documents": "stages.documents",
     "tokenizer": "stages.tokenizer",
     "chunks": "stages.chunks",
+    "reference": "stages.reference",
+    "scores": "stages.scores",
 }
 
 
