@@ -88,7 +88,14 @@ def run_config_model() -> type[RunConfigBase]:
     for name in stage_names():
         cls = get_stage(name).Config
         fields[name] = (cls, Field(default_factory=cls))
-    return create_model("RunConfig", __base__=RunConfigBase, **fields)
+    return create_model("RunConfig", __base__=RunConfigBase, __module__=__name__, **fields)
+
+
+def __getattr__(name: str) -> Any:
+    # `pipeline.config.RunConfig` is built on first use; this lets pickle (process and Dask runners) find it.
+    if name == "RunConfig":
+        return run_config_model()
+    raise AttributeError(name)
 
 
 def _format_errors(err: ValidationError, source: str | None) -> str:

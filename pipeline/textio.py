@@ -137,15 +137,15 @@ def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 raise InputError("glob matches no files; check the path in documents.paths", path=raw)
-            base = Path(anchor or ".").resolve()
-            cands = [(Path(m).resolve(), Path(m).resolve().relative_to(base)) for m in matches]
+            base = Path(anchor or ".").absolute()
+            cands = [(Path(m).absolute(), Path(m).absolute().relative_to(base)) for m in matches]
             prefix = base.name
         elif os.path.isdir(spec):
-            base = Path(spec).resolve()
-            cands = [(p, p.relative_to(base)) for p in sorted(base.rglob("*")) if p.is_file()]
+            base = Path(spec).absolute()
+            cands = [(p, p.relative_to(base)) for p in sorted(base.rglob("*")) if not p.is_dir()]
             prefix = base.name
         elif os.path.exists(spec):
-            p = Path(spec).resolve()
+            p = Path(spec).absolute()
             if not any(p.name.endswith(ext) for ext in SUPPORTED):
                 raise InputError(f"unsupported file type (supported: {', '.join(SUPPORTED)})", path=raw)
             cands = [(p, Path(p.name))]
@@ -155,6 +155,8 @@ def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
         for p, rel in cands:
             if p.is_dir():
                 continue
+            if not p.exists():
+                raise InputError("cannot read: broken symbolic link or vanished file", path=str(p))
             name = f"{prefix}/{rel.as_posix()}" if prefix else rel.as_posix()
             f = InputFile(str(p), name)
             if not f.kind:

@@ -1,0 +1,73 @@
+"""Config: YAML + --set overrides, unknown keys and bad values named, defaults filled."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "chunks:\n  chunk_len: 32\n"), ["tokenizer.vocab_size=1000",
+                                                                      "documents.paths=[a, b]"])
+    assert cfg.chunks.chunk_len == 32
+    assert cfg.tokenizer.vocab_size == 1000
+    assert cfg.documents.paths == ["a", "b"]
+    assert cfg.documents.min_chars == 1000  # default filled
+    assert cfg.artifacts_root == "./artifacts"
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "chunks:\n  chunk_lenn: 32\n"))
+    msg = str(e.value)
+    assert "chunks.chunk_lenn" in msg and "unknown key" in msg and "chunk_len" in msg
+    assert "run.yaml" in msg
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="chunkz: unknown key"):
+        load_config(write(tmp_path, "chunkz: {}\n"))
+
+
+def test_bad_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"chunks\.chunk_len.*'abc'"):
+        load_config(None, ["chunks.chunk_len=abc"])
+    with pytest.raises(ConfigError, match=r"documents\.splits.*sum to 1"):
+        load_config(None, ["documents.splits={train: 0.5, valid: 0.1, test: 0.1}"])
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
+        load_config(None, ["tokenizer.vocab_size=-3"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["chunks.chunk_len"])
+
+
+def test_missing_or_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_with_section_validates():
+    cfg = load_config(None)
+    assert cfg.with_section("chunks", {"chunk_len": 16}).chunks.chunk_len == 16
+    assert cfg.chunks.chunk_len == 64  # the original is untouched
+    with pytest.raises(ConfigError, match="chunks.nope"):
+        cfg.with_section("chunks", {"nope": 1})
+
+
+def test_shipped_configs_load():
+    from tests.conftest import REPO
+
+    for p in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(p)
