@@ -57,7 +57,7 @@ class Config(StageConfig):
     splits: list[str] = Field(default_factory=lambda: ["train", "valid", "test"],
                               description="splits whose query chunks are scored")
     batch_tokens: int = Field(16384, ge=64, description="forward tokens per batch")
-    kv_cache_mb: int = Field(4096, ge=16, description="memory for the prefix key/value states held at once")
+    kv_cache_mb: int = Field(4096, ge=1, description="memory for the prefix key/value states held at once")
     shard_chunks: int = Field(20000, ge=1, description="chunks per shard (whole documents; the unit of resume)")
     device: str = Field("auto", description="auto (this worker's GPU when present), cpu, cuda, cuda:N")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -472,9 +472,17 @@ class ScoresStage(Stage):
         import torch
 
         cfg: Config = ctx.cfg
-        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
         if cfg.workers:
             torch.set_num_threads(cfg.workers)
+        try:
+            return self._score_shard(ctx, shard)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _score_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        t0 = time.perf_counter()
         lo, hi = int(shard.payload["lo"]), int(shard.payload["hi"])
         reader = ChunkReader(ctx.inputs["chunks"])
         doc_start, doc_end = document_bounds(reader)
