@@ -268,3 +268,31 @@ def test_bf16_on_gpu_close_to_fp32(scored):
     lm = ScoringLM.load(str(path), torch.device("cuda"), torch.bfloat16)
     qs, _ = score_queries(lm, q, c, ds, de, lambda i: toks[i])
     np.testing.assert_allclose(qs.logp_local, [r["logp_local"] for r in rows], rtol=2e-2, atol=0.5)
+
+
+def test_workers_claim_distinct_devices(tmp_path):
+    """Each worker thread/process claims a device slot no other live worker holds (multi-GPU spreading)."""
+    import subprocess
+    import sys
+    import threading
+
+    from pipeline.devices import claim_slot
+
+    names = ["gpu-a", "gpu-b", "gpu-c"]
+    holder = subprocess.Popen(  # another worker process that holds slot 0 until we close its stdin
+        [sys.executable, "-c", "import sys; from pipeline.devices import claim_slot; "
+         f"print(claim_slot({names!r}, {str(tmp_path)!r}), flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        got: list[int] = []
+        threads = [threading.Thread(target=lambda: got.append(claim_slot(names, tmp_path))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # two threads take the free slots 1 and 2; the third finds none free and shares one
+        assert len(got) == 3 and {1, 2} <= set(got) and set(got) <= {0, 1, 2}
+    finally:
+        holder.stdin.close()
+        holder.wait()
