@@ -170,8 +170,8 @@ class ScoringLM:
         empty_prefix = kv is None
         for r, (s, lq) in enumerate(zip(suffixes, q_lens)):
             p = np.arange(int(lq) - 1, len(s) - 1)
-            if empty_prefix and lq == 0:  # nothing precedes the first target token: it cannot be scored
-                p = p[1:]
+            if lq == 0:  # an empty query (possible after re-tokenization): its target's first token is
+                p = p[1:]  # predicted from no state of this suffix, so no pair of this query scores it
             b_idx.append(np.full(len(p), r))
             pos.append(p)
             tgt.append(s[p + 1])
@@ -271,24 +271,23 @@ def score_pairs(lm: ScoringLM, work: PairWork, batch_tokens: int, kv_cache_mb: i
         n_fit = max(1, (kv_cache_mb << 20) // (per_token * pmax))
         block = used[b0 : b0 + n_fit]
         b0 += len(block)
-        # the block's prefix states, computed in batches of <= batch_tokens
-        kv_parts: list[list[tuple[Any, Any]]] = []
+        # the block's prefix states, computed in batches of <= batch_tokens, one prefix length per batch
+        kv: list[tuple[Any, Any]] = []
         a = 0
-        while a < len(block):  # one prefix length per batch: no padding
+        while a < len(block):
             n = max(1, batch_tokens // int(plen[block[a]]))
-            same = np.flatnonzero(plen[block[a : a + n]] != plen[block[a]])
-            sub = block[a : a + (int(same[0]) if len(same) else n)]
+            other = np.flatnonzero(plen[block[a : a + n]] != plen[block[a]])
+            sub = block[a : a + (int(other[0]) if len(other) else n)]
             part = lm.prefix_kv([work.prefixes[p] for p in sub])
-            if part[0][0].shape[2] < pmax:  # pad the time axis so the block stacks into one tensor
-                pad = pmax - part[0][0].shape[2]
-                part = [(torch.nn.functional.pad(k, (0, 0, 0, pad)), torch.nn.functional.pad(v, (0, 0, 0, pad)))
-                        for k, v in part]
-            kv_parts.append(part)
+            if not kv:  # one tensor per layer for the whole block, padded in time to its longest prefix
+                kv = [(k.new_zeros((len(block), k.shape[1], pmax, k.shape[3])),
+                       v.new_zeros((len(block), v.shape[1], pmax, v.shape[3]))) for k, v in part]
+            for (bk, bv), (k, v) in zip(kv, part):
+                bk[a : a + len(sub), :, : k.shape[2]] = k
+                bv[a : a + len(sub), :, : v.shape[2]] = v
+            del part
             counts["prefix_tokens"] += int(plen[sub].sum())
             a += len(sub)
-        kv = [(torch.cat([p[li][0] for p in kv_parts]), torch.cat([p[li][1] for p in kv_parts]))
-              for li in range(len(kv_parts[0]))]
-        del kv_parts
         # the block's pairs, grouped by exact prefix length (no padding inside the cache)
         block_row = {int(p): r for r, p in enumerate(block)}
         for P in np.unique(plen[block]):
