@@ -233,6 +233,8 @@ def headroom(args: argparse.Namespace) -> None:
     from stages.scores import HEADROOM_K, ChunkTokens, document_bounds, score_queries, scoring_lm
 
     setup_logging("INFO")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sets = [f"artifacts_root={args.root}", f"reference.steps={args.steps}", f"reference.hidden={args.hidden}",
             f"reference.layers={args.layers}", f"reference.heads={args.heads}",
             f"reference.intermediate={4 * args.hidden}", f"reference.batch={args.batch}",
@@ -260,7 +262,6 @@ def headroom(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     queries = np.sort(rng.choice(pool, size=min(args.queries, len(pool)), replace=False))
     cands = [row[row >= 0] for row in nb[queries, : run.scores.candidates]]
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     lm = scoring_lm(str(ref.local_path(REFERENCE_MODEL_DIR)), torch.device("cpu"), torch.float32)
     tokens = ChunkTokens(reader, 0, reader.n_chunks)
     t0 = time.perf_counter()
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--heads", type=int, default=4)
     sp.add_argument("--intermediate", type=int, default=1024)
     sp.add_argument("--vocab", type=int, default=16384)
-    sp.add_argument("--chunks", type=int, default=160, help="chunks of the synthetic document")
+    sp.add_argument("--chunks", type=int, default=100, help="chunks of the synthetic document")
     sp.add_argument("--naive-queries", type=int, default=6, help="queries timed with naive-1 (x4 for naive-B)")
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--threads", type=int, default=None)
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     hp.add_argument("--root", default="artifacts")
     hp.add_argument("--split", default="test")
     hp.add_argument("--queries", type=int, default=300)
-    hp.add_argument("--steps", type=int, default=300)
+    hp.add_argument("--steps", type=int, default=200)
     hp.add_argument("--hidden", type=int, default=128)
     hp.add_argument("--layers", type=int, default=4)
     hp.add_argument("--heads", type=int, default=4)
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     hp.add_argument("--seq-len", type=int, default=256)
     hp.add_argument("--lr", type=float, default=2e-3)
     hp.add_argument("--seed", type=int, default=0)
-    hp.add_argument("--threads", type=int, default=None)
+    hp.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)")
     for p in (sp, mp):
         p.add_argument("--candidates", type=int, default=20)
         p.add_argument("--exclude-recent", type=int, default=16)

@@ -330,7 +330,7 @@ class ReferenceStage(Stage):
         from transformers import AutoModelForCausalLM
 
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
-            model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype="auto").to(device)
+            model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(device)
             differs = not same_tokenizer(mdir / TOKENIZER_FILE, pipe_tok)
             lm_tok = load_tokenizer(mdir / TOKENIZER_FILE) if differs else None
         t0 = time.perf_counter()
@@ -338,7 +338,7 @@ class ReferenceStage(Stage):
         if not docs and cfg.eval_tokens:
             log.warning("reference: the valid split is empty; no validation perplexity")
         seq = cfg.seq_len if not cfg.path else 4 * reader.chunk_len
-        stats.update(perplexity(model, docs, seq, max(1, 8192 // seq), device, amp))
+        stats.update(perplexity(model, docs, seq, max(1, 8192 // seq), device, None))  # loaded in `dtype`
         stats["eval_s"] = time.perf_counter() - t0
         stats.update(param_counts(model))
         stats["tokenizer_differs"] = differs

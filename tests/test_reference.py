@@ -94,6 +94,22 @@ def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkey
     m = AutoModelForCausalLM.from_pretrained(str(resumed.local_path(REFERENCE_MODEL_DIR)), local_files_only=True)
     assert m.config.model_type == "gpt_neox"
     assert (resumed.local_path(REFERENCE_MODEL_DIR) / TOKENIZER_FILE).is_file()
+    # validation perplexity = exp(mean NLL) over consecutive 64-token windows of the valid document
+    from pipeline.formats import ChunkReader
+
+    reader = ChunkReader(ArtifactStore(upstream.root()).get("chunks", resolve("chunks", upstream).version))
+    (doc,) = reader.docs("valid")
+    toks = np.asarray(reader.tokens[doc.first : doc.first + doc.n]).reshape(-1)
+    toks = toks[toks >= 0][: TINY_LM["eval_tokens"]]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, len(toks), 64):
+            w = torch.from_numpy(toks[a : a + 64].astype(np.int64))[None]
+            if w.shape[1] > 1:
+                nll += float(m(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
+                n += w.shape[1] - 1
+    assert resumed.manifest.stats["valid_tokens"] == n
+    assert resumed.manifest.stats["valid_ppl"] == pytest.approx(np.exp(nll / n), rel=1e-4)
 
 
 def save_tiny_lm(folder: Path, tokenizer_json: Path, seed: int = 0) -> None:
