@@ -49,10 +49,11 @@ format: setup
 
 bench: setup
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.bm25
 	$(BIN)/python -m bench.scores speed
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
-documents tokenize chunks reference scores: setup
+documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
 
 clean:

@@ -20,17 +20,7 @@ TINY_LM = {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "seq_len":
            "eval_tokens": 2000}
 
 
-def ensure_bm25() -> None:
-    """Use the real bm25 stage when it is registered, else the test stand-in with the same contract."""
-    from pipeline import config, registry
-
-    if "bm25" not in registry.STAGES:
-        registry.STAGES["bm25"] = "tests.stub_bm25"
-        config.run_config_model.cache_clear()
-
-
 def tiny_config(root: Path, corpus: Path, **sections):
-    ensure_bm25()
     base = {
         "runner": {"kind": "serial"},
         "documents": {"paths": [str(corpus)], "min_chars": 20, "split_lists": {"valid": ["docs/valid.txt"]}},
