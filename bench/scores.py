@@ -281,11 +281,27 @@ def headroom(args: argparse.Namespace) -> None:
         out[k] = {"fraction_with_positive": frac, "mean_max_delta": mx}
         print(f"top-{k:2d} bm25 candidates: {100 * frac:5.1f}% of queries have a positive (delta > 0); "
               f"mean max delta {mx:+.3f} nats")
-    print(f"positive rate over all scored candidates: {np.mean(np.concatenate(delta) > 0):.3f}")
+    rate = float(np.mean(np.concatenate(delta) > 0))
+    print(f"positive rate over all scored candidates: {rate:.3f}")
+    control = {}
+    if args.control:
+        # the same queries with random retrievable chunks instead of bm25's: how much of the above is the
+        # candidates' content rather than noise of the reference LM
+        ex = run.bm25.exclude_recent
+        rand = [np.sort(rng.choice(np.arange(ds[q], q - ex), size=len(c), replace=False)) for q, c in zip(queries, cands)]
+        t0 = time.perf_counter()
+        qr, _ = score_queries(lm, queries, rand, ds, de, tokens, 8192, 1024)
+        dr = [lp - loc for lp, loc in zip(qr.logp_candidate, qr.logp_local)]
+        control = {"positive_rate": float(np.mean(np.concatenate(dr) > 0)),
+                   "fraction_with_positive": float(np.mean([(d > 0).any() for d in dr])),
+                   "mean_max_delta": float(np.mean([d.max() for d in dr])), "score_s": time.perf_counter() - t0}
+        print(f"control, as many random retrievable chunks per query: positive rate {control['positive_rate']:.3f}, "
+              f"{100 * control['fraction_with_positive']:.1f}% of queries have a positive, mean max delta "
+              f"{control['mean_max_delta']:+.3f} nats")
     path = save("scores_headroom", {
         "args": vars(args), "reference": {k: ref.stats.get(k) for k in ("params", "steps", "valid_ppl", "train_s")},
         "queries": len(queries), "pool": len(pool), "queries_with_target": n_all, "pairs": counts["pairs"],
-        "score_s": t_sc, "headroom": out,
+        "score_s": t_sc, "headroom": out, "positive_rate": rate, "control_random_candidates": control,
     })
     print(f"saved {path}")
 
@@ -320,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     hp.add_argument("--seq-len", type=int, default=256)
     hp.add_argument("--lr", type=float, default=2e-3)
     hp.add_argument("--seed", type=int, default=0)
+    hp.add_argument("--no-control", dest="control", action="store_false",
+                    help="skip scoring random candidates as a control")
     hp.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)")
     for p in (sp, mp):
         p.add_argument("--candidates", type=int, default=20)
