@@ -52,6 +52,7 @@ bench: setup
 	$(BIN)/python -m bench.bm25
 	$(BIN)/python -m bench.dense
 	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.scores speed
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
 documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup

@@ -250,3 +250,26 @@ EVAL_METRICS_SCHEMA = pa.schema(
         ("count", pa.int64()),
     ]
 )
+# ------------------------------------------------------------------------------ reference (scoring LM)
+REFERENCE_MODEL_DIR = "model"  # a Hugging Face causal-LM folder (safetensors) with its tokenizer.json
+
+
+def tokenizer_identity(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """The parts of a tokenizer.json (its text or parsed dict) that decide which ids a text gets:
+    vocabulary, merges, special tokens, normalizer, pre-tokenizer (not padding/truncation/decoder)."""
+    import json
+
+    if isinstance(spec, str):
+        spec = json.loads(spec)
+    return {
+        "model": spec.get("model"),
+        "added_tokens": sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or []),
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+    }
+
+
+def same_tokenizer(a: str | Path, b: str | Path) -> bool:
+    """True when two tokenizer.json files map every text to the same ids."""
+    read = lambda p: Path(p).read_text(encoding="utf-8")  # noqa: E731
+    return tokenizer_identity(read(a)) == tokenizer_identity(read(b))

@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "dense": "stages.dense",
     "evaluate": "stages.evaluate",
     "train": "stages.train",
+    "reference": "stages.reference",
+    "scores": "stages.scores",
 }
 
 

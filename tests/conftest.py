@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,9 @@ GUTENBERG = (REPO / ".." / "shared" / "corpora" / "gutenberg").resolve()
 
 # Four short books (about 1.1M characters together), two of them Latin-1 encoded elsewhere in the set.
 SMALL_BOOKS = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz"]
+# Tiny documents cut from one book, one per length class (with a 300-token vocabulary, about 100
+# chunks, 2-3 chunks, a single chunk, and a 60-chunk valid document).
+TINY_DOC_CHARS = {"long.txt": 9000, "short.txt": 200, "one.txt": 40, "valid.txt": 6000}
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +125,31 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.embeddings.token_type_embeddings.weight.zero_()
     model.save_pretrained(out)
     return out
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
+    """A folder of four tiny .txt documents (see TINY_DOC_CHARS); `docs/valid.txt` is meant for the valid split."""
+    with gzip.open(gutenberg_dir / "pg11.txt.gz", "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    body = text[text.index("CHAPTER I") :]
+    d = tmp_path_factory.mktemp("tiny") / "docs"
+    d.mkdir()
+    at = 0
+    for name, n in TINY_DOC_CHARS.items():
+        (d / name).write_text(body[at : at + n], encoding="utf-8")
+        at += n
+    return d
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and a shared 2-core machine thrashes with two)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+

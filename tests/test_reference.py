@@ -1,0 +1,157 @@
+"""reference: a trained small GPT-NeoX resumes from its checkpoint to exactly the uninterrupted result;
+an adopted model folder enters the version by content, never by path; bad settings are clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.executor import build, resolve
+from pipeline.formats import REFERENCE_MODEL_DIR, TOKENIZER_FILE
+from pipeline.store import ArtifactStore
+from tests.conftest import make_config, one_thread
+
+TINY_LM = {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "seq_len": 64, "steps": 6, "batch": 2,
+           "eval_tokens": 2000, "checkpoint_every": 2, "warmup": 2}
+
+
+def tiny_run(root: Path, corpus: Path, **reference):
+    return make_config(
+        root,
+        runner={"kind": "serial"},
+        documents={"paths": [str(corpus)], "min_chars": 20, "split_lists": {"valid": ["docs/valid.txt"]}},
+        tokenizer={"vocab_size": 300},
+        reference={**TINY_LM, **reference},
+    )
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, tiny_corpus):
+    """A store with documents, tokenizer and chunks of the tiny corpus."""
+    run = tiny_run(tmp_path_factory.mktemp("ref"), tiny_corpus)
+    build("chunks", run, with_deps=True)
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def copy_upstream(run, root: Path, **reference):
+    store = ArtifactStore(run.root())
+    for stage in ("documents", "tokenizer", "chunks"):
+        shutil.copytree(store.stage_dir(stage), root / stage)
+    return run.model_copy(update={"artifacts_root": str(root)}).with_section("reference", reference)
+
+
+def weights(art) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(art.local_path(f"{REFERENCE_MODEL_DIR}/model.safetensors")))
+
+
+def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkeypatch):
+    import stages.reference as ref
+
+    clean = build("reference", upstream)
+    st = clean.manifest.stats
+    assert st["source"] == "trained" and st["steps"] == 6 and st["resumed_from_step"] == 0
+    assert 1 < st["valid_ppl"] < 1e4 and st["valid_tokens"] > 0 and st["params"] > st["non_embedding_params"] > 0
+    assert clean.manifest.meta["tokenizer_differs"] is False
+    assert not any(f.path.startswith("_checkpoints") for f in clean.manifest.files)
+
+    run2 = copy_upstream(upstream, tmp_path / "store")
+
+    def crash(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt("killed after step 5")
+
+    monkeypatch.setattr(ref, "_after_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build("reference", run2)
+    store2 = ArtifactStore(run2.root())
+    version = resolve("reference", run2).version
+    assert version == clean.version and not store2.exists("reference", version)
+    ckpts = store2.fs.ls(f"{store2.partial_dir('reference', version)}/_checkpoints", detail=False)
+    assert [Path(p).name for p in ckpts] == ["step-00000004"]  # older checkpoints are pruned
+
+    monkeypatch.setattr(ref, "_after_step", lambda step: None)
+    resumed = build("reference", run2)
+    assert resumed.manifest.stats["resumed_from_step"] == 4
+    a, b = weights(clean), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.manifest.stats["valid_ppl"] == pytest.approx(st["valid_ppl"], rel=1e-6)
+    # the saved folder is a plain Hugging Face model that loads offline
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(resumed.local_path(REFERENCE_MODEL_DIR)), local_files_only=True)
+    assert m.config.model_type == "gpt_neox"
+    assert (resumed.local_path(REFERENCE_MODEL_DIR) / TOKENIZER_FILE).is_file()
+    # validation perplexity = exp(mean NLL) over consecutive 64-token windows of the valid document
+    from pipeline.formats import ChunkReader
+
+    reader = ChunkReader(ArtifactStore(upstream.root()).get("chunks", resolve("chunks", upstream).version))
+    (doc,) = reader.docs("valid")
+    toks = np.asarray(reader.tokens[doc.first : doc.first + doc.n]).reshape(-1)
+    toks = toks[toks >= 0][: TINY_LM["eval_tokens"]]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, len(toks), 64):
+            w = torch.from_numpy(toks[a : a + 64].astype(np.int64))[None]
+            if w.shape[1] > 1:
+                nll += float(m(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
+                n += w.shape[1] - 1
+    assert resumed.manifest.stats["valid_tokens"] == n
+    assert resumed.manifest.stats["valid_ppl"] == pytest.approx(np.exp(nll / n), rel=1e-4)
+
+
+def save_tiny_lm(folder: Path, tokenizer_json: Path, seed: int = 0) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)).save_pretrained(folder)
+    shutil.copyfile(tokenizer_json, folder / TOKENIZER_FILE)
+
+
+def test_adopted_folder_versions_by_content(upstream, tmp_path):
+    store = ArtifactStore(upstream.root())
+    pipe_tok = store.get("tokenizer", resolve("tokenizer", upstream).version).local_path(TOKENIZER_FILE)
+    folder = tmp_path / "lm-a"
+    save_tiny_lm(folder, pipe_tok)
+    run = upstream.with_section("reference", {"path": str(folder)})
+    art = build("reference", run)
+    assert art.manifest.meta["source"] == "given" and art.manifest.meta["tokenizer_differs"] is False
+    assert np.isfinite(art.manifest.stats["valid_ppl"])
+    from safetensors.torch import load_file
+
+    src = load_file(str(folder / "model.safetensors"))
+    got = weights(art)
+    assert all(torch.equal(src[k], got[k]) for k in src)
+
+    # the same files elsewhere: the same version; other training sizes do not matter for a given model
+    moved = tmp_path / "elsewhere" / "lm"
+    shutil.copytree(folder, moved)
+    same = upstream.with_section("reference", {"path": str(moved), "hidden": 64, "steps": 1})
+    assert resolve("reference", same).version == art.version
+    # other weights: another version
+    other = tmp_path / "lm-b"
+    save_tiny_lm(other, pipe_tok, seed=1)
+    assert resolve("reference", upstream.with_section("reference", {"path": str(other)})).version != art.version
+
+
+def test_bad_settings_are_clear_errors(upstream, tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        resolve("reference", upstream.with_section("reference", {"path": str(tmp_path / "not-a-model")}))
+    with pytest.raises(ConfigError, match="divisible"):
+        build("reference", copy_upstream(upstream, tmp_path / "s1", hidden=30, heads=4))
+    with pytest.raises(InputError, match="seq_len"):
+        build("reference", copy_upstream(upstream, tmp_path / "s2", seq_len=100_000))
