@@ -24,6 +24,7 @@ import os
 
 # Before prefect is imported anywhere in this process (and inherited by Dask/process workers).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rpt")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # rpt.* logs outside any flow run
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -370,10 +371,23 @@ def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | N
     cached_stage = stage_task.with_options(result_storage=storage, cache_policy=ArtifactVersion())
     gpus = visible_gpus(run) if any(n.impl.uses_gpu for n in nodes) else 0
     futs: dict[str, PrefectFuture[StageSummary]] = {}
+    helpers: dict[str, list[PrefectFuture[Any]]] = {}  # each building stage's plan and shard tasks
+
+    def outcome(ref: str) -> StageSummary:
+        """The stage's summary; when it failed, the root cause (a failed shard's own exception)."""
+        fut = futs[ref]
+        fut.wait()
+        if not fut.state.is_completed():
+            for h in helpers.get(ref, []):
+                h.wait()
+                if h.state.is_failed() or h.state.is_crashed():
+                    h.result()  # raises the shard's exception
+        return StageSummary.model_validate(fut.result())  # a cache hit reads back JSON
+
     for wave in waves(nodes):
         for n in wave:  # inputs come from earlier waves; a failed one stops the flow with its own error
             for c in n.inputs.values():
-                futs[c.ref].result()
+                outcome(c.ref)
         missing = [n for n in wave if not store.exists(n.stage, n.version)]
         plans = {n.ref: plan_task.with_options(task_run_name=f"{n.stage}-plan").submit(n) for n in missing}
         for n in wave:
@@ -382,13 +396,14 @@ def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | N
             if n.ref in plans:
                 plan = plans[n.ref].result()
                 shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus)
+                helpers[n.ref] = [plans[n.ref], *shard_futs]
                 # the store lacks it: ignore (and then overwrite) whatever Prefect has cached for this version
                 futs[n.ref] = named.with_options(refresh_cache=True).submit(n, plan, shard_futs, upstream)
             else:
                 futs[n.ref] = named.submit(n, None, [], upstream)
     report = []
     for n in nodes:
-        s = StageSummary.model_validate(futs[n.ref].result())  # a cache hit reads back JSON
+        s = outcome(n.ref)
         status = "cached" if futs[n.ref].state.name == "Cached" else s.status
         report.append({"stage": n.stage, "version": n.version, "ref": n.ref, "status": status, "rows": s.rows,
                        "path": s.path})
