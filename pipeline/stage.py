@@ -132,9 +132,14 @@ class StageContext:
             yield p
             return
         tmp = Path(tempfile.mkdtemp(prefix=f"rpt-{self.stage}-"))
+        dest = self.path(name).rstrip("/") if name else self.workdir
         try:
             yield tmp
-            self.fs.put(str(tmp), self.path(name), recursive=True)
+            for p in sorted(tmp.rglob("*")):
+                if p.is_file():
+                    target = f"{dest}/{p.relative_to(tmp).as_posix()}"
+                    self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                    self.fs.put_file(str(p), target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

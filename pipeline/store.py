@@ -247,9 +247,16 @@ class Artifact:
             return Path(self.file(name) if name else self.path)
         cache = Path(os.environ.get("RPT_CACHE", Path(tempfile.gettempdir()) / "rpt-cache")) / self.stage / self.version
         target = cache / name if name else cache
-        if not target.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            self.fs.get(self.file(name) if name else self.path, str(target), recursive=True)
+        if not target.exists():  # versions are immutable, so a cached copy never goes stale
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = self.file(name) if name else self.path
+            if self.fs.isdir(src):
+                for f in self.fs.find(src):
+                    out = target / f[len(src.rstrip("/")) + 1 :]
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get_file(f, str(out))
+            else:
+                self.fs.get_file(src, str(target))
         return target
 
     def json(self, name: str) -> Any:

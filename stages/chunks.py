@@ -31,7 +31,7 @@ PAD = TOKEN_PAD
 
 class Config(StageConfig):
     chunk_len: int = Field(64, ge=1, le=4096, description="tokens per chunk (the paper: 64)")
-    batch_docs: int = Field(32, ge=1, description="documents per tokenizer batch (parallel within a batch)")
+    batch_docs: int = Field(8, ge=1, description="documents per tokenizer batch (parallel within a batch; memory grows with it)")
 
     UNHASHED = frozenset({"batch_docs"})
 

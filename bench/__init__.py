@@ -1,0 +1,1 @@
+"""Benchmarks: ours against a peer, side by side in one run, ratios printed (`python -m bench.<name>`)."""
