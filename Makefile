@@ -51,8 +51,17 @@ bench: setup
 	$(BIN)/python -m bench.ingest
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
-documents tokenize chunks: setup
+documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
+
+# Prefect flows (cached on artifact versions; shards mapped over runner.kind): `make neighbors`,
+# `make flow FLOW=full CONFIG=configs/gutenberg.yaml SET="--set runner.kind=dask"`
+FLOW ?= neighbors
+neighbors: setup
+	$(RPT) flow neighbors -c $(CONFIG) $(SET)
+
+flow: setup
+	$(RPT) flow $(FLOW) -c $(CONFIG) $(SET)
 
 clean:
 	rm -rf artifacts

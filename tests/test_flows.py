@@ -155,9 +155,12 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
     assert out.exit_code == 0, out.output
     lines = [ln.split() for ln in out.output.splitlines() if ln.startswith(("cached", "built", "found"))]
     assert sorted((ln[0], ln[1]) for ln in lines) == sorted(("cached", ref) for ref in created)
-    runs = task_runs(latest_dag_run().id)
+    dag = latest_dag_run()
+    runs = task_runs(dag.id)
     assert sorted(t.name for t in runs) == sorted(created)  # no plan or shard task ran
     assert all(t.state.name == "Cached" for t in runs)
+    tables = table_artifacts(dag.id)  # cached stages still show their stats in this run
+    assert all("(cached)" in tables[f"{ref.split('@')[0]}-stats"].description for ref in created)
     assert {ref: store.get(*ref.split("@")).manifest.created_at for ref in created} == created
 
 
