@@ -359,7 +359,7 @@ def submit_build(node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind
     futs: list[PrefectFuture[Any]] = []
     for shard, (after, gpu) in zip(plan.todo, shard_schedule(len(plan.todo), in_flight, gpus if impl.uses_gpu else 0)):
         wait = [plan_fut] + ([futs[after]] if after is not None else [])
-        futs.append(shard_task.with_options(task_run_name=f"{node.stage}-{shard.name}").submit(
+        futs.append(shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
             plan.ctx, shard, gpu, wait_for=wait))
     return futs
 
@@ -394,7 +394,7 @@ def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | N
             for c in n.inputs.values():
                 outcome(c.ref)
         missing = [n for n in wave if not store.exists(n.stage, n.version)]
-        plans = {n.ref: plan_task.with_options(task_run_name=f"{n.stage}-plan").submit(n) for n in missing}
+        plans = {n.ref: plan_task.with_options(task_run_name=f"{n.ref}/plan").submit(n) for n in missing}
         for n in wave:
             upstream = [futs[c.ref] for c in n.inputs.values()]
             named = cached_stage.with_options(task_run_name=n.ref)

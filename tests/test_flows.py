@@ -133,8 +133,9 @@ def test_flow_builds_artifacts_like_the_executor(thread_run: dict[str, Any], tmp
         assert file_digests(tmp_path / "store", r["ref"]) == file_digests(thread_run["root"], r["ref"])
 
     # Prefect saw one plan task and one task per shard, and each stage published its stats table
+    chunks = by_stage_ref(report, "chunks")
     names = sorted(t.name for t in task_runs(thread_run["dag"].id))
-    assert names.count("chunks-plan") == 1 and sum(n.startswith("chunks-0") for n in names) == 4
+    assert names.count(f"{chunks}/plan") == 1 and sum(n.startswith(f"{chunks}/0") for n in names) == 4
     tables = table_artifacts(thread_run["dag"].id)
     assert {"documents-stats", "tokenizer-stats", "chunks-stats", "stages-summary"} <= set(tables)
     rows = {row["field"]: row["value"] for row in json.loads(tables["chunks-stats"].data)}
@@ -223,7 +224,7 @@ def test_dask_two_workers_match_threads_byte_for_byte(thread_run: dict[str, Any]
     for r in report:
         assert file_digests(tmp_path / "store", r["ref"]) == file_digests(thread_run["root"], r["ref"])
     runs = task_runs(latest_dag_run().id)
-    assert sum(t.name.startswith("documents-0") for t in runs) == 4
+    assert sum(t.name.startswith(f"{by_stage_ref(report, 'documents')}/0") for t in runs) == 4
     assert all(t.state.is_completed() for t in runs)
 
 
