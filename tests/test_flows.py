@@ -5,6 +5,7 @@ artifacts, shard resume, Dask == threads byte for byte, the CLI, deployments. On
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,15 @@ def table_artifacts(flow_run_id: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(autouse=True)
+def keep_rpt_logger() -> Any:
+    """The CLI and the flows configure the `rpt` logger; give other test modules (caplog) theirs back."""
+    lg = logging.getLogger("rpt")
+    saved = (list(lg.handlers), lg.propagate, lg.level)
+    yield
+    lg.handlers[:], lg.propagate, lg.level = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")
