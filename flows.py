@@ -177,17 +177,25 @@ def visible_gpus(run: RunConfigBase) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def shard_schedule(n_shards: int, in_flight: int | None, gpus: int) -> list[tuple[int | None, int | None]]:
-    """For each shard: (index of the shard it must wait for, GPU slot).
+class Lanes:
+    """Chains of tasks that run one after another: task k on a lane waits for the task before it there.
 
-    `in_flight` bounds concurrency by chaining shard i after shard i - in_flight (None: unbounded);
-    a GPU stage gets one lane per GPU, lane i % gpus, so each GPU holds one worker at a time.
+    The flow keeps one set of lanes for every GPU stage, one lane per GPU (one on CPU), handed out round
+    robin, so each GPU runs one shard at a time across all stages of the flow; a serial stage gets one lane.
     """
-    out = []
-    for i in range(n_shards):
-        after = i - in_flight if in_flight and i >= in_flight else None
-        out.append((after, i % gpus if gpus > 0 else None))
-    return out
+
+    def __init__(self, n: int):
+        self.last: list[Any] = [None] * max(1, n)
+        self.turn = 0
+
+    def take(self) -> tuple[int, Any]:
+        """(lane, the task the next one on it must wait for, or None)."""
+        lane = self.turn % len(self.last)
+        self.turn += 1
+        return lane, self.last[lane]
+
+    def put(self, lane: int, fut: Any) -> None:
+        self.last[lane] = fut
 
 
 @contextmanager
@@ -347,20 +355,21 @@ def _cache_storage(root: str) -> Any:
     return block
 
 
-def submit_build(node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int
-                 ) -> list[PrefectFuture[Any]]:
-    """Map one shard task per pending shard; serial-preferring stages (under auto) and GPU stages are chained."""
+def submit_build(node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int,
+                 gpu_lanes: Lanes) -> list[PrefectFuture[Any]]:
+    """Map one shard task per pending shard: GPU stages on the flow's GPU lanes, serial-preferring stages
+    (under runner.kind auto) on a lane of their own, the rest all at once."""
     impl = node.impl
-    in_flight = None
-    if impl.uses_gpu:
-        in_flight = max(1, gpus)  # one worker per GPU; on CPU one at a time (torch already uses every core)
-    elif kind == "auto" and impl.preferred_runner == "serial":
-        in_flight = 1
+    lanes = gpu_lanes if impl.uses_gpu else Lanes(1) if kind == "auto" and impl.preferred_runner == "serial" else None
     futs: list[PrefectFuture[Any]] = []
-    for shard, (after, gpu) in zip(plan.todo, shard_schedule(len(plan.todo), in_flight, gpus if impl.uses_gpu else 0)):
-        wait = [plan_fut] + ([futs[after]] if after is not None else [])
-        futs.append(shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
-            plan.ctx, shard, gpu, wait_for=wait))
+    for shard in plan.todo:
+        lane, after = lanes.take() if lanes is not None else (None, None)
+        gpu = lane if impl.uses_gpu and gpus > 0 else None
+        fut = shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
+            plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else []))
+        if lanes is not None:
+            lanes.put(lane, fut)
+        futs.append(fut)
     return futs
 
 
@@ -375,6 +384,7 @@ def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | N
     storage = _cache_storage(run.root())
     cached_stage = stage_task.with_options(result_storage=storage, cache_policy=ArtifactVersion())
     gpus = visible_gpus(run) if any(n.impl.uses_gpu for n in nodes) else 0
+    gpu_lanes = Lanes(gpus)  # one worker per GPU across the whole flow; on CPU, GPU stages take turns
     futs: dict[str, PrefectFuture[StageSummary]] = {}
     helpers: dict[str, list[PrefectFuture[Any]]] = {}  # each building stage's plan and shard tasks
 
@@ -400,7 +410,7 @@ def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | N
             named = cached_stage.with_options(task_run_name=n.ref)
             if n.ref in plans:
                 plan = plans[n.ref].result()
-                shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus)
+                shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus, gpu_lanes)
                 helpers[n.ref] = [plans[n.ref], *shard_futs]
                 # the store lacks it: ignore (and then overwrite) whatever Prefect has cached for this version
                 futs[n.ref] = named.with_options(refresh_cache=True).submit(n, plan, shard_futs, upstream)

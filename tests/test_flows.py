@@ -295,10 +295,16 @@ def test_task_runner_follows_the_config(tmp_path: Path) -> None:
             runner(kind="ray")
 
 
-def test_shard_schedule_gives_one_lane_per_gpu() -> None:
-    assert flows.shard_schedule(5, 2, 2) == [(None, 0), (None, 1), (0, 0), (1, 1), (2, 0)]
-    assert flows.shard_schedule(3, 1, 0) == [(None, None), (0, None), (1, None)]  # serial chain
-    assert flows.shard_schedule(3, None, 0) == [(None, None)] * 3  # unbounded
+def test_gpu_lanes_give_each_gpu_one_shard_at_a_time() -> None:
+    lanes = flows.Lanes(2)
+    taken = []
+    for k in range(5):  # e.g. three shards of one GPU stage, then two of another
+        lane, after = lanes.take()
+        taken.append((lane, after))
+        lanes.put(lane, f"task{k}")
+    assert taken == [(0, None), (1, None), (0, "task0"), (1, "task1"), (0, "task2")]
+    cpu = flows.Lanes(0)  # no GPU: one lane, GPU stages take turns on the CPU
+    assert [cpu.take()[0] for _ in range(3)] == [0, 0, 0]
 
 
 def test_prefect_yaml_deploys_every_flow() -> None:
