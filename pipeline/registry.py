@@ -15,6 +15,7 @@ STAGES: dict[str, str] = {
     "documents": "stages.documents",
     "tokenizer": "stages.tokenizer",
     "chunks": "stages.chunks",
+    "bm25": "stages.bm25",
 }
 
 

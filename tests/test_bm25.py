@@ -1,0 +1,367 @@
+"""bm25 stage: top-k equality with independent per-query BM25 implementations built over exactly the
+retrievable chunks (rank-bm25 BM25Okapi, bm25s "lucene", plain numpy formulas), the causal rule,
+corpus scope, padding and edge documents, versions, resume."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pipeline.config import RunnerConfig
+from pipeline.errors import ConfigError, InputError
+from pipeline.executor import build, open_build, resolve, run_shard
+from pipeline.formats import ChunkReader, causal_retrievable, load_tokenizer, read_neighbors
+from pipeline.store import ArtifactStore
+from stages.bm25 import Params, corpus_index, document_neighbors, plan_groups
+
+K = 20
+EXCL = 16
+K1, B, EPS = 1.5, 0.75, 0.25
+
+
+# ----------------------------------------------------------------------------------------- references
+def _tf(chunks: np.ndarray, terms: np.ndarray) -> np.ndarray:
+    """tf[j, u]: occurrences of terms[u] (sorted) in chunk j (-1 pads ignored)."""
+    if len(terms) == 0:
+        return np.zeros((len(chunks), 0))
+    lut = np.full(max(int(chunks.max()), int(terms.max())) + 2, -1)  # lut[-1] = -1 serves the pads
+    lut[terms] = np.arange(len(terms))
+    pos = lut[chunks]
+    hit = pos >= 0
+    flat = np.nonzero(hit)[0] * len(terms) + pos[hit]
+    return np.bincount(flat, minlength=len(chunks) * len(terms)).reshape(len(chunks), len(terms)).astype(float)
+
+
+def ref_lucene(chunks: np.ndarray, query: np.ndarray, k1: float = K1, b: float = B) -> np.ndarray:
+    """Plain Lucene BM25 of every chunk for one query (bm25s method "lucene"); a repeated query token
+    adds its term again."""
+    terms, qcount = np.unique(query[query >= 0], return_counts=True)
+    tf = _tf(chunks, terms)
+    dl = (chunks >= 0).sum(1)
+    n_docs = len(chunks)
+    df = (tf > 0).sum(0)
+    idf = np.log(1 + (n_docs - df + 0.5) / (df + 0.5))
+    part = tf / (tf + k1 * (1 - b + b * dl[:, None] / dl.mean()))
+    return (part * (idf * qcount)).sum(1)
+
+
+def ref_okapi(chunks: np.ndarray, query: np.ndarray, k1: float = K1, b: float = B, eps: float = EPS) -> np.ndarray:
+    """rank-bm25 BM25Okapi's formulas, vectorised per query (checked against rank-bm25 itself below)."""
+    n_docs = len(chunks)
+    srt = np.sort(chunks, axis=1)
+    first = np.ones_like(srt, dtype=bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    df_all = np.bincount(srt[first & (srt >= 0)])  # document frequency of every term of these chunks
+    vocab_terms = np.flatnonzero(df_all)
+    raw = np.zeros(len(df_all))
+    raw[vocab_terms] = np.log(n_docs - df_all[vocab_terms] + 0.5) - np.log(df_all[vocab_terms] + 0.5)
+    floor = eps * raw[vocab_terms].mean()
+    terms, qcount = np.unique(query[query >= 0], return_counts=True)
+    present = terms < len(df_all)
+    present[present] = df_all[terms[present]] > 0
+    idf = np.where(present, raw[np.minimum(terms, len(raw) - 1)], 0.0)
+    idf = np.where(present & (idf < 0), floor, idf)
+    tf = _tf(chunks, terms)
+    dl = (chunks >= 0).sum(1)
+    part = tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl[:, None] / dl.mean()))
+    return (part * (idf * qcount)).sum(1)
+
+
+def query_tokens(doc: np.ndarray, i: int, mode: str) -> np.ndarray:
+    if mode == "chunk+target" and i + 1 < len(doc):
+        return np.concatenate([doc[i], doc[i + 1]])
+    return doc[i]
+
+
+def check_row(ids: np.ndarray, scores: np.ndarray, ref: np.ndarray, cand_ids: np.ndarray, k: int = K) -> None:
+    """Our row equals the reference ranking of the candidates (score desc, then chunk id desc): scores to
+    1e-4 relative, ids equal except among scores that tie within that tolerance, -1/NaN pads at the tail."""
+    order = np.lexsort((-cand_ids, -ref))[:k]
+    exp_ids, exp_sc = cand_ids[order], ref[order]
+    n = len(order)
+    assert (ids[n:] == -1).all() and np.isnan(scores[n:]).all()
+    assert (ids[:n] >= 0).all() and len(set(ids[:n].tolist())) == n
+    np.testing.assert_allclose(scores[:n], exp_sc, rtol=1e-4, atol=1e-9)
+    lookup = dict(zip(cand_ids.tolist(), ref.tolist()))
+    got = np.array([lookup[i] for i in ids[:n].tolist()])  # KeyError: not a retrievable chunk
+    np.testing.assert_allclose(got, exp_sc, rtol=1e-4, atol=1e-9)
+    same = ids[:n] == exp_ids
+    if not same.all():  # any difference is a swap inside a tie
+        assert np.allclose(exp_sc[~same], got[~same], rtol=1e-4, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def bm25_run(small_run, tmp_path_factory):
+    """A private copy of the session store (documents/tokenizer/chunks of four short books)."""
+    root = tmp_path_factory.mktemp("bm25") / "store"
+    shutil.copytree(small_run.root(), root)
+    # serial: no process start-up per build here; the process runner is exercised by the resume test
+    return small_run.model_copy(update={"artifacts_root": str(root), "runner": RunnerConfig(kind="serial")})
+
+
+@pytest.fixture(scope="session")
+def chunks(bm25_run):
+    reader = ChunkReader(ArtifactStore(bm25_run.root()).resolve("chunks"))
+    return reader, np.asarray(reader.tokens)
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def table(run, **bm25):
+    """Build (once per session) the bm25 artifact of these settings; returns (artifact, q, ids, scores)."""
+    key = repr(sorted(bm25.items()))
+    if key not in _BUILT:
+        art = build("bm25", run.with_section("bm25", bm25))
+        _BUILT[key] = (art, *read_neighbors(art))
+    return _BUILT[key]
+
+
+# ----------------------------------------------------------------------------------------- equality
+@pytest.mark.parametrize("mode", ["chunk", "chunk+target"])
+def test_lucene_causal_equals_per_query_reference_on_every_query(bm25_run, chunks, mode):
+    reader, tokens = chunks
+    art, q, ids, scores = table(bm25_run, query=mode)
+    assert np.array_equal(q, np.arange(reader.n_chunks))  # one row per chunk, every split
+    for d in reader.docs():
+        doc = tokens[d.first : d.first + d.n]
+        for i in range(d.n):
+            m = i - EXCL
+            row = d.first + i
+            if m <= 0:
+                assert (ids[row] == -1).all()
+                continue
+            check_row(ids[row], scores[row], ref_lucene(doc[:m], query_tokens(doc, i, mode)), d.first + np.arange(m))
+    assert art.meta == {**art.meta, "source": "bm25", "scope": "document-causal", "query": mode,
+                        "variant": "lucene", "stats": "causal", "exclude_recent": EXCL}
+
+
+def test_okapi_causal_equals_rank_bm25(bm25_run, chunks):
+    from rank_bm25 import BM25Okapi
+
+    reader, tokens = chunks
+    _, _, ids, scores = table(bm25_run, variant="okapi", query="chunk+target")
+    rng = np.random.default_rng(0)
+    for d in reader.docs():
+        doc = tokens[d.first : d.first + d.n]
+        lists = [r[r >= 0].tolist() for r in doc]
+        sample = set(rng.choice(np.arange(EXCL + 1, d.n), 12, replace=False).tolist()) | {EXCL + 1, EXCL + 2, d.n - 1}
+        for i in range(EXCL + 1, d.n):
+            m = i - EXCL
+            qt = query_tokens(doc, i, "chunk+target")
+            ref = ref_okapi(doc[:m], qt)
+            if i in sample:  # rank-bm25 itself, one index per query over exactly the retrievable chunks
+                np.testing.assert_allclose(BM25Okapi(lists[:m], k1=K1, b=B, epsilon=EPS).get_scores(qt.tolist()),
+                                           ref, rtol=1e-9, atol=1e-12)
+            check_row(ids[d.first + i], scores[d.first + i], ref, d.first + np.arange(m))
+
+
+def test_document_stats_equal_one_index_per_document(bm25_run, chunks):
+    """stats: document is the rank-bm25 peer's setting: one index per document, non-retrievable masked."""
+    from rank_bm25 import BM25Okapi
+
+    reader, tokens = chunks
+    art_l, _, ids_l, sc_l = table(bm25_run, stats="document")
+    art_o, _, ids_o, sc_o = table(bm25_run, stats="document", variant="okapi")
+    assert art_l.meta["stats"] == "document" and art_o.meta["stats"] == "document"
+    for d in reader.docs():
+        doc = tokens[d.first : d.first + d.n]
+        okapi = BM25Okapi([r[r >= 0].tolist() for r in doc], k1=K1, b=B, epsilon=EPS)
+        for i in range(EXCL + 1, d.n):
+            m, row = i - EXCL, d.first + i
+            cand = d.first + np.arange(m)
+            if i % 2 == 0:
+                check_row(ids_l[row], sc_l[row], ref_lucene(doc, doc[i])[:m], cand)
+            if i % 10 == 0:
+                check_row(ids_o[row], sc_o[row], okapi.get_scores(doc[i][doc[i] >= 0].tolist())[:m], cand)
+
+
+def test_lucene_reference_matches_bm25s(chunks):
+    """The plain formula used above is bm25s' "lucene" method (checked on a few queries)."""
+    import bm25s
+
+    reader, tokens = chunks
+    d = reader.docs()[0]
+    doc = tokens[d.first : d.first + d.n]
+    for i in (40, 300, d.n - 1):
+        m = i - EXCL
+        retriever = bm25s.BM25(method="lucene", k1=K1, b=B, dtype="float64")
+        retriever.index([[str(t) for t in r[r >= 0]] for r in doc[:m]], show_progress=False)
+        qt = query_tokens(doc, i, "chunk+target")
+        got = retriever.get_scores([str(t) for t in qt[qt >= 0]])
+        np.testing.assert_allclose(got, ref_lucene(doc[:m], qt), rtol=1e-9, atol=1e-12)
+
+
+def test_long_book_sampled_queries(bm25_run, gutenberg_dir):
+    """A long book (Moby Dick, ~5K chunks at vocab 2048) straight through the kernel, sampled queries."""
+    from rank_bm25 import BM25Okapi
+
+    tok = load_tokenizer(ArtifactStore(bm25_run.root()).resolve("tokenizer"))
+    with gzip.open(gutenberg_dir / "pg2701.txt.gz") as f:
+        text = f.read().decode("utf-8", errors="replace")
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+    n = -(-len(ids) // 64)
+    doc = np.full((n, 64), -1, np.int32)
+    doc.ravel()[: len(ids)] = ids
+    assert n > 4000
+    lucene = document_neighbors(doc, Params(query="chunk+target"))
+    okapi = document_neighbors(doc, Params(variant="okapi"))
+    lists = [r[r >= 0].tolist() for r in doc]
+    for i in (17, 18, 100, 1234, n // 2, n - 2, n - 1):
+        m = i - EXCL
+        check_row(*(a[i] for a in lucene), ref_lucene(doc[:m], query_tokens(doc, i, "chunk+target")), np.arange(m))
+        if i in (18, 1234, n - 1):
+            ref = BM25Okapi(lists[:m], k1=K1, b=B, epsilon=EPS).get_scores(lists[i])
+            check_row(*(a[i] for a in okapi), ref, np.arange(m))
+
+
+def test_unequal_chunk_lengths_use_exact_causal_avgdl():
+    """Chunks of different lengths inside the prefix (not produced by `chunks`, but allowed): avgdl is that
+    of exactly the retrievable chunks."""
+    rng = np.random.default_rng(1)
+    doc = rng.zipf(1.3, size=(200, 64)).astype(np.int32) % 300
+    doc[rng.random(doc.shape) < 0.3] = -1  # holes: lengths vary per chunk
+    for p, ref in ((Params(exclude_recent=3), ref_lucene), (Params(exclude_recent=0, variant="okapi"), ref_okapi)):
+        pos, sc = document_neighbors(doc, p)
+        for i in range(p.exclude_recent + 1, 200):
+            m = i - p.exclude_recent
+            check_row(pos[i], sc[i], ref(doc[:m], doc[i]), np.arange(m))
+
+
+# ----------------------------------------------------------------------------------------- rules and edges
+def test_causal_rule_and_tail_padding(bm25_run, chunks):
+    reader, _ = chunks
+    _, q, ids, scores = table(bm25_run)
+    doc_of, pos_of = reader.chunk_doc, reader.chunk_pos
+    valid = ids >= 0
+    expected = np.minimum(K, np.maximum(0, pos_of - EXCL))  # every retrievable chunk is eligible
+    assert np.array_equal(valid.sum(1), expected)
+    assert np.array_equal(valid, np.arange(K)[None, :] < expected[:, None])  # -1 only at row tails
+    assert np.isnan(scores[~valid]).all() and np.isfinite(scores[valid]).all()
+    r, c = np.nonzero(valid)
+    nb = ids[r, c]
+    assert (doc_of[nb] == doc_of[q[r]]).all()
+    assert causal_retrievable(pos_of[q[r]], pos_of[nb], EXCL).all()
+    assert (np.diff(scores, axis=1)[valid[:, 1:]] <= 0).all()  # sorted by score
+
+
+def test_ties_prefer_recent_chunks_and_zero_scores_are_eligible():
+    doc = np.tile(np.arange(64, dtype=np.int32), (30, 1))  # identical chunks: every score ties
+    doc[25] = np.arange(1000, 1064)  # shares no term with the prefix: all scores are zero
+    for variant in ("lucene", "okapi"):
+        pos, sc = document_neighbors(doc, Params(k=5, exclude_recent=2, variant=variant))
+        assert (pos[:3] == -1).all()
+        assert pos[3].tolist() == [0, -1, -1, -1, -1]
+        assert pos[20].tolist() == [17, 16, 15, 14, 13]
+        assert pos[25].tolist() == [22, 21, 20, 19, 18] and (sc[25] == 0).all()
+
+
+def test_document_shorter_than_exclude_recent_gives_all_pad_rows(bm25_run, chunks):
+    reader, _ = chunks
+    longest = max(d.n for d in reader.docs())
+    art, _, ids, scores = table(bm25_run, exclude_recent=longest)
+    assert (ids == -1).all() and np.isnan(scores).all()
+    assert art.stats["fill_rate"] == 0 and art.stats["mean_valid"] == 0 and art.stats["rows"] == reader.n_chunks
+    pos, _ = document_neighbors(np.zeros((3, 64), np.int32), Params(exclude_recent=16))
+    assert (pos == -1).all()
+
+
+# ----------------------------------------------------------------------------------------- corpus scope
+def test_corpus_scope_equals_reference_and_never_returns_own_document(bm25_run, chunks):
+    reader, tokens = chunks
+    art, q, ids, scores = table(bm25_run, scope="corpus", query="chunk+target")
+    assert art.meta["scope"] == "corpus" and art.meta["stats"] == "database"
+    train = reader.docs("train")
+    db = np.concatenate([d.chunk_ids for d in train])
+    assert len(train) == 2 and len(db) < reader.n_chunks
+    valid = ids >= 0
+    assert valid.all()  # the database is larger than k for every query
+    r, c = np.nonzero(valid)
+    assert (reader.chunk_doc[ids[r, c]] != reader.chunk_doc[q[r]]).all()
+    assert np.isin(ids[valid], db).all()
+    for d in reader.docs():
+        doc = tokens[d.first : d.first + d.n]
+        cand = db[reader.chunk_doc[db] != d.doc_idx]
+        full_db = tokens[db]
+        for i in range(0, d.n, 9):
+            ref = ref_lucene(full_db, query_tokens(doc, i, "chunk+target"))  # statistics from the database
+            check_row(ids[d.first + i], scores[d.first + i], ref[reader.chunk_doc[db] != d.doc_idx], cand)
+
+
+def test_corpus_overfetch_filters_the_unmasked_ranking(bm25_run, chunks):
+    reader, tokens = chunks
+    _, _, ids, _ = table(bm25_run, scope="corpus", variant="okapi", overfetch=3)
+    _, _, ids_masked, _ = table(bm25_run, scope="corpus", variant="okapi")
+    train = reader.docs("train")
+    db = np.concatenate([d.chunk_ids for d in train])
+    d = train[0]
+    doc = tokens[d.first : d.first + d.n]
+    from rank_bm25 import BM25Okapi
+
+    okapi = BM25Okapi([r[r >= 0].tolist() for r in tokens[db]], k1=K1, b=B, epsilon=EPS)
+    padded = 0
+    for i in range(0, d.n, 25):
+        ref = okapi.get_scores(doc[i][doc[i] >= 0].tolist())
+        top = db[np.lexsort((-db, -ref))[: K + 3]]
+        kept = top[(top < d.first) | (top >= d.first + d.n)][:K]
+        row = ids[d.first + i]
+        assert row[: len(kept)].tolist() == kept.tolist() and (row[len(kept) :] == -1).all()
+        padded += len(kept) < K
+        assert (ids_masked[d.first + i] >= 0).all()  # masking inside the scorer never pads here
+    assert padded > 0  # a chunk's own document floods its top k + 3: over-fetch pads, the mask does not
+
+
+def test_corpus_scope_without_train_chunks_is_a_clear_error():
+    reader = SimpleNamespace(art=SimpleNamespace(ref="chunks@abc", path="/x", version="abc"), docs=lambda split=None: [])
+    with pytest.raises(InputError, match="train"):
+        corpus_index(reader, Params())
+
+
+# ----------------------------------------------------------------------------------------- versions, config, resume
+def test_versions(bm25_run):
+    def version(**kw):
+        return resolve("bm25", bm25_run.with_section("bm25", kw)).version
+
+    base = version()
+    assert version(query="chunk+target") != base
+    assert version(stats="document") != base and version(variant="okapi") != base
+    assert version(shard_chunks=7) == base  # how, not what
+    assert version(epsilon=0.5) == base  # lucene has no epsilon
+    assert version(variant="okapi", epsilon=0.5) != version(variant="okapi")
+    assert version(overfetch=5) == base  # causal scope has no over-fetch
+    assert version(scope="corpus", stats="document", exclude_recent=3) == version(scope="corpus")
+    with pytest.raises(ConfigError, match="bm25.scope"):
+        bm25_run.with_section("bm25", {"scope": "global"})
+    with pytest.raises(ConfigError, match="bm25.k"):
+        bm25_run.with_section("bm25", {"k": 0})
+
+
+def test_shard_plan_groups_documents():
+    assert plan_groups([5, 5, 5, 20, 1, 1], 10) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert plan_groups([], 10) == []
+
+
+def test_resume_after_partial_build_is_identical(bm25_run, tmp_path):
+    run = bm25_run.model_copy(update={"artifacts_root": str(tmp_path / "store"), "runner": RunnerConfig(kind="processes")})
+    shutil.copytree(bm25_run.root(), run.root(), ignore=shutil.ignore_patterns("bm25"))
+    run = run.with_section("bm25", {"shard_chunks": 1000, "query": "chunk+target"})
+    node = resolve("bm25", run)
+    store = ArtifactStore(run.root())
+    ctx = open_build(node, {"chunks": store.resolve("chunks")})
+    shards = node.impl.plan(ctx)
+    assert len(shards) >= 3
+    run_shard(ctx, shards[1])  # a run that died after one shard
+    part = Path(ctx.path("part-00001.parquet"))
+    stamp = part.stat().st_mtime_ns
+    art = build("bm25", run)
+    assert Path(art.file("part-00001.parquet")).stat().st_mtime_ns == stamp  # resumed, not recomputed
+    _, q, ids, scores = table(bm25_run, query="chunk+target")
+    q2, ids2, scores2 = read_neighbors(art)
+    assert np.array_equal(q, q2) and np.array_equal(ids, ids2)
+    np.testing.assert_array_equal(scores, scores2)
