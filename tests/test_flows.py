@@ -27,8 +27,9 @@ BASE: dict[str, Any] = {
     "documents": {"stdlib_include": ["json", "wsgiref", "textwrap", "dataclasses"],
                   "split_lists": {"valid": ["stdlib/textwrap"]}, "shard_bytes": 60_000},
     "tokenizer": {"vocab_size": 1024},
+    "bm25": {"k": 4, "exclude_recent": 2, "shard_chunks": 300},
 }
-TARGETS = ["chunks"]  # extended to the neighbors flow as its stages land on main
+TARGETS = ["bm25"]  # extended to the neighbors flow as its stages land on main
 
 
 def write_config(path: Path, root: Path, **sections: dict[str, Any]) -> str:
@@ -127,7 +128,7 @@ def thread_run(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.mark.prefect
 def test_flow_builds_artifacts_like_the_executor(thread_run: dict[str, Any], tmp_path: Path) -> None:
     report = thread_run["report"]
-    assert by_stage(report) == {"documents": "built", "tokenizer": "built", "chunks": "built"}
+    assert by_stage(report) == {"documents": "built", "tokenizer": "built", "chunks": "built", "bm25": "built"}
     store = ArtifactStore(str(thread_run["root"]))
     for r in report:
         art = store.get(r["stage"], r["version"])
@@ -137,8 +138,8 @@ def test_flow_builds_artifacts_like_the_executor(thread_run: dict[str, Any], tmp
 
     # the same config built by the executor alone (CLI path) gives the same versions and bytes
     cfg = write_config(tmp_path / "run.yaml", tmp_path / "store")
-    art = build("chunks", load_config(cfg), with_deps=True)
-    assert art.ref == by_stage_ref(report, "chunks")
+    art = build("bm25", load_config(cfg), with_deps=True)
+    assert art.ref == by_stage_ref(report, "bm25")
     for r in report:
         assert file_digests(tmp_path / "store", r["ref"]) == file_digests(thread_run["root"], r["ref"])
 
@@ -147,9 +148,9 @@ def test_flow_builds_artifacts_like_the_executor(thread_run: dict[str, Any], tmp
     names = sorted(t.name for t in task_runs(thread_run["dag"].id))
     assert names.count(f"{chunks}/plan") == 1 and sum(n.startswith(f"{chunks}/0") for n in names) == 4
     tables = table_artifacts(thread_run["dag"].id)
-    assert {"documents-stats", "tokenizer-stats", "chunks-stats", "stages-summary"} <= set(tables)
-    rows = {row["field"]: row["value"] for row in json.loads(tables["chunks-stats"].data)}
-    assert rows["rows"] == f"{r_rows(report, 'chunks'):,}" and "stats.tokens" in rows
+    assert {"documents-stats", "tokenizer-stats", "chunks-stats", "bm25-stats", "stages-summary"} <= set(tables)
+    rows = {row["field"]: row["value"] for row in json.loads(tables["bm25-stats"].data)}
+    assert rows["rows"] == f"{r_rows(report, 'bm25'):,}" and rows["meta.source"] == "bm25"
     # the project's rpt.* loggers reach the flow run's logs
     assert any(log.name.startswith("rpt.") for log in run_logs(thread_run["dag"].id))
 
@@ -162,7 +163,7 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
 
     store = ArtifactStore(str(thread_run["root"]))
     created = {r["ref"]: store.get(r["stage"], r["version"]).manifest.created_at for r in thread_run["report"]}
-    out = CliRunner().invoke(app, ["flow", "stages", "-c", thread_run["cfg"], "--target", "chunks"])
+    out = CliRunner().invoke(app, ["flow", "stages", "-c", thread_run["cfg"], "--target", "bm25"])
     assert out.exit_code == 0, out.output
     lines = [ln.split() for ln in out.output.splitlines() if ln.startswith(("cached", "built", "found"))]
     assert sorted((ln[0], ln[1]) for ln in lines) == sorted(("cached", ref) for ref in created)
@@ -177,12 +178,12 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
 
 @pytest.mark.prefect
 def test_changed_setting_reruns_only_its_dependents(thread_run: dict[str, Any]) -> None:
+    report = flows.stages(TARGETS, thread_run["cfg"], ["bm25.exclude_recent=1"])
+    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "cached", "bm25": "built"}
     report = flows.stages(TARGETS, thread_run["cfg"], ["chunks.chunk_len=32"])
-    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "built"}
-    report = flows.stages(TARGETS, thread_run["cfg"], ["tokenizer.vocab_size=768"])
-    assert by_stage(report) == {"documents": "cached", "tokenizer": "built", "chunks": "built"}
+    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "built", "bm25": "built"}
     # unhashed settings (how, not what) change no version: everything is cached
-    report = flows.stages(TARGETS, thread_run["cfg"], ["chunks.batch_docs=7", "runner.workers=1"])
+    report = flows.stages(TARGETS, thread_run["cfg"], ["bm25.shard_chunks=100", "runner.workers=1"])
     assert set(by_stage(report).values()) == {"cached"}
 
 
@@ -192,7 +193,8 @@ def test_deleted_artifact_is_rebuilt_despite_the_cache(thread_run: dict[str, Any
     before = file_digests(thread_run["root"], ref)
     shutil.rmtree(thread_run["root"] / "chunks" / ref.split("@")[1])
     report = flows.stages(TARGETS, thread_run["cfg"])
-    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "built"}
+    # bm25 still exists (its version does not change), so only chunks is rebuilt
+    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "built", "bm25": "cached"}
     assert file_digests(thread_run["root"], ref) == before
 
 
@@ -220,6 +222,7 @@ def test_failed_shard_resumes_on_rerun(thread_run: dict[str, Any], monkeypatch: 
     assert by_stage(report)["chunks"] == "built" and calls == [1, 2, 3]  # shard 0 resumed from its sidecar
     clean = write_config(tmp_path / "run.yaml", tmp_path / "store", chunks={"chunk_len": 48})
     art = build("chunks", load_config(clean), with_deps=True)
+    assert art.ref == by_stage_ref(report, "chunks")
     assert file_digests(tmp_path / "store", art.ref) == file_digests(thread_run["root"], art.ref)
 
 
@@ -269,7 +272,7 @@ def test_waves_put_inputs_first(tmp_path: Path) -> None:
     for n in nodes:
         assert all(wave_of[c.ref] < wave_of[n.ref] for c in n.inputs.values())
     assert [[n.stage for n in w] for w in waves][:3] == [["documents"], ["tokenizer"], ["chunks"]]
-    assert roots[0].version == resolve("chunks", run).version
+    assert roots[0].version == resolve(TARGETS[0], run).version
 
 
 def test_task_runner_follows_the_config(tmp_path: Path) -> None:
