@@ -50,6 +50,7 @@ format: setup
 bench: setup
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.bm25
+	$(BIN)/python -m bench.dense
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
 documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
