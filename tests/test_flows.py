@@ -1,5 +1,6 @@
-"""Prefect flows: builds, cache hits on artifact versions, reruns of dependents only, rebuilds of deleted
-artifacts, shard resume, Dask == threads byte for byte, the CLI, deployments. One Prefect test server per session.
+"""Prefect flows: the neighbors flow builds what the executor builds; a rerun hits the cache for every task; a
+changed bm25 setting reruns bm25 only; a deleted artifact is rebuilt; a failed shard resumes; Dask with two
+worker processes gives the same bytes as threads; the CLI and the deployments. One Prefect test server.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +23,31 @@ from pipeline.registry import STAGES, get_stage
 from pipeline.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-# A few small standard-library packages (about 180 KB, ~1000 chunks), four documents, so four shards.
-BASE: dict[str, Any] = {
-    "documents": {"stdlib_include": ["json", "wsgiref", "textwrap", "dataclasses"],
-                  "split_lists": {"valid": ["stdlib/textwrap"]}, "shard_bytes": 60_000},
-    "tokenizer": {"vocab_size": 1024},
-    "bm25": {"k": 4, "exclude_recent": 2, "shard_chunks": 300},
-}
-TARGETS = ["bm25"]  # extended to the neighbors flow as its stages land on main
+NEIGHBORS = ["documents", "tokenizer", "chunks", "bm25", "bm25", "embeddings", "dense"]
 
 
-def write_config(path: Path, root: Path, **sections: dict[str, Any]) -> str:
-    data: dict[str, Any] = {"artifacts_root": str(root), **json.loads(json.dumps(BASE))}
-    for name, sec in sections.items():
-        data[name] = {**data.get(name, {}), **sec}
-    path.write_text(yaml.safe_dump(data))
-    return str(path)
+@pytest.fixture(scope="session")
+def write_config(tiny_encoder: Path) -> Callable[..., str]:
+    """Writes `<dir>/run.yaml` for a store in `<dir>/store`: four small standard-library packages (~700
+    chunks; one document per shard), small k, and the tiny random encoder, so a whole flow takes seconds."""
+    base: dict[str, Any] = {
+        "documents": {"stdlib_include": ["json", "wsgiref", "textwrap", "colorsys"],
+                      "split_lists": {"valid": ["stdlib/textwrap"]}, "shard_bytes": 15_000},
+        "tokenizer": {"vocab_size": 1024},
+        "bm25": {"k": 4, "exclude_recent": 2, "shard_chunks": 150},
+        "embeddings": {"model": str(tiny_encoder), "shard_chunks": 200},
+        "dense": {"k": 4},
+    }
+
+    def write(d: Path, **sections: dict[str, Any]) -> str:
+        data: dict[str, Any] = {"artifacts_root": str(d / "store"), **json.loads(json.dumps(base))}
+        for name, sec in sections.items():
+            data[name] = {**data.get(name, {}), **sec}
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "run.yaml").write_text(yaml.safe_dump(data))
+        return str(d / "run.yaml")
+
+    return write
 
 
 def file_digests(root: Path, ref: str) -> list[tuple[str, str]]:
@@ -46,8 +56,13 @@ def file_digests(root: Path, ref: str) -> list[tuple[str, str]]:
     return sorted((f.path, f.sha256) for f in m.files)
 
 
-def by_stage(report: list[dict[str, Any]]) -> dict[str, str]:
-    return {r["stage"]: r["status"] for r in report}
+def statuses(report: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(stage, status) in DAG order."""
+    return [(r["stage"], r["status"]) for r in report]
+
+
+def ref_of(report: list[dict[str, Any]], stage: str) -> str:
+    return next(r["ref"] for r in report if r["stage"] == stage)
 
 
 # ------------------------------------------------------------------------------ Prefect API helpers
@@ -82,14 +97,18 @@ def run_logs(flow_run_id: Any) -> list[Any]:
         return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
 
-def table_artifacts(flow_run_id: Any) -> dict[str, Any]:
+def table_artifacts(flow_run_id: Any) -> dict[str, list[Any]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[flow_run_id])))
-    return {a.key: a for a in arts if a.type == "table"}
+    out: dict[str, list[Any]] = {}
+    for a in arts:
+        if a.type == "table":
+            out.setdefault(a.key, []).append(a)
+    return out
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -113,45 +132,49 @@ def prefect_server() -> Any:
 
 
 @pytest.fixture(scope="session")
-def thread_run(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The flow built once with the default (thread) runner, plus what the Prefect API saw of it."""
+def thread_run(prefect_server: Any, write_config: Callable[..., str],
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The neighbors flow built once with the default (thread) runner, and its child flow run."""
     d = tmp_path_factory.mktemp("flow-threads")
-    cfg = write_config(d / "run.yaml", d / "store")
-    report = flows.stages(TARGETS, cfg)
-    dag = latest_dag_run()
-    return {"cfg": cfg, "root": d / "store", "report": report, "dag": dag, "tmp": d}
+    cfg = write_config(d)
+    report = flows.neighbors(cfg)
+    return {"cfg": cfg, "root": d / "store", "report": report, "dag": latest_dag_run()}
 
 
 # ------------------------------------------------------------------------------ flow runs
 
 
 @pytest.mark.prefect
-def test_flow_builds_artifacts_like_the_executor(thread_run: dict[str, Any], tmp_path: Path) -> None:
+def test_neighbors_flow_builds_what_the_executor_builds(thread_run: dict[str, Any], write_config: Any,
+                                                         tmp_path: Path) -> None:
     report = thread_run["report"]
-    assert by_stage(report) == {"documents": "built", "tokenizer": "built", "chunks": "built", "bm25": "built"}
+    assert statuses(report) == [(s, "built") for s in NEIGHBORS]
     store = ArtifactStore(str(thread_run["root"]))
+    arts = {r["ref"]: store.get(r["stage"], r["version"]) for r in report}
     for r in report:
-        art = store.get(r["stage"], r["version"])
-        assert art.verify() == []
-        assert art.path == r["path"] and art.manifest.rows == r["rows"]
-    assert len(store.get("chunks", by_stage_version(report, "chunks")).manifest.shards) == 4
+        assert arts[r["ref"]].verify() == [] and arts[r["ref"]].manifest.rows == r["rows"]
+    bm25 = sorted(a.manifest.meta["query"] for a in arts.values() if a.stage == "bm25")
+    assert bm25 == ["chunk", "chunk+target"]  # both query modes
 
-    # the same config built by the executor alone (CLI path) gives the same versions and bytes
-    cfg = write_config(tmp_path / "run.yaml", tmp_path / "store")
-    art = build("bm25", load_config(cfg), with_deps=True)
-    assert art.ref == by_stage_ref(report, "bm25")
-    for r in report:
-        assert file_digests(tmp_path / "store", r["ref"]) == file_digests(thread_run["root"], r["ref"])
+    # the executor alone (the CLI path; threads, as process pools start slowly here) builds the same
+    # versions and the same bytes
+    run = load_config(write_config(tmp_path, runner={"kind": "threads"}))
+    built = [build("bm25", run.with_section("bm25", {"query": q}), with_deps=True) for q in ("chunk", "chunk+target")]
+    built.append(build("dense", run, with_deps=True))
+    built += [build(s, run) for s in ("documents", "tokenizer", "chunks", "embeddings")]
+    assert sorted(a.ref for a in built) == sorted(arts)
+    for ref in arts:
+        assert file_digests(tmp_path / "store", ref) == file_digests(thread_run["root"], ref)
 
-    # Prefect saw one plan task and one task per shard, and each stage published its stats table
-    chunks = by_stage_ref(report, "chunks")
-    names = sorted(t.name for t in task_runs(thread_run["dag"].id))
+    # Prefect saw one plan task and one task per shard, every stage published its stats table, and
+    # the project's rpt.* logs reached the run's logs
+    names = [t.name for t in task_runs(thread_run["dag"].id)]
+    chunks = ref_of(report, "chunks")
     assert names.count(f"{chunks}/plan") == 1 and sum(n.startswith(f"{chunks}/0") for n in names) == 4
     tables = table_artifacts(thread_run["dag"].id)
-    assert {"documents-stats", "tokenizer-stats", "chunks-stats", "bm25-stats", "stages-summary"} <= set(tables)
-    rows = {row["field"]: row["value"] for row in json.loads(tables["bm25-stats"].data)}
-    assert rows["rows"] == f"{r_rows(report, 'bm25'):,}" and rows["meta.source"] == "bm25"
-    # the project's rpt.* loggers reach the flow run's logs
+    assert len(tables["bm25-stats"]) == 2 and "neighbors-summary" in tables
+    rows = {row["field"]: row["value"] for row in json.loads(tables["dense-stats"][0].data)}
+    assert rows["rows"] == f"{arts[ref_of(report, 'dense')].manifest.rows:,}" and "meta.source" in rows
     assert any(log.name.startswith("rpt.") for log in run_logs(thread_run["dag"].id))
 
 
@@ -163,7 +186,7 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
 
     store = ArtifactStore(str(thread_run["root"]))
     created = {r["ref"]: store.get(r["stage"], r["version"]).manifest.created_at for r in thread_run["report"]}
-    out = CliRunner().invoke(app, ["flow", "stages", "-c", thread_run["cfg"], "--target", "bm25"])
+    out = CliRunner().invoke(app, ["flow", "neighbors", "-c", thread_run["cfg"]])
     assert out.exit_code == 0, out.output
     lines = [ln.split() for ln in out.output.splitlines() if ln.startswith(("cached", "built", "found"))]
     assert sorted((ln[0], ln[1]) for ln in lines) == sorted(("cached", ref) for ref in created)
@@ -172,89 +195,109 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
     assert sorted(t.name for t in runs) == sorted(created)  # no plan or shard task ran
     assert all(t.state.name == "Cached" for t in runs)
     tables = table_artifacts(dag.id)  # cached stages still show their stats in this run
-    assert all("(cached)" in tables[f"{ref.split('@')[0]}-stats"].description for ref in created)
+    assert all("(cached)" in a.description for key, arts in tables.items() if key.endswith("-stats") for a in arts)
+    assert sum(len(arts) for key, arts in tables.items() if key.endswith("-stats")) == len(created)
     assert {ref: store.get(*ref.split("@")).manifest.created_at for ref in created} == created
 
 
 @pytest.mark.prefect
-def test_changed_setting_reruns_only_its_dependents(thread_run: dict[str, Any]) -> None:
-    report = flows.stages(TARGETS, thread_run["cfg"], ["bm25.exclude_recent=1"])
-    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "cached", "bm25": "built"}
-    report = flows.stages(TARGETS, thread_run["cfg"], ["chunks.chunk_len=32"])
-    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "built", "bm25": "built"}
-    # unhashed settings (how, not what) change no version: everything is cached
-    report = flows.stages(TARGETS, thread_run["cfg"], ["bm25.shard_chunks=100", "runner.workers=1"])
-    assert set(by_stage(report).values()) == {"cached"}
+def test_changed_setting_reruns_only_what_depends_on_it(thread_run: dict[str, Any]) -> None:
+    cfg = thread_run["cfg"]
+    report = flows.neighbors(cfg, ["bm25.exclude_recent=1"])
+    assert statuses(report) == [(s, "built" if s == "bm25" else "cached") for s in NEIGHBORS]
+    report = flows.neighbors(cfg, ["chunks.chunk_len=32"])
+    assert statuses(report) == [(s, "cached" if s in ("documents", "tokenizer") else "built") for s in NEIGHBORS]
+    # unhashed settings (how, not what) change no version
+    report = flows.neighbors(cfg, ["bm25.shard_chunks=100", "embeddings.batch_size=7", "runner.workers=1"])
+    assert statuses(report) == [(s, "cached") for s in NEIGHBORS]
 
 
 @pytest.mark.prefect
 def test_deleted_artifact_is_rebuilt_despite_the_cache(thread_run: dict[str, Any]) -> None:
-    ref = by_stage_ref(thread_run["report"], "chunks")
+    ref = ref_of(thread_run["report"], "embeddings")
     before = file_digests(thread_run["root"], ref)
-    shutil.rmtree(thread_run["root"] / "chunks" / ref.split("@")[1])
-    report = flows.stages(TARGETS, thread_run["cfg"])
-    # bm25 still exists (its version does not change), so only chunks is rebuilt
-    assert by_stage(report) == {"documents": "cached", "tokenizer": "cached", "chunks": "built", "bm25": "cached"}
+    shutil.rmtree(thread_run["root"] / "embeddings" / ref.split("@")[1])
+    report = flows.neighbors(thread_run["cfg"])
+    # dense still exists (its version does not change), so only embeddings is rebuilt
+    assert statuses(report) == [(s, "built" if s == "embeddings" else "cached") for s in NEIGHBORS]
     assert file_digests(thread_run["root"], ref) == before
 
 
 @pytest.mark.prefect
-def test_failed_shard_resumes_on_rerun(thread_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
-                                       tmp_path: Path) -> None:
-    chunks_stage = get_stage("chunks")
-    real = chunks_stage.run_shard
-    calls: list[int] = []
+def test_failed_shard_resumes_on_rerun(thread_run: dict[str, Any], write_config: Any,
+                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bm25 = get_stage("bm25")
+    real = bm25.run_shard
+    calls: list[tuple[str, int]] = []
 
     def failing(ctx: Any, shard: Any) -> Any:
-        calls.append(shard.index)
+        calls.append((ctx.version, shard.index))
         if shard.index == 1:
             raise RuntimeError("shard 1 died")
         return real(ctx, shard)
 
-    monkeypatch.setattr(chunks_stage, "run_shard", failing)
-    sets = ["chunks.chunk_len=48"]
+    def counting(ctx: Any, shard: Any) -> Any:
+        calls.append((ctx.version, shard.index))
+        return real(ctx, shard)
+
+    sets = ["bm25.k=3"]
+    monkeypatch.setattr(bm25, "run_shard", failing)
     with pytest.raises(Exception, match="shard 1 died"):
-        flows.stages(TARGETS, thread_run["cfg"], sets)
-    assert calls == [0, 1]  # serial stage: shards after the failed one never started
+        flows.neighbors(thread_run["cfg"], sets)
+    assert sorted(i for _, i in calls) == [0, 0, 1, 1, 2, 2, 3, 3]  # both modes; the other shards finished
     calls.clear()
-    monkeypatch.setattr(chunks_stage, "run_shard", lambda ctx, shard: (calls.append(shard.index), real(ctx, shard))[1])
-    report = flows.stages(TARGETS, thread_run["cfg"], sets)
-    assert by_stage(report)["chunks"] == "built" and calls == [1, 2, 3]  # shard 0 resumed from its sidecar
-    clean = write_config(tmp_path / "run.yaml", tmp_path / "store", chunks={"chunk_len": 48})
-    art = build("chunks", load_config(clean), with_deps=True)
-    assert art.ref == by_stage_ref(report, "chunks")
+    monkeypatch.setattr(bm25, "run_shard", counting)
+    report = flows.neighbors(thread_run["cfg"], sets)
+    assert [s for s in statuses(report) if s[0] == "bm25"] == [("bm25", "built")] * 2
+    assert sorted(i for _, i in calls) == [1, 1]  # the finished shards resumed from their sidecars
+    run = load_config(write_config(tmp_path, bm25={"k": 3}, runner={"kind": "threads"}))
+    art = build("bm25", run.with_section("bm25", {"query": "chunk"}), with_deps=True)
     assert file_digests(tmp_path / "store", art.ref) == file_digests(thread_run["root"], art.ref)
 
 
 @pytest.mark.prefect
-def test_dask_two_workers_match_threads_byte_for_byte(thread_run: dict[str, Any], tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "run.yaml", tmp_path / "store")
-    with open(cfg, "a") as f:
-        f.write("runner: {kind: dask, workers: 2}\n")
-    report = flows.stages(TARGETS, cfg)
-    assert set(by_stage(report).values()) == {"built"}
+def test_dask_two_workers_match_threads_byte_for_byte(thread_run: dict[str, Any], write_config: Any,
+                                                      tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    report = flows.neighbors(cfg, ["runner.kind=dask", "runner.workers=2"])
+    assert statuses(report) == [(s, "built") for s in NEIGHBORS]
     assert [r["ref"] for r in report] == [r["ref"] for r in thread_run["report"]]
     for r in report:
         assert file_digests(tmp_path / "store", r["ref"]) == file_digests(thread_run["root"], r["ref"])
     runs = task_runs(latest_dag_run().id)
-    assert sum(t.name.startswith(f"{by_stage_ref(report, 'documents')}/0") for t in runs) == 4
+    assert sum(t.name.startswith(f"{ref_of(report, 'documents')}/0") for t in runs) == 4
     assert all(t.state.is_completed() for t in runs)
 
 
 # ------------------------------------------------------------------------------ no server needed
 
 
-def test_flows_need_registered_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delitem(STAGES, "bm25", raising=False)
-    with pytest.raises(ConfigError, match=r"needs stage 'bm25'.*pipeline/registry.py"):
+def test_flows_need_registered_stages(monkeypatch: pytest.MonkeyPatch, write_config: Any, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    monkeypatch.delitem(STAGES, "dense")
+    with pytest.raises(ConfigError, match=r"needs stage 'dense'.*pipeline/registry.py"):
         flows.flow_targets("neighbors")
-    cfg = write_config(tmp_path / "run.yaml", tmp_path / "store")
-    with pytest.raises(ConfigError, match="needs stage 'bm25'"):  # before any server or cluster starts
+    with pytest.raises(ConfigError, match="needs stage 'dense'"):  # before any server or cluster starts
         flows.run_named("neighbors", cfg)
     with pytest.raises(ConfigError, match="unknown flow 'neighbours'"):
         flows.run_named("neighbours", cfg)
     with pytest.raises(ConfigError, match="--variant applies"):
         flows.run_named("stages", cfg, variants=["baseline"], targets=["chunks"])
+
+
+def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
+    """Each flow's DAG: inputs in earlier waves, every artifact once, the artifacts each flow promises."""
+    run = load_config(write_config(tmp_path))
+    for name in ("neighbors",):  # supervision and train join as their stages land
+        roots, nodes = flows.resolve_targets(run, flows.flow_targets(name))
+        wave_of = {n.ref: i for i, w in enumerate(flows.waves(nodes)) for n in w}
+        assert sorted(wave_of) == sorted(n.ref for n in nodes) and len(set(wave_of)) == len(nodes)
+        for n in nodes:
+            assert all(wave_of[c.ref] < wave_of[n.ref] for c in n.inputs.values())
+        assert roots[0].version == resolve(roots[0].stage, roots[0].run).version
+    _, nodes = flows.resolve_targets(run, flows.flow_targets("neighbors"))
+    assert sorted(n.stage for n in nodes) == sorted(NEIGHBORS)
+    assert sorted(n.cfg.query for n in nodes if n.stage == "bm25") == ["chunk", "chunk+target"]
 
 
 def test_train_flow_targets_every_variant(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,23 +306,11 @@ def test_train_flow_targets_every_variant(monkeypatch: pytest.MonkeyPatch) -> No
     assert [t.overrides["variant"] for t in flows.flow_targets("train", ["rpt_sem"])] == ["rpt_sem"]
 
 
-def test_waves_put_inputs_first(tmp_path: Path) -> None:
-    run = load_config(write_config(tmp_path / "run.yaml", tmp_path / "store"))
-    roots, nodes = flows.resolve_targets(run, [flows.Target(s) for s in TARGETS])
-    waves = flows.waves(nodes)
-    wave_of = {n.ref: i for i, w in enumerate(waves) for n in w}
-    assert sorted(wave_of) == sorted(n.ref for n in nodes)
-    for n in nodes:
-        assert all(wave_of[c.ref] < wave_of[n.ref] for c in n.inputs.values())
-    assert [[n.stage for n in w] for w in waves][:3] == [["documents"], ["tokenizer"], ["chunks"]]
-    assert roots[0].version == resolve(TARGETS[0], run).version
-
-
-def test_task_runner_follows_the_config(tmp_path: Path) -> None:
+def test_task_runner_follows_the_config(write_config: Any, tmp_path: Path) -> None:
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    run = load_config(write_config(tmp_path / "run.yaml", tmp_path / "store"))
+    run = load_config(write_config(tmp_path))
 
     def runner(**kw: Any) -> Any:
         return flows.task_runner_for(run.model_copy(update={"runner": run.runner.model_copy(update=kw)}))
@@ -324,18 +355,3 @@ def test_prefect_yaml_deploys_every_flow() -> None:
         assert set(d.get("parameters", {})) <= set(fl.parameters.properties)
         deployed[fl.name] = d["name"]
     assert set(deployed) == set(flows.FLOWS)
-
-
-# ------------------------------------------------------------------------------ small helpers
-
-
-def by_stage_ref(report: list[dict[str, Any]], stage: str) -> str:
-    return next(r["ref"] for r in report if r["stage"] == stage)
-
-
-def by_stage_version(report: list[dict[str, Any]], stage: str) -> str:
-    return next(r["version"] for r in report if r["stage"] == stage)
-
-
-def r_rows(report: list[dict[str, Any]], stage: str) -> int:
-    return next(r["rows"] for r in report if r["stage"] == stage)
