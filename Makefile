@@ -61,6 +61,14 @@ documents tokenize chunks bm25 embeddings dense reference scores train evaluate:
 # `make report CONFIG=configs/gutenberg-cpu.yaml`: the tables of the latest evaluate artifact (docs/evaluate.md)
 report: setup
 	$(RPT) report -c $(CONFIG)
+# Prefect flows (cached on artifact versions; shards mapped over runner.kind): `make neighbors`,
+# `make flow FLOW=full CONFIG=configs/gutenberg.yaml SET="--set runner.kind=dask"`
+FLOW ?= neighbors
+neighbors: setup
+	$(RPT) flow neighbors -c $(CONFIG) $(SET)
+
+flow: setup
+	$(RPT) flow $(FLOW) -c $(CONFIG) $(SET)
 
 clean:
 	rm -rf artifacts

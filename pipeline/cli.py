@@ -99,6 +99,27 @@ def report(
     header = [f"{art.ref} ({art.manifest.created_at}): {docs} {art.meta.get('split', 'test')} document(s), "
               f"{tokens:,} tokens; paper column {column}" if tokens is not None else art.ref]
     typer.echo(render_text(metrics, column, header))
+@app.command("flow")
+def run_flow(
+    name: Annotated[str, typer.Argument(help="neighbors, supervision, train, evaluate, full, or stages")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="train/full: only these model variants "
+                                                      "(repeatable; default: all four)")] = None,
+    target: Annotated[list[str] | None, typer.Option("--target", help="stages flow: stages to build "
+                                                     "with their inputs (repeatable)")] = None,
+    log_level: LogOpt = "INFO",
+) -> None:
+    """Run a Prefect flow over the stage DAG (cached on artifact versions; tasks mapped over `runner.kind`).
+
+    Without PREFECT_API_URL, Prefect starts a temporary local server for the run."""
+    _setup(log_level)
+    from flows import run_named
+
+    report = run_named(name, config, list(set_ or []), list(variant or []) or None, list(target or []) or None)
+    w = max((len(r["ref"]) for r in report), default=10)
+    for r in report:
+        typer.echo(f"{r['status']:7s} {r['ref']:{w}}  {r['rows']:>12,} rows  {r['path']}")
 
 
 @app.command("config")

@@ -96,8 +96,8 @@ class ArtifactStore:
     def stages(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.root, detail=False)
-                      if self.fs.isdir(e))
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.root, detail=False) if self.fs.isdir(e))
+        return sorted(n for n in names if not n.startswith("."))  # dot-folders hold tool state (.prefect-cache)
 
     def partials(self, stage: str) -> list[str]:
         d = self.stage_dir(stage)

@@ -303,6 +303,26 @@ def rerank_filter(
     return out_pos, out_sc, valid.sum(1)
 
 
+def exact_rescore(q: np.ndarray, x: np.ndarray, pos: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Recompute the chosen neighbors' scores (x positions, -1 = none) in float64 with numpy's fixed
+    summation order and re-sort them (ties: the later chunk first). BLAS scores change in the last bit
+    with its thread count and the device; these do not, so a version has the same bytes under every
+    runner (threads, Dask workers with one BLAS thread each, a GPU)."""
+    out_pos = np.full(pos.shape, NEIGHBOR_PAD, np.int64)
+    out_sc = np.full(pos.shape, -np.inf, np.float32)
+    n, k = pos.shape
+    rows = max(1, BLOCK_ELEMS // max(1, 2 * k * q.shape[1]))
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        ok = pos[s:e] >= 0
+        qd = np.asarray(q[s:e], np.float64)[:, None, :]
+        xd = np.asarray(x[np.where(ok, pos[s:e], 0)], np.float64)  # [B, k, d]
+        sc = (qd * xd).sum(-1) if metric == "ip" else -((qd - xd) ** 2).sum(-1)
+        sc = np.where(ok, sc, -np.inf).astype(np.float32)
+        out_pos[s:e], out_sc[s:e] = select_top(sc, np.where(ok, pos[s:e], NEIGHBOR_PAD), k)
+    return out_pos, out_sc
+
+
 def faiss_search(
     index: Any,
     q: np.ndarray,
@@ -777,7 +797,8 @@ class DenseStage(Stage):
 
         cfg: Config = ctx.cfg
         device = _torch_device(cfg.device)
-        emb = torch.from_numpy(_embeddings(ctx, lo, hi)).to(device)
+        emb_np = _embeddings(ctx, lo, hi)
+        emb = torch.from_numpy(emb_np).to(device)
         out_ids = np.full((hi - lo, cfg.k), NEIGHBOR_PAD, np.int64)
         out_sc = np.full((hi - lo, cfg.k), np.nan, np.float32)
         docs = [d for d in ChunkReader(ctx.inputs["chunks"]).docs() if lo <= d.first < hi]
@@ -786,6 +807,8 @@ class DenseStage(Stage):
             p, s = causal_document_search(emb[a:b], cfg.k, cfg.exclude_recent, cfg.metric)
             out_ids[a:b] = np.where(p >= 0, p + d.first, NEIGHBOR_PAD)
             out_sc[a:b] = s
+        rel, out_sc = exact_rescore(emb_np, emb_np, np.where(out_ids >= 0, out_ids - lo, NEIGHBOR_PAD), cfg.metric)
+        out_ids = np.where(rel >= 0, rel + lo, NEIGHBOR_PAD)
         return out_ids, out_sc, {"docs": len(docs)}
 
     def _corpus_shard(
@@ -837,6 +860,7 @@ class DenseStage(Stage):
                 )
                 refetched += st["refetched_rows"]
             extra["refetched_rows"] = refetched
+        pos, sc = exact_rescore(q, db.emb, pos, cfg.metric)
         return db.chunk_ids(pos), sc, extra
 
     def _search_index(self, ctx: StageContext, db: Database, info: dict[str, Any]) -> tuple[Any, bool]:

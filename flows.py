@@ -1,0 +1,531 @@
+"""Prefect flows over the stage DAG: neighbors, supervision, train, evaluate, full (and `stages`, any stages).
+
+Thin by design: a flow resolves the artifact DAG from the run config (`pipeline.executor.resolve`), and
+for each artifact submits Prefect tasks that call the executor (`open_build`, `pending_shards`,
+`run_shard`, `publish`); stages know nothing of Prefect.
+
+- One *stage task* per artifact, whose Prefect cache key is the artifact version (`Node.version`: stage,
+  VERSION, hashed config section, input versions, fingerprint). Its cache records live in the artifact
+  store (`<root>/.prefect-cache/`), next to what they describe. The store stays the truth: a stage whose
+  artifact is missing from the store is rebuilt and its cache record overwritten, whatever Prefect remembers.
+- A missing artifact is built by a *plan* task and one *shard* task per shard, mapped over the task runner
+  named in the config (`runner.kind`: threads by default, processes, dask, ray); the stage task then
+  publishes. Shards resume from their sidecars, so a failed or killed flow rerun redoes only missing shards.
+- Tasks exchange small objects (nodes, shard payloads, `StageSummary`), never arrays or frames.
+- Every stage task publishes a Prefect table artifact of its manifest stats; `rpt.*` loggers reach Prefect.
+
+The flows are a parent flow (loads the config, picks the task runner) and one child flow that does the
+work under that runner, because a Prefect flow's task runner is fixed when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before prefect is imported anywhere in this process (and inherited by Dask/process workers).
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rpt")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # rpt.* logs outside any flow run
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from pipeline.config import RunConfigBase, load_config
+from pipeline.errors import ConfigError
+from pipeline.executor import Node, open_build, pending_shards, publish, resolve, run_shard
+from pipeline.registry import STAGES
+from pipeline.stage import Shard, ShardResult, StageContext
+from pipeline.store import Artifact, ArtifactStore
+
+log = logging.getLogger("rpt.flows")
+
+TRAIN_VARIANTS = ("baseline", "retro_bm25", "rpt_lex", "rpt_sem")
+CACHE_DIR = ".prefect-cache"  # inside the artifact store root; dot-folders are not stages
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """An artifact a flow must produce: a stage with changes to its config section (e.g. a bm25 query mode)."""
+
+    stage: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        sets = ",".join(f"{k}={v}" for k, v in self.overrides.items())
+        return f"{self.stage}[{sets}]" if sets else self.stage
+
+
+def flow_targets(name: str, variants: list[str] | None = None, stages: list[str] | None = None) -> list[Target]:
+    """What each flow builds (everything upstream of these comes with them)."""
+    neighbors = [Target("bm25", {"query": "chunk"}), Target("bm25", {"query": "chunk+target"}), Target("dense")]
+    supervision = [Target("scores")]
+    train = [Target("train", {"variant": v}) for v in (variants or TRAIN_VARIANTS)]
+    evaluate = [Target("evaluate")]
+    table = {
+        "neighbors": neighbors,
+        "supervision": supervision,
+        "train": train,
+        "evaluate": evaluate,
+        "full": neighbors + supervision + train + evaluate,
+        "stages": [Target(s) for s in (stages or [])],
+    }
+    if name not in table:
+        raise ConfigError(f"unknown flow '{name}' (flows: {', '.join(table)})")
+    if name == "stages" and not stages:
+        raise ConfigError("flow 'stages' needs at least one stage (rpt flow stages --target chunks)")
+    for t in table[name]:
+        if t.stage not in STAGES:
+            raise ConfigError(
+                f"flow '{name}' needs stage '{t.stage}', which is not registered in pipeline/registry.py "
+                f"(registered: {', '.join(STAGES)}). Build what exists with `rpt flow stages --target STAGE`."
+            )
+    return table[name]
+
+
+def resolve_targets(run: RunConfigBase, targets: list[Target]) -> tuple[list[Node], list[Node]]:
+    """(the targets' nodes, every node of their DAG in dependency order, each artifact once)."""
+    memo: dict[str, Node] = {}
+    roots, nodes = [], {}
+    for t in targets:
+        try:
+            node = resolve(t.stage, run.with_section(t.stage, t.overrides), memo)
+        except ConfigError as e:
+            raise ConfigError(f"cannot resolve {t}: {e}") from None
+        roots.append(node)
+        for n in node.walk():
+            nodes.setdefault(n.ref, n)
+    return roots, list(nodes.values())
+
+
+def waves(nodes: list[Node]) -> list[list[Node]]:
+    """Group nodes by depth in the DAG: every node's inputs lie in earlier waves; a wave's nodes run together."""
+    depth: dict[str, int] = {}
+
+    def d(n: Node) -> int:
+        if n.ref not in depth:
+            depth[n.ref] = 1 + max((d(c) for c in n.inputs.values()), default=-1)
+        return depth[n.ref]
+
+    out: list[list[Node]] = []
+    for n in nodes:
+        k = d(n)
+        while len(out) <= k:
+            out.append([])
+        out[k].append(n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ runners
+
+
+def task_runner_for(run: RunConfigBase) -> TaskRunner[Any]:
+    """The Prefect task runner named by `runner.kind` (auto means threads under the flows)."""
+    rc = run.runner
+    workers = rc.workers or os.cpu_count() or 1
+    if rc.kind in ("auto", "threads"):
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if rc.kind == "serial":
+        return ThreadPoolTaskRunner(max_workers=1)
+    if rc.kind == "processes":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if rc.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if rc.address:
+            return DaskTaskRunner(address=rc.address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                            "dashboard_address": ":0"},
+        )
+    if rc.kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("runner.kind=ray needs prefect-ray (pip install prefect-ray), "
+                              "or set runner.kind to threads, processes or dask") from None
+        return RayTaskRunner(address=rc.address) if rc.address else RayTaskRunner()
+    raise ConfigError(f"runner.kind={rc.kind!r} is not supported by the flows")
+
+
+def visible_gpus(run: RunConfigBase) -> int:
+    if run.runner.gpus is not None:
+        return run.runner.gpus
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class Lanes:
+    """Chains of tasks that run one after another: task k on a lane waits for the task before it there.
+
+    The flow keeps one set of lanes for every GPU stage, one lane per GPU (one on CPU), handed out round
+    robin, so each GPU runs one shard at a time across all stages of the flow; a serial stage gets one lane.
+    """
+
+    def __init__(self, n: int):
+        self.last: list[Any] = [None] * max(1, n)
+        self.turn = 0
+
+    def take(self) -> tuple[int, Any]:
+        """(lane, the task the next one on it must wait for, or None)."""
+        lane = self.turn % len(self.last)
+        self.turn += 1
+        return lane, self.last[lane]
+
+    def put(self, lane: int, fut: Any) -> None:
+        self.last[lane] = fut
+
+
+@contextmanager
+def on_gpu(slot: int | None) -> Iterator[None]:
+    """Make GPU `slot` the current CUDA device of this thread (stages use `cuda` = the current device)."""
+    if slot is None:
+        yield
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    prev = torch.cuda.current_device()
+    torch.cuda.set_device(slot)
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(prev)
+
+
+# ------------------------------------------------------------------------------------------ tasks
+
+
+class StageSummary(BaseModel):
+    """What a stage task returns and Prefect caches: the manifest's headline, never the data."""
+
+    stage: str
+    version: str
+    ref: str
+    path: str
+    status: str = Field(description="built (here), found (in the store, built elsewhere) or cached (by Prefect)")
+    rows: int
+    files: int
+    bytes: int
+    stats: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, art: Artifact, status: str) -> StageSummary:
+        m = art.manifest
+        return cls(stage=m.stage, version=m.version, ref=m.ref, path=art.path, status=status, rows=m.rows,
+                   files=len(m.files), bytes=sum(f.bytes for f in m.files), stats=m.stats, timings=m.timings,
+                   meta=m.meta)
+
+
+@dataclass
+class StagePlan:
+    """A missing artifact's open build: its context and the shards still to run (done ones resume)."""
+
+    ctx: StageContext
+    todo: list[Shard]
+    done: list[ShardResult]
+    plan_s: float
+    started: float
+
+
+class ArtifactVersion(CachePolicy):
+    """Cache key = the artifact version of the task's `node` parameter: nothing else decides what it builds."""
+
+    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        node: Node = inputs["node"]
+        return f"{node.stage}-{node.version}"
+
+
+def route_logs() -> None:
+    """Make sure `rpt.*` records reach Prefect's API in this process (a Dask or process worker included)."""
+    from prefect.logging.handlers import APILogHandler
+
+    lg = logging.getLogger("rpt")
+    if lg.level == logging.NOTSET:
+        lg.setLevel(os.environ.get("RPT_LOG_LEVEL", "INFO").upper())
+    if not any(isinstance(h, APILogHandler) for h in lg.handlers):
+        lg.addHandler(APILogHandler())
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(node: Node) -> StagePlan:
+    """Open the build of a missing artifact and list the shards that still have to run."""
+    route_logs()
+    store = ArtifactStore(node.run.root())
+    inputs = {role: store.get(c.stage, c.version) for role, c in node.inputs.items()}
+    ctx = open_build(node, inputs)
+    t0 = time.perf_counter()
+    shards = node.impl.plan(ctx)
+    plan_s = time.perf_counter() - t0
+    todo, done = pending_shards(ctx, shards)
+    if done:
+        log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
+    return StagePlan(ctx, todo, done, plan_s, time.time())
+
+
+@task(name="shard", cache_policy=NO_CACHE)
+def shard_task(ctx: StageContext, shard: Shard, gpu: int | None = None) -> ShardResult:
+    """One shard of one stage, through the executor (resumable: it records a sidecar when done)."""
+    route_logs()
+    with on_gpu(gpu):
+        return run_shard(ctx, shard)
+
+
+@task(name="stage", persist_result=True, result_serializer="json")
+def stage_task(node: Node, plan: StagePlan | None = None, results: list[ShardResult] | None = None,
+               upstream: list[StageSummary] | None = None) -> StageSummary:
+    """Publish a built artifact (plan given) or report the one in the store; cached on the artifact version."""
+    route_logs()
+    store = ArtifactStore(node.run.root())
+    if plan is None or store.exists(node.stage, node.version):
+        summary = StageSummary.of(store.get(node.stage, node.version), "found")
+    else:
+        all_results = plan.done + list(results or [])
+        timings = {"plan_s": plan.plan_s, "shards_wall_s": time.time() - plan.started,
+                   "shards_cpu_s": sum(r.seconds for r in all_results)}
+        summary = StageSummary.of(publish(plan.ctx, node, all_results, timings), "built")
+    publish_stats(summary)
+    return summary
+
+
+def publish_stats(s: StageSummary) -> None:
+    """A Prefect table artifact of the manifest's headline, keyed by stage so the UI keeps its history."""
+    create_table_artifact(table=stats_table(s), key=f"{s.stage}-stats",
+                          description=f"`{s.ref}` ({s.status}) at `{s.path}`")
+
+
+def stats_table(s: StageSummary) -> list[dict[str, str]]:
+    """Manifest facts as (field, value) rows: rows, files, stats (flattened), meta, timings."""
+    rows = [{"field": "artifact", "value": s.ref}, {"field": "rows", "value": f"{s.rows:,}"},
+            {"field": "files", "value": str(s.files)}, {"field": "bytes", "value": f"{s.bytes:,}"}]
+
+    def flat(prefix: str, d: Mapping[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                flat(f"{prefix}{k}.", v)
+            else:
+                rows.append({"field": f"{prefix}{k}", "value": f"{v:.4g}" if isinstance(v, float) else str(v)})
+
+    flat("stats.", s.stats)
+    flat("meta.", s.meta)
+    flat("timings.", s.timings)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the DAG flow
+
+
+def _cache_storage(root: str) -> Any:
+    """Where stage tasks keep their cache records and results: beside the artifacts they describe."""
+    store = ArtifactStore(root)
+    if store.is_local:
+        return Path(store.join(CACHE_DIR))
+    # Prefect wants remote result storage as a block saved on its server
+    from prefect.filesystems import RemoteFileSystem
+
+    block = RemoteFileSystem(basepath=store.join(CACHE_DIR))
+    block.save(f"rpt-cache-{hashlib.sha256(root.encode()).hexdigest()[:12]}", overwrite=True)
+    return block
+
+
+def submit_build(node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int,
+                 gpu_lanes: Lanes) -> list[PrefectFuture[Any]]:
+    """Map one shard task per pending shard: GPU stages on the flow's GPU lanes, serial-preferring stages
+    (under runner.kind auto) on a lane of their own, the rest all at once."""
+    impl = node.impl
+    lanes = gpu_lanes if impl.uses_gpu else Lanes(1) if kind == "auto" and impl.preferred_runner == "serial" else None
+    futs: list[PrefectFuture[Any]] = []
+    for shard in plan.todo:
+        lane, after = lanes.take() if lanes is not None else (None, None)
+        gpu = lane if impl.uses_gpu and gpus > 0 else None
+        fut = shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
+            plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else []))
+        if lanes is not None:
+            lanes.put(lane, fut)
+        futs.append(fut)
+    return futs
+
+
+@flow(name="rpt-dag", flow_run_name="{flow_name}-dag")
+def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | None = None,
+             variants: list[str] | None = None, stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Build every artifact of a flow's DAG, wave by wave, under the task runner this flow was given."""
+    route_logs()
+    run = load_config(config, overrides or [])
+    _, nodes = resolve_targets(run, flow_targets(flow_name, variants, stages))
+    store = ArtifactStore(run.root())
+    storage = _cache_storage(run.root())
+    cached_stage = stage_task.with_options(result_storage=storage, cache_policy=ArtifactVersion())
+    gpus = visible_gpus(run) if any(n.impl.uses_gpu for n in nodes) else 0
+    gpu_lanes = Lanes(gpus)  # one worker per GPU across the whole flow; on CPU, GPU stages take turns
+    futs: dict[str, PrefectFuture[StageSummary]] = {}
+    helpers: dict[str, list[PrefectFuture[Any]]] = {}  # each building stage's plan and shard tasks
+
+    def outcome(ref: str) -> StageSummary:
+        """The stage's summary; when it failed, the root cause (a failed shard's own exception)."""
+        fut = futs[ref]
+        fut.wait()
+        if not fut.state.is_completed():
+            for h in helpers.get(ref, []):
+                h.wait()
+                if h.state.is_failed() or h.state.is_crashed():
+                    h.result()  # raises the shard's exception
+        return StageSummary.model_validate(fut.result())  # a cache hit reads back JSON
+
+    for wave in waves(nodes):
+        for n in wave:  # inputs come from earlier waves; a failed one stops the flow with its own error
+            for c in n.inputs.values():
+                outcome(c.ref)
+        missing = [n for n in wave if not store.exists(n.stage, n.version)]
+        plans = {n.ref: plan_task.with_options(task_run_name=f"{n.ref}/plan").submit(n) for n in missing}
+        for n in wave:
+            upstream = [futs[c.ref] for c in n.inputs.values()]
+            named = cached_stage.with_options(task_run_name=n.ref)
+            if n.ref in plans:
+                plan = plans[n.ref].result()
+                shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus, gpu_lanes)
+                helpers[n.ref] = [plans[n.ref], *shard_futs]
+                # the store lacks it: ignore (and then overwrite) whatever Prefect has cached for this version
+                futs[n.ref] = named.with_options(refresh_cache=True).submit(n, plan, shard_futs, upstream)
+            else:
+                futs[n.ref] = named.submit(n, None, [], upstream)
+    report = []
+    for n in nodes:
+        s = outcome(n.ref)
+        status = "cached" if futs[n.ref].state.name == "Cached" else s.status
+        if status == "cached":  # the task did not run, so its stats table comes from here
+            publish_stats(s.model_copy(update={"status": status}))
+        report.append({"stage": n.stage, "version": n.version, "ref": n.ref, "status": status, "rows": s.rows,
+                       "path": s.path})
+    create_table_artifact(table=[{k: str(v) for k, v in r.items()} for r in report], key=f"{flow_name}-summary",
+                          description=f"artifacts of flow `{flow_name}` under {store.uri}")
+    return report
+
+
+def run_flow(flow_name: str, config: str | None = None, overrides: list[str] | None = None,
+             variants: list[str] | None = None, stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Check the flow's stages are installed, then run the DAG under the config's task runner."""
+    run = load_config(config, overrides or [])
+    flow_targets(flow_name, variants, stages)  # fail fast, before a server or a cluster starts
+    child = dag_flow.with_options(task_runner=task_runner_for(run))
+    return child(flow_name, config, list(overrides or []), variants, stages)
+
+
+# ------------------------------------------------------------------------------------------ the flows
+
+
+@flow(name="neighbors")
+def neighbors(config: str | None = None, overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """documents -> tokenizer -> chunks -> bm25 (query chunk and chunk+target) + embeddings -> dense."""
+    return run_flow("neighbors", config, overrides)
+
+
+@flow(name="supervision")
+def supervision(config: str | None = None, overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """reference LM -> scores of the bm25 (chunk+target) candidates, with everything upstream."""
+    return run_flow("supervision", config, overrides)
+
+
+@flow(name="train")
+def train(config: str | None = None, overrides: list[str] | None = None,
+          variants: list[str] | None = None) -> list[dict[str, Any]]:
+    """One checkpoint per model variant (default: baseline, retro_bm25, rpt_lex, rpt_sem)."""
+    return run_flow("train", config, overrides, variants)
+
+
+@flow(name="evaluate")
+def evaluate(config: str | None = None, overrides: list[str] | None = None) -> list[dict[str, Any]]:
+    """The evaluation report, with every checkpoint and table it reads."""
+    return run_flow("evaluate", config, overrides)
+
+
+@flow(name="full")
+def full(config: str | None = None, overrides: list[str] | None = None,
+         variants: list[str] | None = None) -> list[dict[str, Any]]:
+    """Everything: neighbors, supervision, the trained variants and their evaluation."""
+    return run_flow("full", config, overrides, variants)
+
+
+@flow(name="stages")
+def stages(targets: list[str], config: str | None = None, overrides: list[str] | None = None
+           ) -> list[dict[str, Any]]:
+    """Any stages with their dependencies (e.g. ["chunks"]), for stages that belong to no other flow."""
+    return run_flow("stages", config, overrides, stages=targets)
+
+
+FLOWS = {"neighbors": neighbors, "supervision": supervision, "train": train, "evaluate": evaluate, "full": full,
+         "stages": stages}
+
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """Use the configured Prefect API; without one, start one temporary local server for this run.
+
+    Prefect's own ephemeral mode would do that too, but its address stays inside this process, so every
+    Dask or process-pool worker would start a server of its own; this one is exported to the workers."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    server = SubprocessASGIServer()  # the process's default server, the one ephemeral mode would use
+    server.start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # drain queued logs while the server still listens
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def run_named(name: str, config: str | None = None, overrides: list[str] | None = None,
+              variants: list[str] | None = None, targets: list[str] | None = None) -> list[dict[str, Any]]:
+    """Entry point of `rpt flow NAME`: run the named parent flow."""
+    if name not in FLOWS:
+        raise ConfigError(f"unknown flow '{name}' (flows: {', '.join(FLOWS)})")
+    if variants and name not in ("train", "full"):
+        raise ConfigError(f"--variant applies to the train and full flows, not '{name}'")
+    if targets and name != "stages":
+        raise ConfigError(f"--target applies to the stages flow, not '{name}'")
+    load_config(config, overrides or [])  # a bad config fails before any server starts
+    flow_targets(name, variants, targets)
+    with prefect_api():
+        if name == "stages":
+            return stages(targets or [], config, overrides)
+        if name in ("train", "full"):
+            return FLOWS[name](config, overrides, variants)
+        return FLOWS[name](config, overrides)

@@ -1,0 +1,357 @@
+"""Prefect flows: the neighbors flow builds what the executor builds; a rerun hits the cache for every task; a
+changed bm25 setting reruns bm25 only; a deleted artifact is rebuilt; a failed shard resumes; Dask with two
+worker processes gives the same bytes as threads; the CLI and the deployments. One Prefect test server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import flows  # first: it sets Prefect's logging environment before prefect is imported
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.executor import build, resolve
+from pipeline.registry import STAGES, get_stage
+from pipeline.store import ArtifactStore
+
+REPO = Path(__file__).resolve().parents[1]
+NEIGHBORS = ["documents", "tokenizer", "chunks", "bm25", "bm25", "embeddings", "dense"]
+
+
+@pytest.fixture(scope="session")
+def write_config(tiny_encoder: Path) -> Callable[..., str]:
+    """Writes `<dir>/run.yaml` for a store in `<dir>/store`: four small standard-library packages (~700
+    chunks; one document per shard), small k, and the tiny random encoder, so a whole flow takes seconds."""
+    base: dict[str, Any] = {
+        "documents": {"stdlib_include": ["json", "wsgiref", "textwrap", "colorsys"],
+                      "split_lists": {"valid": ["stdlib/textwrap"]}, "shard_bytes": 15_000},
+        "tokenizer": {"vocab_size": 1024},
+        "bm25": {"k": 4, "exclude_recent": 2, "shard_chunks": 150},
+        "embeddings": {"model": str(tiny_encoder), "shard_chunks": 200},
+        "dense": {"k": 4},
+    }
+
+    def write(d: Path, **sections: dict[str, Any]) -> str:
+        data: dict[str, Any] = {"artifacts_root": str(d / "store"), **json.loads(json.dumps(base))}
+        for name, sec in sections.items():
+            data[name] = {**data.get(name, {}), **sec}
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "run.yaml").write_text(yaml.safe_dump(data))
+        return str(d / "run.yaml")
+
+    return write
+
+
+def file_digests(root: Path, ref: str) -> list[tuple[str, str]]:
+    stage, version = ref.split("@")
+    m = ArtifactStore(str(root)).get(stage, version).manifest
+    return sorted((f.path, f.sha256) for f in m.files)
+
+
+def statuses(report: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(stage, status) in DAG order."""
+    return [(r["stage"], r["status"]) for r in report]
+
+
+def ref_of(report: list[dict[str, Any]], stage: str) -> str:
+    return next(r["ref"] for r in report if r["stage"] == stage)
+
+
+# ------------------------------------------------------------------------------ Prefect API helpers
+
+
+def latest_dag_run() -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rpt-dag"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+    return runs[0]
+
+
+def task_runs(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def run_logs(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+
+def table_artifacts(flow_run_id: Any) -> dict[str, list[Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    out: dict[str, list[Any]] = {}
+    for a in arts:
+        if a.type == "table":
+            out.setdefault(a.key, []).append(a)
+    return out
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(autouse=True)
+def keep_rpt_logger() -> Any:
+    """The CLI and the flows configure the `rpt` logger; give other test modules (caplog) theirs back."""
+    lg = logging.getLogger("rpt")
+    saved = (list(lg.handlers), lg.propagate, lg.level)
+    yield
+    lg.handlers[:], lg.propagate, lg.level = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Any:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def thread_run(prefect_server: Any, write_config: Callable[..., str],
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The neighbors flow built once with the default (thread) runner, and its child flow run."""
+    d = tmp_path_factory.mktemp("flow-threads")
+    cfg = write_config(d)
+    report = flows.neighbors(cfg)
+    return {"cfg": cfg, "root": d / "store", "report": report, "dag": latest_dag_run()}
+
+
+# ------------------------------------------------------------------------------ flow runs
+
+
+@pytest.mark.prefect
+def test_neighbors_flow_builds_what_the_executor_builds(thread_run: dict[str, Any], write_config: Any,
+                                                         tmp_path: Path) -> None:
+    report = thread_run["report"]
+    assert statuses(report) == [(s, "built") for s in NEIGHBORS]
+    store = ArtifactStore(str(thread_run["root"]))
+    arts = {r["ref"]: store.get(r["stage"], r["version"]) for r in report}
+    for r in report:
+        assert arts[r["ref"]].verify() == [] and arts[r["ref"]].manifest.rows == r["rows"]
+    bm25 = sorted(a.manifest.meta["query"] for a in arts.values() if a.stage == "bm25")
+    assert bm25 == ["chunk", "chunk+target"]  # both query modes
+
+    # the executor alone (the CLI path; threads, as process pools start slowly here) builds the same
+    # versions and the same bytes
+    run = load_config(write_config(tmp_path, runner={"kind": "threads"}))
+    built = [build("bm25", run.with_section("bm25", {"query": q}), with_deps=True) for q in ("chunk", "chunk+target")]
+    built.append(build("dense", run, with_deps=True))
+    built += [build(s, run) for s in ("documents", "tokenizer", "chunks", "embeddings")]
+    assert sorted(a.ref for a in built) == sorted(arts)
+    for ref in arts:
+        assert file_digests(tmp_path / "store", ref) == file_digests(thread_run["root"], ref)
+
+    # Prefect saw one plan task and one task per shard, every stage published its stats table, and
+    # the project's rpt.* logs reached the run's logs
+    names = [t.name for t in task_runs(thread_run["dag"].id)]
+    chunks = ref_of(report, "chunks")
+    assert names.count(f"{chunks}/plan") == 1 and sum(n.startswith(f"{chunks}/0") for n in names) == 4
+    tables = table_artifacts(thread_run["dag"].id)
+    assert len(tables["bm25-stats"]) == 2 and "neighbors-summary" in tables
+    rows = {row["field"]: row["value"] for row in json.loads(tables["dense-stats"][0].data)}
+    assert rows["rows"] == f"{arts[ref_of(report, 'dense')].manifest.rows:,}" and "meta.source" in rows
+    assert any(log.name.startswith("rpt.") for log in run_logs(thread_run["dag"].id))
+
+
+@pytest.mark.prefect
+def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    store = ArtifactStore(str(thread_run["root"]))
+    created = {r["ref"]: store.get(r["stage"], r["version"]).manifest.created_at for r in thread_run["report"]}
+    out = CliRunner().invoke(app, ["flow", "neighbors", "-c", thread_run["cfg"]])
+    assert out.exit_code == 0, out.output
+    lines = [ln.split() for ln in out.output.splitlines() if ln.startswith(("cached", "built", "found"))]
+    assert sorted((ln[0], ln[1]) for ln in lines) == sorted(("cached", ref) for ref in created)
+    dag = latest_dag_run()
+    runs = task_runs(dag.id)
+    assert sorted(t.name for t in runs) == sorted(created)  # no plan or shard task ran
+    assert all(t.state.name == "Cached" for t in runs)
+    tables = table_artifacts(dag.id)  # cached stages still show their stats in this run
+    assert all("(cached)" in a.description for key, arts in tables.items() if key.endswith("-stats") for a in arts)
+    assert sum(len(arts) for key, arts in tables.items() if key.endswith("-stats")) == len(created)
+    assert {ref: store.get(*ref.split("@")).manifest.created_at for ref in created} == created
+
+
+@pytest.mark.prefect
+def test_changed_setting_reruns_only_what_depends_on_it(thread_run: dict[str, Any]) -> None:
+    cfg = thread_run["cfg"]
+    report = flows.neighbors(cfg, ["bm25.exclude_recent=1"])
+    assert statuses(report) == [(s, "built" if s == "bm25" else "cached") for s in NEIGHBORS]
+    report = flows.neighbors(cfg, ["chunks.chunk_len=32"])
+    assert statuses(report) == [(s, "cached" if s in ("documents", "tokenizer") else "built") for s in NEIGHBORS]
+    # unhashed settings (how, not what) change no version
+    report = flows.neighbors(cfg, ["bm25.shard_chunks=100", "embeddings.batch_size=7", "runner.workers=1"])
+    assert statuses(report) == [(s, "cached") for s in NEIGHBORS]
+
+
+@pytest.mark.prefect
+def test_deleted_artifact_is_rebuilt_despite_the_cache(thread_run: dict[str, Any]) -> None:
+    ref = ref_of(thread_run["report"], "embeddings")
+    before = file_digests(thread_run["root"], ref)
+    shutil.rmtree(thread_run["root"] / "embeddings" / ref.split("@")[1])
+    report = flows.neighbors(thread_run["cfg"])
+    # dense still exists (its version does not change), so only embeddings is rebuilt
+    assert statuses(report) == [(s, "built" if s == "embeddings" else "cached") for s in NEIGHBORS]
+    assert file_digests(thread_run["root"], ref) == before
+
+
+@pytest.mark.prefect
+def test_failed_shard_resumes_on_rerun(thread_run: dict[str, Any], write_config: Any,
+                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bm25 = get_stage("bm25")
+    real = bm25.run_shard
+    calls: list[tuple[str, int]] = []
+
+    def failing(ctx: Any, shard: Any) -> Any:
+        calls.append((ctx.version, shard.index))
+        if shard.index == 1:
+            raise RuntimeError("shard 1 died")
+        return real(ctx, shard)
+
+    def counting(ctx: Any, shard: Any) -> Any:
+        calls.append((ctx.version, shard.index))
+        return real(ctx, shard)
+
+    sets = ["bm25.k=3"]
+    monkeypatch.setattr(bm25, "run_shard", failing)
+    with pytest.raises(Exception, match="shard 1 died"):
+        flows.neighbors(thread_run["cfg"], sets)
+    assert sorted(i for _, i in calls) == [0, 0, 1, 1, 2, 2, 3, 3]  # both modes; the other shards finished
+    calls.clear()
+    monkeypatch.setattr(bm25, "run_shard", counting)
+    report = flows.neighbors(thread_run["cfg"], sets)
+    assert [s for s in statuses(report) if s[0] == "bm25"] == [("bm25", "built")] * 2
+    assert sorted(i for _, i in calls) == [1, 1]  # the finished shards resumed from their sidecars
+    run = load_config(write_config(tmp_path, bm25={"k": 3}, runner={"kind": "threads"}))
+    art = build("bm25", run.with_section("bm25", {"query": "chunk"}), with_deps=True)
+    assert file_digests(tmp_path / "store", art.ref) == file_digests(thread_run["root"], art.ref)
+
+
+@pytest.mark.prefect
+def test_dask_two_workers_match_threads_byte_for_byte(thread_run: dict[str, Any], write_config: Any,
+                                                      tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    report = flows.neighbors(cfg, ["runner.kind=dask", "runner.workers=2"])
+    assert statuses(report) == [(s, "built") for s in NEIGHBORS]
+    assert [r["ref"] for r in report] == [r["ref"] for r in thread_run["report"]]
+    for r in report:
+        assert file_digests(tmp_path / "store", r["ref"]) == file_digests(thread_run["root"], r["ref"])
+    runs = task_runs(latest_dag_run().id)
+    assert sum(t.name.startswith(f"{ref_of(report, 'documents')}/0") for t in runs) == 4
+    assert all(t.state.is_completed() for t in runs)
+
+
+# ------------------------------------------------------------------------------ no server needed
+
+
+def test_flows_need_registered_stages(monkeypatch: pytest.MonkeyPatch, write_config: Any, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    monkeypatch.delitem(STAGES, "dense")
+    with pytest.raises(ConfigError, match=r"needs stage 'dense'.*pipeline/registry.py"):
+        flows.flow_targets("neighbors")
+    with pytest.raises(ConfigError, match="needs stage 'dense'"):  # before any server or cluster starts
+        flows.run_named("neighbors", cfg)
+    with pytest.raises(ConfigError, match="unknown flow 'neighbours'"):
+        flows.run_named("neighbours", cfg)
+    with pytest.raises(ConfigError, match="--variant applies"):
+        flows.run_named("stages", cfg, variants=["baseline"], targets=["chunks"])
+
+
+def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
+    """Each flow's DAG: inputs in earlier waves, every artifact once, the artifacts each flow promises."""
+    run = load_config(write_config(tmp_path))
+    for name in ("neighbors",):  # supervision and train join as their stages land
+        roots, nodes = flows.resolve_targets(run, flows.flow_targets(name))
+        wave_of = {n.ref: i for i, w in enumerate(flows.waves(nodes)) for n in w}
+        assert sorted(wave_of) == sorted(n.ref for n in nodes) and len(set(wave_of)) == len(nodes)
+        for n in nodes:
+            assert all(wave_of[c.ref] < wave_of[n.ref] for c in n.inputs.values())
+        assert roots[0].version == resolve(roots[0].stage, roots[0].run).version
+    _, nodes = flows.resolve_targets(run, flows.flow_targets("neighbors"))
+    assert sorted(n.stage for n in nodes) == sorted(NEIGHBORS)
+    assert sorted(n.cfg.query for n in nodes if n.stage == "bm25") == ["chunk", "chunk+target"]
+
+
+def test_train_flow_targets_every_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(STAGES, "train", "stages.train")  # only the name is checked here
+    assert [dict(t.overrides) for t in flows.flow_targets("train")] == [{"variant": v} for v in flows.TRAIN_VARIANTS]
+    assert [t.overrides["variant"] for t in flows.flow_targets("train", ["rpt_sem"])] == ["rpt_sem"]
+
+
+def test_task_runner_follows_the_config(write_config: Any, tmp_path: Path) -> None:
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    run = load_config(write_config(tmp_path))
+
+    def runner(**kw: Any) -> Any:
+        return flows.task_runner_for(run.model_copy(update={"runner": run.runner.model_copy(update=kw)}))
+
+    assert isinstance(runner(kind="auto"), ThreadPoolTaskRunner)
+    assert runner(kind="threads", workers=3)._max_workers == 3
+    assert runner(kind="serial")._max_workers == 1
+    assert isinstance(runner(kind="processes", workers=2), ProcessPoolTaskRunner)
+    local = runner(kind="dask", workers=2)
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 2
+    assert runner(kind="dask", address="tcp://10.0.0.1:8786").address == "tcp://10.0.0.1:8786"
+    try:
+        import prefect_ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="prefect-ray"):
+            runner(kind="ray")
+
+
+def test_gpu_lanes_give_each_gpu_one_shard_at_a_time() -> None:
+    lanes = flows.Lanes(2)
+    taken = []
+    for k in range(5):  # e.g. three shards of one GPU stage, then two of another
+        lane, after = lanes.take()
+        taken.append((lane, after))
+        lanes.put(lane, f"task{k}")
+    assert taken == [(0, None), (1, None), (0, "task0"), (1, "task1"), (0, "task2")]
+    cpu = flows.Lanes(0)  # no GPU: one lane, GPU stages take turns on the CPU
+    assert [cpu.take()[0] for _ in range(3)] == [0, 0, 0]
+
+
+def test_prefect_yaml_deploys_every_flow() -> None:
+    from prefect import Flow
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployed = {}
+    for d in spec["deployments"]:
+        path, _, name = d["entrypoint"].partition(":")
+        assert path == "flows.py"
+        fl = getattr(flows, name)
+        assert isinstance(fl, Flow) and fl is flows.FLOWS[fl.name]
+        assert d["work_pool"]["name"] == "rpt-process"
+        assert set(d.get("parameters", {})) <= set(fl.parameters.properties)
+        deployed[fl.name] = d["name"]
+    assert set(deployed) == set(flows.FLOWS)
