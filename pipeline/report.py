@@ -24,12 +24,21 @@ DATASETS = ("ArXiv", "Code", "PG19", "Books3")
 # (no retrieval), "bm25" (BM25 neighbors of the query chunk), "retriever" (the model's own retriever),
 # "oracle" (gold neighbors from the scoring LM). The paper's oracle rows use 2 neighbors.
 PAPER_PERPLEXITY: dict[str, dict[tuple[str, str, int], float]] = {
-    ds: dict(zip(
-        [("baseline", "none", 0), ("retro_bm25", "bm25", 2), ("rpt_lex", "retriever", 2),
-         ("rpt_sem", "retriever", 2), ("rpt_sem", "retriever", 3), ("rpt_sem", "retriever", 4),
-         ("rpt_lex", "oracle", 2), ("rpt_sem", "oracle", 2)],
-        vals,
-    ))
+    ds: dict(
+        zip(
+            [
+                ("baseline", "none", 0),
+                ("retro_bm25", "bm25", 2),
+                ("rpt_lex", "retriever", 2),
+                ("rpt_sem", "retriever", 2),
+                ("rpt_sem", "retriever", 3),
+                ("rpt_sem", "retriever", 4),
+                ("rpt_lex", "oracle", 2),
+                ("rpt_sem", "oracle", 2),
+            ],
+            vals,
+        )
+    )
     for ds, vals in {
         "ArXiv": (3.11, 2.94, 2.92, 2.77, 2.75, 2.74, 2.80, 2.69),
         "Code": (2.30, 2.17, 2.23, 2.17, 2.16, 2.15, 2.12, 2.10),
@@ -129,30 +138,35 @@ def perplexity_table(m: Metrics, column: str) -> Table:
     # the paper's order: own neighbors by variant, then the oracle rows
     rows = sorted(
         m.select("perplexity", metric="perplexity"),
-        key=lambda r: (r["setting"] == "oracle",
-                       list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 9,
-                       r["neighbors"] or 0),
+        key=lambda r: (
+            r["setting"] == "oracle",
+            list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 9,
+            r["neighbors"] or 0,
+        ),
     )
     out = []
     for r in rows:
         key = (r["model"], r["setting"], r["neighbors"])
         name = MODEL_NAMES.get(r["model"], r["model"]) + (" w. Oracle" if r["setting"] == "oracle" else "")
         p = paper.get(key)
-        out.append([
-            name,
-            str(r["neighbors"]) if r["neighbors"] else "—",
-            r["setting"],
-            _num(r["value"]),
-            _rel(r["value"], base) if r["model"] != "baseline" else "",
-            _num(p),
-            _rel(p, paper_base) if p is not None and r["model"] != "baseline" else "",
-        ])
+        out.append(
+            [
+                name,
+                str(r["neighbors"]) if r["neighbors"] else "—",
+                r["setting"],
+                _num(r["value"]),
+                _rel(r["value"], base) if r["model"] != "baseline" else "",
+                _num(p),
+                _rel(p, paper_base) if p is not None and r["model"] != "baseline" else "",
+            ]
+        )
     tokens = m.count("perplexity", "baseline", "none", 0, "perplexity")
     if tokens is None and rows:
         tokens = rows[0]["count"]
     notes = [
         f"Perplexity = exp(mean token NLL) over the same {tokens:,} test tokens for every row."
-        if tokens else "No perplexity rows.",
+        if tokens
+        else "No perplexity rows.",
         f"Paper: Rubin & Berant, Table 2, {column} column (arXiv v2); 2 neighbours unless stated. "
         "The percentages are changes against the baseline row of the same column.",
     ]
@@ -201,13 +215,17 @@ def retrieval_table(m: Metrics, column: str) -> Table:
 def overlap_table(m: Metrics) -> Table:
     rows = []
     for model in m.models("overlap"):
-        v = {met: m.value("overlap", model, "top-1", None, met)
-             for met in ("query_tokens", "query_fraction", "target_tokens", "target_fraction")}
-        rows.append([
-            RETRIEVER_NAMES.get(model, model),
-            f"{_num(v['query_tokens'], 1)} ({_pct(v['query_fraction'])}%)",
-            f"{_num(v['target_tokens'], 1)} ({_pct(v['target_fraction'])}%)",
-        ])
+        v = {
+            met: m.value("overlap", model, "top-1", None, met)
+            for met in ("query_tokens", "query_fraction", "target_tokens", "target_fraction")
+        }
+        rows.append(
+            [
+                RETRIEVER_NAMES.get(model, model),
+                f"{_num(v['query_tokens'], 1)} ({_pct(v['query_fraction'])}%)",
+                f"{_num(v['target_tokens'], 1)} ({_pct(v['target_fraction'])}%)",
+            ]
+        )
     notes = [
         "Distinct token ids of the query chunk c_i (target chunk c_i+1) that also occur in the best "
         "retrieved neighbor (chunk c_j with its continuation c_j+1), mean over the Table 3 queries; "
@@ -215,28 +233,41 @@ def overlap_table(m: Metrics) -> Table:
         "Paper (Fig. 4): RPT-Sem's best neighbor overlaps the target more than RPT-Lex's; BM25 overlaps the "
         "query most but not the target.",
     ]
-    return Table("Token overlap of the best neighbor (paper Fig. 4)", ["retriever", "with query", "with target"],
-                 rows, notes)
+    return Table(
+        "Token overlap of the best neighbor (paper Fig. 4)",
+        ["retriever", "with query", "with target"],
+        rows,
+        notes,
+    )
 
 
 def training_table(m: Metrics) -> Table:
     rows = []
     for model in m.models("training"):
         g = lambda met, model=model: m.value("training", model, "final", None, met)  # noqa: E731
-        rows.append([
-            MODEL_NAMES.get(model, model),
-            _num(g("steps"), 0),
-            _num(g("tokens"), 0),
-            _num(g("params"), 0),
-            _num(g("final_lm_loss"), 3),
-            _num(g("train_s"), 0),
-        ])
+        rows.append(
+            [
+                MODEL_NAMES.get(model, model),
+                _num(g("steps"), 0),
+                _num(g("tokens"), 0),
+                _num(g("params"), 0),
+                _num(g("final_lm_loss"), 3),
+                _num(g("train_s"), 0),
+            ]
+        )
     steps = {r["value"] for r in m.select("training", metric="steps")}
     tokens = {r["value"] for r in m.select("training", metric="tokens")}
-    notes = ["Every variant trained for the same steps and tokens." if len(steps) <= 1 and len(tokens) <= 1
-             else "WARNING: the variants trained for different steps or tokens; the comparison is not even."]
-    return Table("Training (one train artifact per variant)",
-                 ["model", "steps", "tokens", "params", "final LM loss", "train s"], rows, notes)
+    notes = [
+        "Every variant trained for the same steps and tokens."
+        if len(steps) <= 1 and len(tokens) <= 1
+        else "WARNING: the variants trained for different steps or tokens; the comparison is not even."
+    ]
+    return Table(
+        "Training (one train artifact per variant)",
+        ["model", "steps", "tokens", "params", "final LM loss", "train s"],
+        rows,
+        notes,
+    )
 
 
 def ordering_checks(m: Metrics) -> list[tuple[str, bool | None]]:
@@ -273,17 +304,25 @@ def all_tables(m: Metrics, column: str) -> list[Table]:
 
 # ------------------------------------------------------------------------------------------ rendering
 def _markdown(t: Table) -> str:
-    lines = [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |",
-             "|" + "|".join("---" for _ in t.headers) + "|"]
+    lines = [
+        f"### {t.title}",
+        "",
+        "| " + " | ".join(t.headers) + " |",
+        "|" + "|".join("---" for _ in t.headers) + "|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in t.rows]
     lines += [""] + [f"{n}  " for n in t.notes]
     return "\n".join(lines)
 
 
 def _text(t: Table) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in t.rows)) if t.rows else len(h) for i, h in enumerate(t.headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    widths = [
+        max(len(h), *(len(r[i]) for r in t.rows)) if t.rows else len(h) for i, h in enumerate(t.headers)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [t.title, "=" * len(t.title), line(t.headers), line(["-" * w for w in widths])]
     out += [line(r) for r in t.rows]
     out += [f"  {n}" for n in t.notes]
@@ -327,15 +366,21 @@ def write_plots(m: Metrics, curves: Mapping[str, Any], out_dir: Path) -> list[st
     rows = m.select("perplexity", metric="perplexity")
     if rows:
         fig, ax = plt.subplots(figsize=(8, 4))
-        labels = [f"{r['model']}\n{r['setting']}" + (f" K={r['neighbors']}" if r["neighbors"] else "") for r in rows]
-        colors = ["#888888" if r["setting"] == "none" else "#d62728" if r["setting"] == "oracle" else "#1f77b4"
-                  for r in rows]
+        labels = [
+            f"{r['model']}\n{r['setting']}" + (f" K={r['neighbors']}" if r["neighbors"] else "") for r in rows
+        ]
+        colors = [
+            "#888888" if r["setting"] == "none" else "#d62728" if r["setting"] == "oracle" else "#1f77b4"
+            for r in rows
+        ]
         ax.bar(range(len(rows)), [r["value"] for r in rows], color=colors)
         ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("test perplexity")
         vals = [r["value"] for r in rows]
         lo, hi = min(vals), max(vals)
-        ax.set_ylim(max(0.0, lo - 0.5 * (hi - lo + 1e-9) - 0.05 * lo), hi + 0.1 * (hi - lo + 1e-9) + 0.01 * hi)
+        ax.set_ylim(
+            max(0.0, lo - 0.5 * (hi - lo + 1e-9) - 0.05 * lo), hi + 0.1 * (hi - lo + 1e-9) + 0.01 * hi
+        )
         ax.set_title("Perplexity by variant and neighbors (blue: own neighbors, red: oracle)")
         fig.tight_layout()
         fig.savefig(out_dir / "perplexity.png", dpi=110)
@@ -367,7 +412,9 @@ def write_plots(m: Metrics, curves: Mapping[str, Any], out_dir: Path) -> list[st
         t = [100 * (m.value("overlap", r, "top-1", None, "target_fraction") or 0.0) for r in ov]
         ax.bar([i - 0.2 for i in range(len(ov))], q, 0.4, label="with query c_i")
         ax.bar([i + 0.2 for i in range(len(ov))], t, 0.4, label="with target c_i+1")
-        ax.set_xticks(range(len(ov)), [RETRIEVER_NAMES.get(r, r) for r in ov], rotation=20, ha="right", fontsize=7)
+        ax.set_xticks(
+            range(len(ov)), [RETRIEVER_NAMES.get(r, r) for r in ov], rotation=20, ha="right", fontsize=7
+        )
         ax.set_ylabel("% of the chunk's distinct tokens")
         ax.set_title("Token overlap of the best neighbor")
         ax.legend(fontsize=7)

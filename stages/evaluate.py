@@ -70,9 +70,15 @@ PPL_DETAIL_SCHEMA = pa.schema(
 
 
 class Config(StageConfig):
-    variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), description="train variants to evaluate")
-    neighbors: list[int] = Field(default_factory=lambda: [2, 3, 4], description="neighbors per chunk at inference")
-    oracle: bool = Field(True, description="also evaluate rpt_lex / rpt_sem with gold neighbors (the oracle rows)")
+    variants: list[Variant] = Field(
+        default_factory=lambda: list(VARIANTS), description="train variants to evaluate"
+    )
+    neighbors: list[int] = Field(
+        default_factory=lambda: [2, 3, 4], description="neighbors per chunk at inference"
+    )
+    oracle: bool = Field(
+        True, description="also evaluate rpt_lex / rpt_sem with gold neighbors (the oracle rows)"
+    )
     retrievers: list[Literal["bm25", "dense"]] = Field(
         default_factory=lambda: ["bm25", "dense"],
         description="neighbor tables compared with the learned retrievers in the retrieval table",
@@ -263,15 +269,19 @@ class EvaluateStage(Stage):
         reader = ChunkReader(ctx.inputs["chunks"])
         docs = select_documents(reader, cfg.split, cfg.max_docs, cfg.max_tokens, cfg.max_doc_tokens)
         if not docs:
-            raise InputError(f"{ctx.inputs['chunks'].ref} has no {cfg.split!r} document with 2 or more tokens "
-                             "to evaluate; set documents.split_lists")
+            raise InputError(
+                f"{ctx.inputs['chunks'].ref} has no {cfg.split!r} document with 2 or more tokens "
+                "to evaluate; set documents.split_lists"
+            )
         universe_w = _universe_exclude_recent(ctx)
         for role in ("bm25", "dense"):
             if role in ctx.inputs:
                 meta = ctx.inputs[role].meta
                 if meta.get("scope") != "document-causal":
-                    raise InputError(f"{ctx.inputs[role].ref}: scope {meta.get('scope')!r}; evaluate ranks the "
-                                     "retrievable chunks of the query's document (scope document-causal)")
+                    raise InputError(
+                        f"{ctx.inputs[role].ref}: scope {meta.get('scope')!r}; evaluate ranks the "
+                        "retrievable chunks of the query's document (scope document-causal)"
+                    )
         scored = ctx.inputs["scores"].read(columns=["chunk_id"]).column("chunk_id").to_numpy()
         ids = np.concatenate([d.chunk_ids for d in docs])
         if not np.isin(ids, scored).any():
@@ -282,17 +292,26 @@ class EvaluateStage(Stage):
         for v in cfg.variants:
             mc = _model_config(ctx.inputs[f"train_{v}"])
             if mc.get("variant") != v:
-                raise InputError(f"{ctx.inputs[f'train_{v}'].ref} holds variant {mc.get('variant')!r}, not {v!r}")
+                raise InputError(
+                    f"{ctx.inputs[f'train_{v}'].ref} holds variant {mc.get('variant')!r}, not {v!r}"
+                )
             if mc.get("chunk_len") != reader.chunk_len:
-                raise InputError(f"{ctx.inputs[f'train_{v}'].ref} was trained on {mc.get('chunk_len')}-token chunks, "
-                                 f"{ctx.inputs['chunks'].ref} has {reader.chunk_len}")
+                raise InputError(
+                    f"{ctx.inputs[f'train_{v}'].ref} was trained on {mc.get('chunk_len')}-token chunks, "
+                    f"{ctx.inputs['chunks'].ref} has {reader.chunk_len}"
+                )
             if v in RETRIEVER_VARIANTS and mc.get("exclude_recent") != universe_w:
                 raise InputError(
                     f"{ctx.inputs[f'train_{v}'].ref} retrieves with exclude_recent={mc.get('exclude_recent')}, "
                     f"the neighbor tables with {universe_w}: the retrievers would rank different chunks"
                 )
-        ctx.log.info("evaluate: %d %s documents, %s tokens; %d variants", len(docs), cfg.split,
-                     f"{sum(d.scored for d in docs):,}", len(cfg.variants))
+        ctx.log.info(
+            "evaluate: %d %s documents, %s tokens; %d variants",
+            len(docs),
+            cfg.split,
+            f"{sum(d.scored for d in docs):,}",
+            len(cfg.variants),
+        )
         return [Shard(i, len(cfg.variants), {"variant": v}) for i, v in enumerate(cfg.variants)]
 
     # ---- one variant: perplexity rows (and its retriever's rankings)
@@ -318,16 +337,28 @@ class EvaluateStage(Stage):
         settings = settings_for(variant, cfg)
         w = mcfg.exclude_recent
         bm25 = neighbor_chunk_table(ctx.inputs["bm25"], reader.n_chunks) if variant == "retro_bm25" else None
-        cand = scores_table(ctx.inputs["scores"], reader.n_chunks) if any(s.source == "oracle" for s in settings) else None
+        cand = (
+            scores_table(ctx.inputs["scores"], reader.n_chunks)
+            if any(s.source == "oracle" for s in settings)
+            else None
+        )
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         depth = cfg.depth
-        ctx.log.info("evaluate %s (%s, %s params) on %s: %s", variant, art.ref, f"{model.num_params():,}", device,
-                     ", ".join(f"{s.source}/{s.k}" for s in settings))
+        ctx.log.info(
+            "evaluate %s (%s, %s params) on %s: %s",
+            variant,
+            art.ref,
+            f"{model.num_params():,}",
+            device,
+            ", ".join(f"{s.source}/{s.k}" for s in settings),
+        )
 
         groups: dict[int, list[EvalDoc]] = {}
         for d in docs:
             groups.setdefault(d.n_chunks, []).append(d)
-        batches = [g[i : i + cfg.batch_docs] for g in groups.values() for i in range(0, len(g), cfg.batch_docs)]
+        batches = [
+            g[i : i + cfg.batch_docs] for g in groups.values() for i in range(0, len(g), cfg.batch_docs)
+        ]
         rows: dict[str, list[Any]] = {f.name: [] for f in PPL_DETAIL_SCHEMA}
         rank_q, rank_ids, rank_sc = [], [], []
         bar = progress(total=len(batches) * len(settings), desc=f"evaluate {variant}", unit="pass")
@@ -362,8 +393,9 @@ class EvaluateStage(Stage):
                     counted = (labels != IGNORE).sum(dim=1).cpu().numpy()
                     for b, d in enumerate(batch):
                         if int(counted[b]) != d.scored:
-                            raise ArtifactError(f"evaluate: {counted[b]} labels for document {d.doc_idx}, "
-                                                f"expected {d.scored}")
+                            raise ArtifactError(
+                                f"evaluate: {counted[b]} labels for document {d.doc_idx}, expected {d.scored}"
+                            )
                         rows["model"].append(variant)
                         rows["setting"].append(s.source)
                         rows["neighbors"].append(s.k)
@@ -391,7 +423,11 @@ class EvaluateStage(Stage):
             )
         stats: dict[str, Any] = {"seconds_" + variant: round(time.perf_counter() - t0, 2)}
         for s in settings:
-            sel = [i for i in range(len(rows["model"])) if rows["setting"][i] == s.source and rows["neighbors"][i] == s.k]
+            sel = [
+                i
+                for i in range(len(rows["model"]))
+                if rows["setting"][i] == s.source and rows["neighbors"][i] == s.k
+            ]
             ppl = math.exp(sum(rows["nll_sum"][i] for i in sel) / sum(rows["tokens"][i] for i in sel))
             ctx.log.info("evaluate %s %s K=%d: perplexity %.3f", variant, s.source, s.k, ppl)
         return stats
@@ -425,20 +461,28 @@ class EvaluateStage(Stage):
             plots = write_plots(m, curves, d)
         header = [
             f"Artifact `evaluate@{ctx.version}`; inputs: "
-            + ", ".join(f"`{a.ref}`" for r, a in sorted(ctx.inputs.items())) + ".",
+            + ", ".join(f"`{a.ref}`" for r, a in sorted(ctx.inputs.items()))
+            + ".",
             f"Evaluated: {len(docs)} {cfg.split} document(s), {sum(d.n_chunks for d in docs):,} chunks, "
             f"{sum(d.scored for d in docs):,} predicted tokens.",
         ]
-        ctx.write_text("report.md", render_markdown(m, cfg.paper_column, header, [f"plots/{p}" for p in plots]))
+        ctx.write_text(
+            "report.md", render_markdown(m, cfg.paper_column, header, [f"plots/{p}" for p in plots])
+        )
         stats: dict[str, Any] = {
             "docs": len(docs),
             "tokens": sum(d.scored for d in docs),
             "queries": int(per_query.num_rows // max(1, len(set(per_query.column("retriever").to_pylist()))))
-            if per_query is not None else 0,
-            "perplexity": {f"{r['model']}/{r['setting']}/{r['neighbors']}": round(r["value"], 4)
-                           for r in rows if r["table"] == "perplexity" and r["metric"] == "perplexity"},
-            "retrieval": {f"{r['model']}/{r['metric']}": round(r["value"], 4)
-                          for r in rows if r["table"] == "retrieval"},
+            if per_query is not None
+            else 0,
+            "perplexity": {
+                f"{r['model']}/{r['setting']}/{r['neighbors']}": round(r["value"], 4)
+                for r in rows
+                if r["table"] == "perplexity" and r["metric"] == "perplexity"
+            },
+            "retrieval": {
+                f"{r['model']}/{r['metric']}": round(r["value"], 4) for r in rows if r["table"] == "retrieval"
+            },
         }
         for r in results:
             stats.update(r.stats)
@@ -457,9 +501,18 @@ class EvaluateStage(Stage):
 
 
 # ------------------------------------------------------------------------------------------ finalize helpers
-def _row(table: str, model: str, setting: str, k: int | None, metric: str, value: float, count: int | None) -> dict:
-    return {"table": table, "model": model, "setting": setting, "neighbors": k, "metric": metric,
-            "value": value, "count": count}
+def _row(
+    table: str, model: str, setting: str, k: int | None, metric: str, value: float, count: int | None
+) -> dict:
+    return {
+        "table": table,
+        "model": model,
+        "setting": setting,
+        "neighbors": k,
+        "metric": metric,
+        "value": value,
+        "count": count,
+    }
 
 
 def _model_config(art: Any) -> dict[str, Any]:
@@ -494,8 +547,10 @@ def _perplexity_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, A
         for (setting, k), rs in groups.items():
             got = {r["doc_idx"]: r["tokens"] for r in rs}
             if got != expected:  # every row must cover exactly the same tokens
-                raise ArtifactError(f"evaluate: {v} {setting} K={k} scored other tokens than the plan "
-                                    f"({sum(got.values()):,} vs {total:,}); delete the partial build and rerun")
+                raise ArtifactError(
+                    f"evaluate: {v} {setting} K={k} scored other tokens than the plan "
+                    f"({sum(got.values()):,} vs {total:,}); delete the partial build and rerun"
+                )
             nll = sum(r["nll_sum"] for r in rs) / total
             out.append(_row("perplexity", v, setting, k, "perplexity", math.exp(nll), total))
             out.append(_row("perplexity", v, setting, k, "nll", nll, total))
@@ -515,7 +570,9 @@ def _retrieval_rows(
     n_all = reader.n_chunks
     split_docs = {d.doc_idx for d in reader.docs(cfg.split)}
     ids = np.concatenate([d.chunk_ids for d in docs])
-    if not np.isin(reader.chunk_doc[ids], list(split_docs)).all():  # never a chunk of another split as a query
+    if not np.isin(
+        reader.chunk_doc[ids], list(split_docs)
+    ).all():  # never a chunk of another split as a query
         raise ArtifactError(f"evaluate: a query chunk outside the {cfg.split} split")
     gold = scores_table(ctx.inputs["scores"], n_all)
     g_ids, g_delta = gold.ids[ids], gold.values[ids]
@@ -525,7 +582,9 @@ def _retrieval_rows(
     g_ids = np.where(ok, g_ids, NEIGHBOR_PAD)[keep]
     g_delta = np.where(ok, g_delta, 0.0)[keep]
     if not len(q):
-        log.warning("evaluate: no %s query chunk has a gold chunk (delta > 0); no retrieval metrics", cfg.split)
+        log.warning(
+            "evaluate: no %s query chunk has a gold chunk (delta > 0); no retrieval metrics", cfg.split
+        )
         return [], None
 
     rankings: dict[str, np.ndarray] = {}
@@ -544,8 +603,10 @@ def _retrieval_rows(
         bad = (r != NEIGHBOR_PAD) & ~_retrievable(reader, q, r, w)
         if bad.any():
             i = int(np.argmax(bad.any(axis=1)))
-            raise ArtifactError(f"evaluate: the {name} ranking of chunk {q[i]} holds a chunk it may not retrieve "
-                                f"(other document, or within exclude_recent={w})")
+            raise ArtifactError(
+                f"evaluate: the {name} ranking of chunk {q[i]} holds a chunk it may not retrieve "
+                f"(other document, or within exclude_recent={w})"
+            )
 
     toks = reader.tokens
     best_gold = g_ids[np.arange(len(q)), np.argmax(np.where(g_ids != NEIGHBOR_PAD, g_delta, -np.inf), axis=1)]
@@ -564,9 +625,17 @@ def _retrieval_rows(
     for name, best in tops.items():
         stats = []
         for qi, j in zip(q.tolist(), best.tolist()):
-            if j == NEIGHBOR_PAD or qi + 1 >= reader.n_chunks or reader.chunk_doc[qi + 1] != reader.chunk_doc[qi]:
+            if (
+                j == NEIGHBOR_PAD
+                or qi + 1 >= reader.n_chunks
+                or reader.chunk_doc[qi + 1] != reader.chunk_doc[qi]
+            ):
                 continue
-            nb = np.concatenate([toks[j], toks[j + 1]]) if reader.chunk_doc[j + 1] == reader.chunk_doc[j] else toks[j]
+            nb = (
+                np.concatenate([toks[j], toks[j + 1]])
+                if reader.chunk_doc[j + 1] == reader.chunk_doc[j]
+                else toks[j]
+            )
             stats.append(distinct_overlap(nb, toks[qi]) + distinct_overlap(nb, toks[qi + 1]))
         if stats:
             a = np.asarray(stats, dtype=np.float64)

@@ -44,10 +44,24 @@ def eval_run(tiny_run, tiny_encoder, tmp_path_factory):
         bm25={"exclude_recent": 1},  # = (window - stride) / chunk_len of TINY_MODEL
         dense={"scope": "document-causal", "exclude_recent": 1},
         embeddings={"model": str(tiny_encoder)},
-        reference={"hidden": 32, "layers": 1, "heads": 2, "intermediate": 64, "steps": 3, "batch": 2,
-                   "eval_tokens": 512},
+        reference={
+            "hidden": 32,
+            "layers": 1,
+            "heads": 2,
+            "intermediate": 64,
+            "steps": 3,
+            "batch": 2,
+            "eval_tokens": 512,
+        },
         scores={"candidates": 8, "splits": ["train", "test"]},
-        train={"steps": 2, "seq_len": 512, "batch_size": 1, "warmup_steps": 1, "workers": 0, "model": TINY_MODEL},
+        train={
+            "steps": 2,
+            "seq_len": 512,
+            "batch_size": 1,
+            "warmup_steps": 1,
+            "workers": 0,
+            "model": TINY_MODEL,
+        },
         evaluate={"neighbors": [2, 3], "threads": 1},
     )
     run = config_from_dict(data)
@@ -71,8 +85,12 @@ def test_every_row_is_computed_over_the_same_test_tokens(eval_run):
     rows = _metrics(art)
     ppl = [r for r in rows if r["table"] == "perplexity" and r["metric"] == "perplexity"]
     got = {(r["model"], r["setting"], r["neighbors"]) for r in ppl}
-    assert got == {("baseline", "none", 0), ("retro_bm25", "bm25", 2), ("retro_bm25", "bm25", 3),
-                   *{(v, s, k) for v in ("rpt_lex", "rpt_sem") for s in ("retriever", "oracle") for k in (2, 3)}}
+    assert got == {
+        ("baseline", "none", 0),
+        ("retro_bm25", "bm25", 2),
+        ("retro_bm25", "bm25", 3),
+        *{(v, s, k) for v in ("rpt_lex", "rpt_sem") for s in ("retriever", "oracle") for k in (2, 3)},
+    }
     reader = ChunkReader(ArtifactStore(run.root()).get("chunks", art.manifest.inputs["chunks"].split("@")[1]))
     test_tokens = sum(int(reader.lengths(d.chunk_ids).sum()) - 1 for d in reader.docs("test"))
     assert {r["count"] for r in ppl} == {test_tokens}
@@ -81,7 +99,13 @@ def test_every_row_is_computed_over_the_same_test_tokens(eval_run):
     assert {r["model"] for r in ret} == {"bm25", "dense", "rpt_lex", "rpt_sem"}
     assert {r["metric"] for r in ret} == {"precision@2", "recall@10", "ndcg@20"}
     assert all(0.0 <= r["value"] <= 1.0 for r in ret)
-    assert {r["model"] for r in rows if r["table"] == "overlap"} == {"bm25", "dense", "rpt_lex", "rpt_sem", "gold"}
+    assert {r["model"] for r in rows if r["table"] == "overlap"} == {
+        "bm25",
+        "dense",
+        "rpt_lex",
+        "rpt_sem",
+        "gold",
+    }
     assert {r["value"] for r in rows if r["table"] == "training" and r["metric"] == "steps"} == {2.0}
     # the report, its plots, and a rerun that is a no-op
     report = (Path(art.path) / "report.md").read_text()
@@ -103,7 +127,9 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
     inp = {r: store.resolve(ref) for r, ref in art.manifest.inputs.items()}
     reader = ChunkReader(inp["chunks"])
     (doc,) = reader.docs("test")
-    toks = [int(t) for t in np.asarray(reader.tokens[doc.first : doc.first + doc.n]).ravel() if t != TOKEN_PAD]
+    toks = [
+        int(t) for t in np.asarray(reader.tokens[doc.first : doc.first + doc.n]).ravel() if t != TOKEN_PAD
+    ]
     T = -(-len(toks) // reader.chunk_len) * reader.chunk_len
     x = torch.tensor([toks + [0] * (T - len(toks))])
 
@@ -114,8 +140,11 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
         i = row["chunk_id"] - doc.first
         if not 0 <= i < doc.n:
             continue
-        ok = [(d, c - doc.first) for c, d in zip(row["candidate_ids"], row["delta"])
-              if d > 0 and doc.first <= c <= row["chunk_id"] - 1 - w]
+        ok = [
+            (d, c - doc.first)
+            for c, d in zip(row["candidate_ids"], row["delta"])
+            if d > 0 and doc.first <= c <= row["chunk_id"] - 1 - w
+        ]
         gold[i] = [p for _, p in sorted(ok, key=lambda t: -t[0])]
     k = 2
     oracle = torch.tensor([[(g + [-1] * k)[:k] for g in gold]])
@@ -131,8 +160,14 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
         logp = torch.log_softmax(logits, dim=-1)
         nll = [-float(logp[t, toks[t + 1]]) for t in range(len(toks) - 1)]
         by_hand = math.exp(sum(nll) / len(nll))
-        got = _value(rows, table="perplexity", model=variant, setting=setting[0], neighbors=setting[1],
-                     metric="perplexity")
+        got = _value(
+            rows,
+            table="perplexity",
+            model=variant,
+            setting=setting[0],
+            neighbors=setting[1],
+            metric="perplexity",
+        )
         assert got["count"] == len(nll)
         assert got["value"] == pytest.approx(by_hand, rel=1e-5)
     assert any(len(g) >= 2 for g in gold)  # the oracle row did use gold neighbors
@@ -192,8 +227,11 @@ def test_a_killed_evaluation_resumes_at_the_unfinished_variant(eval_run, monkeyp
         build("evaluate", run2)
     assert calls == ["baseline", "retro_bm25", "rpt_lex", "rpt_sem"]
     calls.clear()
-    monkeypatch.setattr(type(STAGE), "run_shard", lambda self, ctx, shard: calls.append(
-        shard.payload["variant"]) or real(self, ctx, shard))
+    monkeypatch.setattr(
+        type(STAGE),
+        "run_shard",
+        lambda self, ctx, shard: calls.append(shard.payload["variant"]) or real(self, ctx, shard),
+    )
     art2 = build("evaluate", run2)
     assert calls == ["rpt_sem"]  # the three finished variants were not recomputed
     full = {(r["model"], r["setting"], r["neighbors"], r["metric"]): r["value"] for r in _metrics(art)}
@@ -207,7 +245,7 @@ def test_a_split_without_gold_is_an_error_naming_the_setting(eval_run):
     bad = run.with_section("evaluate", {"split": "valid"})  # scores.splits = [train, test]
     with pytest.raises(InputError, match="scores.splits"):
         build("evaluate", bad)
-    assert not resolve("evaluate", bad).version == resolve("evaluate", run).version
+    assert resolve("evaluate", bad).version != resolve("evaluate", run).version
 
 
 # ------------------------------------------------------------------------------------------ units
@@ -221,7 +259,9 @@ def test_select_documents_bounds_and_split(eval_run):
     (cut,) = select_documents(reader, "test", max_doc_tokens=5 * m + 3)
     assert cut.n_chunks == 5 and cut.n_tokens == 5 * m
     assert sum(d.n_tokens for d in select_documents(reader, "train", max_tokens=40 * m)) <= 40 * m
-    assert {reader.chunk_doc[d.first] for d in select_documents(reader, "train")} == {d.doc_idx for d in reader.docs("train")}
+    assert {reader.chunk_doc[d.first] for d in select_documents(reader, "train")} == {
+        d.doc_idx for d in reader.docs("train")
+    }
     with pytest.raises(ConfigError, match="max_doc_tokens"):
         select_documents(reader, "test", max_doc_tokens=m - 1)
     tok, lab = doc_batch(reader, [cut])
@@ -289,8 +329,12 @@ def test_ranking_metrics_against_ranx_and_by_hand():
         gold_ids[q, :n_gold] = rng.choice(pool, size=n_gold, replace=False)
         grades[q, :n_gold] = rng.integers(1, 6, size=n_gold)
     ours = ranking_metrics(ranked, gold_ids, grades)
-    qrels = Qrels({f"q{q:03d}": {f"d{g}": int(v) for g, v in zip(gold_ids[q], grades[q]) if g >= 0} for q in range(Q)})
-    run = Run({f"q{q:03d}": {f"d{d}": float(R - r) for r, d in enumerate(ranked[q]) if d >= 0} for q in range(Q)})
+    qrels = Qrels(
+        {f"q{q:03d}": {f"d{g}": int(v) for g, v in zip(gold_ids[q], grades[q]) if g >= 0} for q in range(Q)}
+    )
+    run = Run(
+        {f"q{q:03d}": {f"d{d}": float(R - r) for r, d in enumerate(ranked[q]) if d >= 0} for q in range(Q)}
+    )
     ref = evaluate(qrels, run, ["precision@2", "recall@10", "ndcg@20"], return_mean=False)
     for met in ("precision@2", "recall@10", "ndcg@20"):
         np.testing.assert_allclose(ours[met], ref[met], rtol=1e-9, atol=1e-12)
@@ -314,4 +358,7 @@ def test_ranking_metrics_hand_example_and_bad_input():
         ranking_metrics(np.array([[1, 1]]), gold, grades)
     with pytest.raises(ValueError, match="> 0"):
         ranking_metrics(ranked, np.array([[3]]), np.array([[0.0]]))
-    assert distinct_overlap(np.array([1, 2, 2, 3, -1]), np.array([2, 3, 4, 4, -1])) == (2, pytest.approx(2 / 3))
+    assert distinct_overlap(np.array([1, 2, 2, 3, -1]), np.array([2, 3, 4, 4, -1])) == (
+        2,
+        pytest.approx(2 / 3),
+    )
