@@ -88,7 +88,7 @@ def report(
     from pipeline.report import REPORT_FILE, read_metrics, render_text
 
     store = _store(root, config)
-    art = store.resolve(spec if "@" in spec or spec != "evaluate" else "evaluate")
+    art = store.resolve(spec)
     metrics = read_metrics(art)
     if markdown:
         with art.fs.open(art.file(REPORT_FILE), "r") as f:
