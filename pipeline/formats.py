@@ -235,7 +235,7 @@ SCORES_SCHEMA = pa.schema(
 # metrics.parquet of an evaluate artifact: one row per table x model x setting x neighbors x metric.
 #   table      perplexity | retrieval | overlap | training
 #   model      a train variant (perplexity, training) or a retriever: bm25, dense, rpt_lex, rpt_sem, gold
-#   setting    perplexity: none | bm25 | retriever | oracle (the neighbor source); retrieval: gold (what it is
+#   setting    perplexity: none | empty | bm25 | retriever | oracle (the neighbor source); retrieval: gold (what it is
 #              measured against); overlap: top-1; training: final
 #   neighbors  neighbors per chunk at inference (perplexity; 0 without retrieval), null elsewhere
 #   count      what the value averages over: test tokens (perplexity) or query chunks (retrieval, overlap)

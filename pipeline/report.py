@@ -22,7 +22,8 @@ DATASETS = ("ArXiv", "Code", "PG19", "Books3")
 
 # Paper (arXiv v2) Table 2: test perplexity, keyed by (variant, setting, neighbors). Settings: "none"
 # (no retrieval), "bm25" (BM25 neighbors of the query chunk), "retriever" (the model's own retriever),
-# "oracle" (gold neighbors from the scoring LM). The paper's oracle rows use 2 neighbors.
+# "oracle" (gold neighbors from the scoring LM); ours also has "empty" (CCA without neighbors, an
+# ablation the paper does not report). The paper's oracle rows use 2 neighbors.
 PAPER_PERPLEXITY: dict[str, dict[tuple[str, str, int], float]] = {
     ds: dict(
         zip(
@@ -141,13 +142,15 @@ def perplexity_table(m: Metrics, column: str) -> Table:
         key=lambda r: (
             r["setting"] == "oracle",
             list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 9,
+            r["setting"] != "empty",
             r["neighbors"] or 0,
         ),
     )
     out = []
     for r in rows:
         key = (r["model"], r["setting"], r["neighbors"])
-        name = MODEL_NAMES.get(r["model"], r["model"]) + (" w. Oracle" if r["setting"] == "oracle" else "")
+        suffix = {"oracle": " w. Oracle", "empty": ", no neighbors (ablation)"}.get(r["setting"], "")
+        name = MODEL_NAMES.get(r["model"], r["model"]) + suffix
         p = paper.get(key)
         out.append(
             [
@@ -276,6 +279,7 @@ def ordering_checks(m: Metrics) -> list[tuple[str, bool | None]]:
     base, retro = ppl("baseline", "none"), ppl("retro_bm25", "bm25")
     lex, sem = ppl("rpt_lex", "retriever"), ppl("rpt_sem", "retriever")
     sem_oracle = ppl("rpt_sem", "oracle")
+    empty = lambda v: m.value("perplexity", v, "empty", 0, "perplexity")  # noqa: E731
     p2 = lambda r: m.value("retrieval", r, "gold", None, "precision@2")  # noqa: E731
 
     def lt(a: float | None, b: float | None) -> bool | None:
@@ -289,6 +293,12 @@ def ordering_checks(m: Metrics) -> list[tuple[str, bool | None]]:
         ("RETRO w. BM25 perplexity below the baseline", lt(retro, base)),
         ("RPT-Sem's P@2 above BM25's", lt(p2("bm25"), p2("rpt_sem"))),
         ("RPT-Sem with oracle neighbors below RPT-Sem with its own", lt(sem_oracle, sem)),
+        ("Retrieval itself helps RPT-Sem (own neighbors below no neighbors)", lt(sem, empty("rpt_sem"))),
+        ("Retrieval itself helps RPT-Lex (own neighbors below no neighbors)", lt(lex, empty("rpt_lex"))),
+        (
+            "Retrieval itself helps RETRO w. BM25 (BM25 neighbors below no neighbors)",
+            lt(retro, empty("retro_bm25")),
+        ),
     ]
     return checks
 
@@ -370,7 +380,11 @@ def write_plots(m: Metrics, curves: Mapping[str, Any], out_dir: Path) -> list[st
             f"{r['model']}\n{r['setting']}" + (f" K={r['neighbors']}" if r["neighbors"] else "") for r in rows
         ]
         colors = [
-            "#888888" if r["setting"] == "none" else "#d62728" if r["setting"] == "oracle" else "#1f77b4"
+            "#888888"
+            if r["setting"] in ("none", "empty")
+            else "#d62728"
+            if r["setting"] == "oracle"
+            else "#1f77b4"
             for r in rows
         ]
         ax.bar(range(len(rows)), [r["value"] for r in rows], color=colors)
@@ -381,7 +395,7 @@ def write_plots(m: Metrics, curves: Mapping[str, Any], out_dir: Path) -> list[st
         ax.set_ylim(
             max(0.0, lo - 0.5 * (hi - lo + 1e-9) - 0.05 * lo), hi + 0.1 * (hi - lo + 1e-9) + 0.01 * hi
         )
-        ax.set_title("Perplexity by variant and neighbors (blue: own neighbors, red: oracle)")
+        ax.set_title("Perplexity by variant and neighbors (blue: own neighbors, red: oracle, grey: none)")
         fig.tight_layout()
         fig.savefig(out_dir / "perplexity.png", dpi=110)
         plt.close(fig)

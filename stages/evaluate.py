@@ -11,7 +11,8 @@ Neighbor sources per variant:
   retro_bm25   BM25 top-K of the query chunk c_i (document-causal; the paper's inference query)
   rpt_lex/sem  the model's own retriever (top-K of its scores over the retrievable chunks), and
                `oracle`: the top-K gold chunks of the scores table (delta > 0, by delta), fed the same way
-K takes every value of `neighbors` (2, 3, 4); the baseline has one row.
+  all three    `empty` (ablation): CCA with no neighbor at all, only its null key/value
+K takes every value of `neighbors` (2, 3, 4); the baseline and `empty` have one row (neighbors 0).
 
 Retrieval (Table 3). Queries: the evaluated chunks c_i that have at least one gold chunk, i.e. a scored
 candidate (BM25 chunk+target top-`scores.candidates`) with delta = log P(c_i+1 | c_j, c_j+1, c_i) -
@@ -78,6 +79,11 @@ class Config(StageConfig):
     )
     oracle: bool = Field(
         True, description="also evaluate rpt_lex / rpt_sem with gold neighbors (the oracle rows)"
+    )
+    ablation: bool = Field(
+        True,
+        description="also evaluate each retrieval variant with CCA given no neighbors (setting `empty`): "
+        "what retrieval itself adds, apart from how the training run went",
     )
     retrievers: list[Literal["bm25", "dense"]] = Field(
         default_factory=lambda: ["bm25", "dense"],
@@ -180,16 +186,17 @@ def select_documents(
 
 @dataclass(frozen=True)
 class Setting:
-    source: Literal["none", "bm25", "retriever", "oracle"]
+    source: Literal["none", "empty", "bm25", "retriever", "oracle"]
     k: int
 
 
 def settings_for(variant: str, cfg: Config) -> list[Setting]:
     if variant == "baseline":
         return [Setting("none", 0)]
+    out = [Setting("empty", 0)] if cfg.ablation else []
     if variant == "retro_bm25":
-        return [Setting("bm25", k) for k in cfg.neighbors]
-    out = [Setting("retriever", k) for k in cfg.neighbors]
+        return out + [Setting("bm25", k) for k in cfg.neighbors]
+    out += [Setting("retriever", k) for k in cfg.neighbors]
     if cfg.oracle:
         out += [Setting("oracle", k) for k in cfg.neighbors]
     return out
@@ -376,6 +383,9 @@ class EvaluateStage(Stage):
                         kw["source"] = "none"
                     elif s.source == "retriever":
                         kw["source"] = "retriever"
+                    elif s.source == "empty":  # CCA attends only to its null key/value
+                        kw.update(source="given", k=1)
+                        kw["neighbor_pos"] = torch.full((len(batch), n, 1), -1, device=device)
                     else:  # given neighbors: BM25's of the query chunk, or the gold (oracle)
                         pos = []
                         for d in batch:

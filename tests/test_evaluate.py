@@ -87,6 +87,7 @@ def test_every_row_is_computed_over_the_same_test_tokens(eval_run):
     got = {(r["model"], r["setting"], r["neighbors"]) for r in ppl}
     assert got == {
         ("baseline", "none", 0),
+        *{(v, "empty", 0) for v in ("retro_bm25", "rpt_lex", "rpt_sem")},
         ("retro_bm25", "bm25", 2),
         ("retro_bm25", "bm25", 3),
         *{(v, s, k) for v in ("rpt_lex", "rpt_sem") for s in ("retriever", "oracle") for k in (2, 3)},
