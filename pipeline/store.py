@@ -222,8 +222,12 @@ class Artifact:
         return self.dataset(prefix).to_table(columns=columns, filter=filter)
 
     def read_file(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        # A path, or the file's bytes: pyarrow reading through a Python file object can leave cleanup
+        # work that aborts the interpreter at exit (apache/arrow#33975, #34314).
+        if self.store.is_local:
+            return pq.read_table(self.file(name), columns=columns)
         with self.fs.open(self.file(name), "rb") as f:
-            return pq.read_table(f, columns=columns)
+            return pq.read_table(pa.BufferReader(f.read()), columns=columns)
 
     def iter_batches(
         self, columns: list[str] | None = None, batch_size: int = 65536, prefix: str = "part-"

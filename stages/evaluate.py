@@ -540,8 +540,9 @@ def _universe_exclude_recent(ctx: StageContext) -> int:
 
 
 def _read(ctx: StageContext, name: str) -> pa.Table:
+    """A parquet file of this build (read from its bytes: see Artifact.read_file)."""
     with ctx.fs.open(ctx.path(name), "rb") as f:
-        return pq.read_table(f)
+        return pq.read_table(pa.BufferReader(f.read()))
 
 
 def _perplexity_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, Any]]:
