@@ -273,34 +273,35 @@ def training_table(m: Metrics) -> Table:
     )
 
 
-def ordering_checks(m: Metrics) -> list[tuple[str, bool | None]]:
-    """The paper's qualitative claims, checked on our numbers (None: a needed row is missing)."""
+def ordering_checks(m: Metrics) -> list[tuple[str, bool | None, str]]:
+    """The paper's qualitative claims on our numbers: (claim, holds (None: a row is missing), the numbers)."""
     ppl = lambda v, s, k=2: m.value("perplexity", v, s, k if s != "none" else 0, "perplexity")  # noqa: E731
-    base, retro = ppl("baseline", "none"), ppl("retro_bm25", "bm25")
-    lex, sem = ppl("rpt_lex", "retriever"), ppl("rpt_sem", "retriever")
-    sem_oracle = ppl("rpt_sem", "oracle")
     empty = lambda v: m.value("perplexity", v, "empty", 0, "perplexity")  # noqa: E731
     p2 = lambda r: m.value("retrieval", r, "gold", None, "precision@2")  # noqa: E731
+    base, retro = ppl("baseline", "none"), ppl("retro_bm25", "bm25")
+    lex, sem = ppl("rpt_lex", "retriever"), ppl("rpt_sem", "retriever")
 
-    def lt(a: float | None, b: float | None) -> bool | None:
-        return None if a is None or b is None else a < b
+    def below(
+        claim: str, a: float | None, b: float | None, pct: bool = False
+    ) -> tuple[str, bool | None, str]:
+        if a is None or b is None:
+            return claim, None, ""
+        if pct:
+            return claim, a < b, f"{100 * a:.1f}% vs {100 * b:.1f}%"
+        return claim, a < b, f"{a:,.2f} vs {b:,.2f}, {_rel(a, b)}"
 
-    checks = [
-        ("RPT-Sem perplexity below RPT-Lex", lt(sem, lex)),
-        ("RPT-Sem perplexity below RETRO w. BM25", lt(sem, retro)),
-        ("RPT-Sem perplexity below the baseline", lt(sem, base)),
-        ("RPT-Lex perplexity below the baseline", lt(lex, base)),
-        ("RETRO w. BM25 perplexity below the baseline", lt(retro, base)),
-        ("RPT-Sem's P@2 above BM25's", lt(p2("bm25"), p2("rpt_sem"))),
-        ("RPT-Sem with oracle neighbors below RPT-Sem with its own", lt(sem_oracle, sem)),
-        ("Retrieval itself helps RPT-Sem (own neighbors below no neighbors)", lt(sem, empty("rpt_sem"))),
-        ("Retrieval itself helps RPT-Lex (own neighbors below no neighbors)", lt(lex, empty("rpt_lex"))),
-        (
-            "Retrieval itself helps RETRO w. BM25 (BM25 neighbors below no neighbors)",
-            lt(retro, empty("retro_bm25")),
-        ),
+    return [
+        below("RPT-Sem perplexity below RPT-Lex", sem, lex),
+        below("RPT-Sem perplexity below RETRO w. BM25", sem, retro),
+        below("RPT-Sem perplexity below the baseline", sem, base),
+        below("RPT-Lex perplexity below the baseline", lex, base),
+        below("RETRO w. BM25 perplexity below the baseline", retro, base),
+        below("RPT-Sem's P@2 above BM25's (BM25 vs RPT-Sem)", p2("bm25"), p2("rpt_sem"), pct=True),
+        below("RPT-Sem with oracle neighbors below RPT-Sem with its own", ppl("rpt_sem", "oracle"), sem),
+        below("Retrieval itself helps RPT-Sem (own neighbors vs none)", sem, empty("rpt_sem")),
+        below("Retrieval itself helps RPT-Lex (own neighbors vs none)", lex, empty("rpt_lex")),
+        below("Retrieval itself helps RETRO w. BM25 (BM25 neighbors vs none)", retro, empty("retro_bm25")),
     ]
-    return checks
 
 
 def all_tables(m: Metrics, column: str) -> list[Table]:
@@ -341,7 +342,9 @@ def _text(t: Table) -> str:
 
 def _checks_lines(m: Metrics) -> list[str]:
     mark = {True: "yes", False: "no", None: "n/a"}
-    return [f"- {name}: **{mark[ok]}**" for name, ok in ordering_checks(m)]
+    return [
+        f"- {name}: **{mark[ok]}**" + (f" ({nums})" if nums else "") for name, ok, nums in ordering_checks(m)
+    ]
 
 
 def render_text(m: Metrics, column: str, header: Sequence[str] = ()) -> str:
