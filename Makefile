@@ -50,6 +50,7 @@ format: setup
 bench: setup
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.bm25
+	$(BIN)/python -m bench.dense
 	$(BIN)/python -m bench.scores speed
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`

@@ -49,7 +49,6 @@ class RunConfigBase(BaseModel):
 
     artifacts_root: str = Field("./artifacts", description="local path or fsspec URI; RPT_ARTIFACTS overrides")
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    seed: int = Field(0, description="global seed; stages derive their own seeds from it")
 
     # filled in by load_config, never part of a version
     source_file: str | None = Field(None, exclude=True)

@@ -196,6 +196,29 @@ def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema([("chunk_id", pa.int64()), ("embedding", pa.list_(pa.float16(), dim))])
 
 
+def read_embeddings(art: Artifact, lo: int | None = None, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk ids [n], float16 embeddings [n, d]) of an embeddings artifact, optionally only the
+    chunk ids in [lo, hi) (row groups outside the range are skipped by their statistics)."""
+    import pyarrow.compute as pc
+
+    flt = None
+    if lo is not None:
+        flt = pc.field("chunk_id") >= lo
+    if hi is not None:
+        upper = pc.field("chunk_id") < hi
+        flt = upper if flt is None else flt & upper
+    t = art.read(columns=["chunk_id", "embedding"], filter=flt)
+    dim = t.schema.field("embedding").type.list_size
+    ids = t.column("chunk_id").to_numpy()
+    if t.num_rows == 0:
+        return ids.astype(np.int64), np.zeros((0, dim), np.float16)
+    emb = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    order = np.argsort(ids, kind="stable")
+    if len(ids) and np.any(order != np.arange(len(ids))):
+        ids, emb = ids[order], emb[order]
+    return ids, emb
+
+
 # ------------------------------------------------------------------------------ scores
 SCORES_SCHEMA = pa.schema(
     [

