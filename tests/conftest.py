@@ -69,6 +69,34 @@ def small_run(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
+    """A folder of four tiny .txt documents (see TINY_DOC_CHARS); `docs/valid.txt` is meant for the valid split."""
+    with gzip.open(gutenberg_dir / "pg11.txt.gz", "rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    body = text[text.index("CHAPTER I") :]
+    d = tmp_path_factory.mktemp("tiny") / "docs"
+    d.mkdir()
+    at = 0
+    for name, n in TINY_DOC_CHARS.items():
+        (d / name).write_text(body[at : at + n], encoding="utf-8")
+        at += n
+    return d
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and a shared 2-core machine thrashes with two)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 # Slices of five books (6,000 characters each, past the headers): about 150 chunks, small enough to
 # embed with the real MiniLM encoder on a loaded 2-core CPU in seconds.
 TINY_SLICES = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz", "pg219.txt.gz"]
@@ -125,31 +153,3 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model.embeddings.token_type_embeddings.weight.zero_()
     model.save_pretrained(out)
     return out
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
-    """A folder of four tiny .txt documents (see TINY_DOC_CHARS); `docs/valid.txt` is meant for the valid split."""
-    with gzip.open(gutenberg_dir / "pg11.txt.gz", "rt", encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    body = text[text.index("CHAPTER I") :]
-    d = tmp_path_factory.mktemp("tiny") / "docs"
-    d.mkdir()
-    at = 0
-    for name, n in TINY_DOC_CHARS.items():
-        (d / name).write_text(body[at : at + n], encoding="utf-8")
-        at += n
-    return d
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and a shared 2-core machine thrashes with two)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
