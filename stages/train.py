@@ -474,11 +474,6 @@ def _gold_draw(seed: int, step: int, micro: int, p: float) -> bool:
     return bool(np.random.default_rng([seed, 7, step, micro]).random() < p)
 
 
-def _nanmean(vals: list[float]) -> float:
-    v = [x for x in vals if not math.isnan(x)]
-    return sum(v) / len(v) if v else float("nan")
-
-
 def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
     """The training loop (one process of `world`). Rank 0 writes checkpoints and the final files."""
     from data.loader import StreamSampler, TrainSequences, make_loader
@@ -516,7 +511,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             f"{n_chunks} full chunks ({cfg.seq_len} tokens); lower train.seq_len"
         )
     bm25 = cand = None
-    if "bm25" in job.inputs:
+    if cfg.variant in ("retro_bm25", "rpt_lex"):  # (rpt_sem takes only exclude_recent from its bm25 input)
         bm25 = neighbor_table(job.artifact("bm25"), reader.n_chunks)
     if cfg.variant == "rpt_sem":
         cand = scores_table(job.artifact("scores"), reader.n_chunks)

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from model.checkpoint import load_checkpoint
+from pipeline import registry
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, RptError
 from pipeline.executor import build, build_node, resolve
@@ -56,6 +57,18 @@ def _config(small_run, root: Path, **train):
     data["train"] = {**TRAIN, **train}
     data["bm25"] = {"exclude_recent": 1}  # = (window - stride) / chunk_len of the model below
     data["scores"] = {"candidates": 20}  # the same bm25 table for every variant
+    if "reference" in registry.STAGES:  # the real scores stage: a tiny scoring LM, train split only
+        data["reference"] = {
+            "hidden": 32,
+            "layers": 2,
+            "heads": 2,
+            "intermediate": 64,
+            "seq_len": 64,
+            "steps": 3,
+            "batch": 2,
+            "eval_tokens": 2000,
+        }
+        data["scores"] |= {"splits": ["train"], "batch_tokens": 4096}
     return config_from_dict(data)
 
 
