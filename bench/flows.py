@@ -1,9 +1,10 @@
-"""What Prefect orchestration costs: the same DAG built by the plain executor (`rpt run --with-deps`) and by the
-flows (thread runner, and a Dask local cluster with two worker processes), then rerun when everything is built
-(the executor's no-op vs the flow's cache hits). One Prefect server for the whole benchmark, its start-up
-timed apart. Each build goes into a fresh store.
+"""What Prefect orchestration costs: a flow's DAG built by the plain executor (`rpt run --with-deps` for each
+of the flow's targets) and by the flow (thread runner, and a Dask local cluster with two worker processes),
+then rerun when everything is built (the executor's no-op vs the flow's cache hits). One Prefect server for
+the whole benchmark, its start-up timed apart. Each build goes into a fresh store; the flows' files are
+checked to be byte-identical to the executor's.
 
-    python -m bench.flows [--config configs/demo.yaml] [--target chunks] [--repeat 2]
+    python -m bench.flows [--config configs/demo.yaml] [--flow neighbors | --target chunks ...] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def timed(fn: Any, *args: Any) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--target", action="append", help="stages to build (default: chunks)")
+    ap.add_argument("--flow", default="neighbors", help="the flow whose DAG is built (default: neighbors)")
+    ap.add_argument("--target", action="append", help="instead of a flow: these stages (the `stages` flow)")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    targets = args.target or ["chunks"]
+    name, stages = ("stages", args.target) if args.target else (args.flow, None)
+    targets = flows.flow_targets(name, stages=stages)
     logging.getLogger("prefect").setLevel(logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
@@ -51,15 +54,17 @@ def main() -> None:
         server_s = time.perf_counter() - t0
         for _ in range(args.repeat):
             with tempfile.TemporaryDirectory(prefix="rpt-bench-flows-") as tmp:
-                def cfg(name: str, **runner: Any) -> list[str]:  # overrides: own store, runner settings
-                    return [f"artifacts_root={tmp}/{name}"] + [f"runner.{k}={v}" for k, v in runner.items()]
+                def cfg(store: str, **runner: Any) -> list[str]:  # overrides: own store, runner settings
+                    return [f"artifacts_root={tmp}/{store}"] + [f"runner.{k}={v}" for k, v in runner.items()]
 
                 def executor(run: Any) -> None:
                     for t in targets:
-                        build(t, run, with_deps=True)
+                        build(t.stage, run.with_section(t.stage, t.overrides), with_deps=True)
 
-                def flow(sets: list[str]) -> None:
-                    flows.stages(targets, args.config, sets)
+                def flow(sets: list[str]) -> list[dict[str, Any]]:
+                    if stages:
+                        return flows.stages(stages, args.config, sets)
+                    return flows.FLOWS[name](args.config, sets)
 
                 ex = load_config(args.config, cfg("executor"))
                 rows["executor"].append(timed(executor, ex))
@@ -67,13 +72,13 @@ def main() -> None:
                 rows["flow_threads"].append(timed(flow, cfg("threads")))
                 rows["flow_rerun"].append(timed(flow, cfg("threads")))
                 rows["flow_dask2"].append(timed(flow, cfg("dask", kind="dask", workers=2)))
-                for name in ("threads", "dask"):  # the same bytes as the executor's build
-                    for r in flows.stages(targets, args.config, cfg(name)):
-                        assert digests(f"{tmp}/{name}", r) == digests(f"{tmp}/executor", r), r["ref"]
+                for where in ("threads", "dask"):  # the same bytes as the executor's build
+                    for r in flow(cfg(where)):
+                        assert digests(f"{tmp}/{where}", r) == digests(f"{tmp}/executor", r), r["ref"]
 
     best = {k: min(v) for k, v in rows.items()}
-    n_tasks = len(flows.resolve_targets(load_config(args.config), [flows.Target(t) for t in targets])[1])
-    print(f"config {args.config}, targets {targets}, {n_tasks} stages, best of {args.repeat}; "
+    n_tasks = len(flows.resolve_targets(load_config(args.config), targets)[1])
+    print(f"config {args.config}, flow {name} {stages or ''}, {n_tasks} artifacts, best of {args.repeat}; "
           f"Prefect server start {server_s:.1f} s (once)")
     print(f"{'':22s}{'seconds':>9s}  {'vs executor':>11s}")
     for k in ("executor", "flow_threads", "flow_dask2"):
@@ -81,8 +86,8 @@ def main() -> None:
     print(f"{'executor_rerun':22s}{best['executor_rerun']:9.2f}")
     print(f"{'flow_rerun (cached)':22s}{best['flow_rerun']:9.2f}  "
           f"({best['flow_rerun'] / n_tasks:.2f} s per cached stage)")
-    path = save("flows", {"config": args.config, "targets": targets, "server_start_s": server_s, "runs": rows,
-                          "best": best})
+    path = save(f"flows-{name}", {"config": args.config, "flow": name, "targets": [str(t) for t in targets],
+                                  "server_start_s": server_s, "runs": rows, "best": best})
     print(f"saved {path}")
 
 
