@@ -18,12 +18,10 @@ import torch
 import yaml
 
 from model.checkpoint import load_checkpoint
-from pipeline import registry
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, RptError
 from pipeline.executor import build, build_node, resolve
 from pipeline.store import ArtifactStore
-from tests.stub_train_bm25 import register_stubs
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("tokens_per_s", "elapsed_s")  # wall-clock columns
@@ -51,24 +49,23 @@ def _one_thread():
 
 
 def _config(small_run, root: Path, **train):
-    register_stubs()
     data = small_run.model_dump(mode="json")
     data["artifacts_root"] = str(root)
     data["train"] = {**TRAIN, **train}
     data["bm25"] = {"exclude_recent": 1}  # = (window - stride) / chunk_len of the model below
     data["scores"] = {"candidates": 20}  # the same bm25 table for every variant
-    if "reference" in registry.STAGES:  # the real scores stage: a tiny scoring LM, train split only
-        data["reference"] = {
-            "hidden": 32,
-            "layers": 2,
-            "heads": 2,
-            "intermediate": 64,
-            "seq_len": 64,
-            "steps": 3,
-            "batch": 2,
-            "eval_tokens": 2000,
-        }
-        data["scores"] |= {"splits": ["train"], "batch_tokens": 4096}
+    # a tiny scoring LM for the real scores stage, train split only
+    data["reference"] = {
+        "hidden": 32,
+        "layers": 2,
+        "heads": 2,
+        "intermediate": 64,
+        "seq_len": 64,
+        "steps": 3,
+        "batch": 2,
+        "eval_tokens": 2000,
+    }
+    data["scores"] |= {"splits": ["train"], "batch_tokens": 4096}
     return config_from_dict(data)
 
 
@@ -145,7 +142,7 @@ def test_kill_and_resume_gives_the_same_losses(stores, tmp_path: Path, caplog) -
     node = resolve("train", run)
     ckpt = Path(run.root()) / "train" / f".partial-{node.version}" / "ckpt" / "LATEST"
     env = {**os.environ, "RPT_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cli = "from tests.stub_train_bm25 import register_stubs; register_stubs(); from pipeline.cli import main; main()"
+    cli = "from pipeline.cli import main; main()"
     proc = subprocess.Popen(
         [sys.executable, "-c", cli, "run", "train", "-c", str(cfg_file)],
         cwd=REPO,
