@@ -292,12 +292,12 @@ def test_tiny_model_overfits_small_batch() -> None:
             tok, labels, cand_pos=cand_pos, cand_target=cand_t, source="gold" if step % 2 else "retriever"
         )
         loss = out.lm_loss + 0.1 * out.ret_loss
-        first = first if first is not None else float(out.lm_loss)
+        first = first if first is not None else out.lm_loss.item()
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert first > 4.0
-    assert float(out.lm_loss) < 0.5, f"did not overfit: {first:.2f} -> {float(out.lm_loss):.2f}"
+    assert out.lm_loss.item() < 0.5, f"did not overfit: {first:.2f} -> {out.lm_loss.item():.2f}"
     assert float(out.recall[2]) > 0.5
 
 
