@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@$(BIN)/python -c "import torch, pipeline; print('setup ok: torch', torch.__version__)"
 	@rm -f $(VENV)/.installed-*; touch $@
 
+# The full flow (neighbors, supervision, four variants, evaluation) with the tiny preset, then the report.
+# One torch thread per task: the flow runs a wave's tasks side by side, and on a small CPU threads that
+# spin against each other cost more than they give (OMP_NUM_THREADS=N make demo to change it).
 demo: setup
-	$(RPT) run chunks -c $(CONFIG) --with-deps $(SET)
-	$(RPT) artifacts ls -c $(CONFIG)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(RPT) flow full -c $(CONFIG) $(SET)
+	$(RPT) report -c $(CONFIG)
 
 test: setup
 	RPT_PROGRESS=0 $(BIN)/python -m pytest -q
@@ -53,6 +56,8 @@ bench: setup
 	$(BIN)/python -m bench.dense
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.scores speed
+	$(BIN)/python -m bench.evaluate metrics
+	$(BIN)/python -m bench.flows --target chunks
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
 documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
@@ -61,6 +66,7 @@ documents tokenize chunks bm25 embeddings dense reference scores train evaluate:
 # `make report CONFIG=configs/gutenberg-cpu.yaml`: the tables of the latest evaluate artifact (docs/evaluate.md)
 report: setup
 	$(RPT) report -c $(CONFIG)
+
 # Prefect flows (cached on artifact versions; shards mapped over runner.kind): `make neighbors`,
 # `make flow FLOW=full CONFIG=configs/gutenberg.yaml SET="--set runner.kind=dask"`
 FLOW ?= neighbors

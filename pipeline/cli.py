@@ -99,6 +99,7 @@ def report(
     header = [f"{art.ref} ({art.manifest.created_at}): {docs} {art.meta.get('split', 'test')} document(s), "
               f"{tokens:,} tokens; paper column {column}" if tokens is not None else art.ref]
     typer.echo(render_text(metrics, column, header))
+    typer.echo(f"\nreport: {art.file(REPORT_FILE)}\nplots:  {art.file('plots')}/")
 @app.command("flow")
 def run_flow(
     name: Annotated[str, typer.Argument(help="neighbors, supervision, train, evaluate, full, or stages")],
