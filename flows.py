@@ -74,9 +74,15 @@ class Target:
         return f"{self.stage}[{sets}]" if sets else self.stage
 
 
-def flow_targets(name: str, variants: list[str] | None = None, stages: list[str] | None = None) -> list[Target]:
+def flow_targets(
+    name: str, variants: list[str] | None = None, stages: list[str] | None = None
+) -> list[Target]:
     """What each flow builds (everything upstream of these comes with them)."""
-    neighbors = [Target("bm25", {"query": "chunk"}), Target("bm25", {"query": "chunk+target"}), Target("dense")]
+    neighbors = [
+        Target("bm25", {"query": "chunk"}),
+        Target("bm25", {"query": "chunk+target"}),
+        Target("dense"),
+    ]
     supervision = [Target("scores")]
     train = [Target("train", {"variant": v}) for v in (variants or TRAIN_VARIANTS)]
     evaluate = [Target("evaluate")]
@@ -154,15 +160,21 @@ def task_runner_for(run: RunConfigBase) -> TaskRunner[Any]:
             return DaskTaskRunner(address=rc.address)
         return DaskTaskRunner(
             cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                            "dashboard_address": ":0"},
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": ":0",
+            },
         )
     if rc.kind == "ray":
         try:
             from prefect_ray import RayTaskRunner  # type: ignore[import-not-found]
         except ImportError:
-            raise ConfigError("runner.kind=ray needs prefect-ray (pip install prefect-ray), "
-                              "or set runner.kind to threads, processes or dask") from None
+            raise ConfigError(
+                "runner.kind=ray needs prefect-ray (pip install prefect-ray), "
+                "or set runner.kind to threads, processes or dask"
+            ) from None
         return RayTaskRunner(address=rc.address) if rc.address else RayTaskRunner()
     raise ConfigError(f"runner.kind={rc.kind!r} is not supported by the flows")
 
@@ -227,7 +239,9 @@ class StageSummary(BaseModel):
     version: str
     ref: str
     path: str
-    status: str = Field(description="built (here), found (in the store, built elsewhere) or cached (by Prefect)")
+    status: str = Field(
+        description="built (here), found (in the store, built elsewhere) or cached (by Prefect)"
+    )
     rows: int
     files: int
     bytes: int
@@ -238,9 +252,19 @@ class StageSummary(BaseModel):
     @classmethod
     def of(cls, art: Artifact, status: str) -> StageSummary:
         m = art.manifest
-        return cls(stage=m.stage, version=m.version, ref=m.ref, path=art.path, status=status, rows=m.rows,
-                   files=len(m.files), bytes=sum(f.bytes for f in m.files), stats=m.stats, timings=m.timings,
-                   meta=m.meta)
+        return cls(
+            stage=m.stage,
+            version=m.version,
+            ref=m.ref,
+            path=art.path,
+            status=status,
+            rows=m.rows,
+            files=len(m.files),
+            bytes=sum(f.bytes for f in m.files),
+            stats=m.stats,
+            timings=m.timings,
+            meta=m.meta,
+        )
 
 
 @dataclass
@@ -257,8 +281,9 @@ class StagePlan:
 class ArtifactVersion(CachePolicy):
     """Cache key = the artifact version of the task's `node` parameter: nothing else decides what it builds."""
 
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         node: Node = inputs["node"]
         return f"{node.stage}-{node.version}"
 
@@ -299,8 +324,12 @@ def shard_task(ctx: StageContext, shard: Shard, gpu: int | None = None) -> Shard
 
 
 @task(name="stage", persist_result=True, result_serializer="json")
-def stage_task(node: Node, plan: StagePlan | None = None, results: list[ShardResult] | None = None,
-               upstream: list[StageSummary] | None = None) -> StageSummary:
+def stage_task(
+    node: Node,
+    plan: StagePlan | None = None,
+    results: list[ShardResult] | None = None,
+    upstream: list[StageSummary] | None = None,
+) -> StageSummary:
     """Publish a built artifact (plan given) or report the one in the store; cached on the artifact version."""
     route_logs()
     store = ArtifactStore(node.run.root())
@@ -308,8 +337,11 @@ def stage_task(node: Node, plan: StagePlan | None = None, results: list[ShardRes
         summary = StageSummary.of(store.get(node.stage, node.version), "found")
     else:
         all_results = plan.done + list(results or [])
-        timings = {"plan_s": plan.plan_s, "shards_wall_s": time.time() - plan.started,
-                   "shards_cpu_s": sum(r.seconds for r in all_results)}
+        timings = {
+            "plan_s": plan.plan_s,
+            "shards_wall_s": time.time() - plan.started,
+            "shards_cpu_s": sum(r.seconds for r in all_results),
+        }
         summary = StageSummary.of(publish(plan.ctx, node, all_results, timings), "built")
     publish_stats(summary)
     return summary
@@ -317,21 +349,28 @@ def stage_task(node: Node, plan: StagePlan | None = None, results: list[ShardRes
 
 def publish_stats(s: StageSummary) -> None:
     """A Prefect table artifact of the manifest's headline, keyed by stage so the UI keeps its history."""
-    create_table_artifact(table=stats_table(s), key=f"{s.stage}-stats",
-                          description=f"`{s.ref}` ({s.status}) at `{s.path}`")
+    create_table_artifact(
+        table=stats_table(s), key=f"{s.stage}-stats", description=f"`{s.ref}` ({s.status}) at `{s.path}`"
+    )
 
 
 def stats_table(s: StageSummary) -> list[dict[str, str]]:
     """Manifest facts as (field, value) rows: rows, files, stats (flattened), meta, timings."""
-    rows = [{"field": "artifact", "value": s.ref}, {"field": "rows", "value": f"{s.rows:,}"},
-            {"field": "files", "value": str(s.files)}, {"field": "bytes", "value": f"{s.bytes:,}"}]
+    rows = [
+        {"field": "artifact", "value": s.ref},
+        {"field": "rows", "value": f"{s.rows:,}"},
+        {"field": "files", "value": str(s.files)},
+        {"field": "bytes", "value": f"{s.bytes:,}"},
+    ]
 
     def flat(prefix: str, d: Mapping[str, Any]) -> None:
         for k, v in d.items():
             if isinstance(v, Mapping):
                 flat(f"{prefix}{k}.", v)
             else:
-                rows.append({"field": f"{prefix}{k}", "value": f"{v:.4g}" if isinstance(v, float) else str(v)})
+                rows.append(
+                    {"field": f"{prefix}{k}", "value": f"{v:.4g}" if isinstance(v, float) else str(v)}
+                )
 
     flat("stats.", s.stats)
     flat("meta.", s.meta)
@@ -355,18 +394,26 @@ def _cache_storage(root: str) -> Any:
     return block
 
 
-def submit_build(node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int,
-                 gpu_lanes: Lanes) -> list[PrefectFuture[Any]]:
+def submit_build(
+    node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int, gpu_lanes: Lanes
+) -> list[PrefectFuture[Any]]:
     """Map one shard task per pending shard: GPU stages on the flow's GPU lanes, serial-preferring stages
     (under runner.kind auto) on a lane of their own, the rest all at once."""
     impl = node.impl
-    lanes = gpu_lanes if impl.uses_gpu else Lanes(1) if kind == "auto" and impl.preferred_runner == "serial" else None
+    lanes = (
+        gpu_lanes
+        if impl.uses_gpu
+        else Lanes(1)
+        if kind == "auto" and impl.preferred_runner == "serial"
+        else None
+    )
     futs: list[PrefectFuture[Any]] = []
     for shard in plan.todo:
         lane, after = lanes.take() if lanes is not None else (None, None)
         gpu = lane if impl.uses_gpu and gpus > 0 else None
         fut = shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
-            plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else []))
+            plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else [])
+        )
         if lanes is not None:
             lanes.put(lane, fut)
         futs.append(fut)
@@ -374,8 +421,13 @@ def submit_build(node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind
 
 
 @flow(name="rpt-dag", flow_run_name="{flow_name}-dag")
-def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | None = None,
-             variants: list[str] | None = None, stages: list[str] | None = None) -> list[dict[str, Any]]:
+def dag_flow(
+    flow_name: str,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    variants: list[str] | None = None,
+    stages: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Build every artifact of a flow's DAG, wave by wave, under the task runner this flow was given."""
     route_logs()
     run = load_config(config, overrides or [])
@@ -422,15 +474,31 @@ def dag_flow(flow_name: str, config: str | None = None, overrides: list[str] | N
         status = "cached" if futs[n.ref].state.name == "Cached" else s.status
         if status == "cached":  # the task did not run, so its stats table comes from here
             publish_stats(s.model_copy(update={"status": status}))
-        report.append({"stage": n.stage, "version": n.version, "ref": n.ref, "status": status, "rows": s.rows,
-                       "path": s.path})
-    create_table_artifact(table=[{k: str(v) for k, v in r.items()} for r in report], key=f"{flow_name}-summary",
-                          description=f"artifacts of flow `{flow_name}` under {store.uri}")
+        report.append(
+            {
+                "stage": n.stage,
+                "version": n.version,
+                "ref": n.ref,
+                "status": status,
+                "rows": s.rows,
+                "path": s.path,
+            }
+        )
+    create_table_artifact(
+        table=[{k: str(v) for k, v in r.items()} for r in report],
+        key=f"{flow_name}-summary",
+        description=f"artifacts of flow `{flow_name}` under {store.uri}",
+    )
     return report
 
 
-def run_flow(flow_name: str, config: str | None = None, overrides: list[str] | None = None,
-             variants: list[str] | None = None, stages: list[str] | None = None) -> list[dict[str, Any]]:
+def run_flow(
+    flow_name: str,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    variants: list[str] | None = None,
+    stages: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Check the flow's stages are installed, then run the DAG under the config's task runner."""
     run = load_config(config, overrides or [])
     flow_targets(flow_name, variants, stages)  # fail fast, before a server or a cluster starts
@@ -454,8 +522,9 @@ def supervision(config: str | None = None, overrides: list[str] | None = None) -
 
 
 @flow(name="train")
-def train(config: str | None = None, overrides: list[str] | None = None,
-          variants: list[str] | None = None) -> list[dict[str, Any]]:
+def train(
+    config: str | None = None, overrides: list[str] | None = None, variants: list[str] | None = None
+) -> list[dict[str, Any]]:
     """One checkpoint per model variant (default: baseline, retro_bm25, rpt_lex, rpt_sem)."""
     return run_flow("train", config, overrides, variants)
 
@@ -467,21 +536,29 @@ def evaluate(config: str | None = None, overrides: list[str] | None = None) -> l
 
 
 @flow(name="full")
-def full(config: str | None = None, overrides: list[str] | None = None,
-         variants: list[str] | None = None) -> list[dict[str, Any]]:
+def full(
+    config: str | None = None, overrides: list[str] | None = None, variants: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Everything: neighbors, supervision, the trained variants and their evaluation."""
     return run_flow("full", config, overrides, variants)
 
 
 @flow(name="stages")
-def stages(targets: list[str], config: str | None = None, overrides: list[str] | None = None
-           ) -> list[dict[str, Any]]:
+def stages(
+    targets: list[str], config: str | None = None, overrides: list[str] | None = None
+) -> list[dict[str, Any]]:
     """Any stages with their dependencies (e.g. ["chunks"]), for stages that belong to no other flow."""
     return run_flow("stages", config, overrides, stages=targets)
 
 
-FLOWS = {"neighbors": neighbors, "supervision": supervision, "train": train, "evaluate": evaluate, "full": full,
-         "stages": stages}
+FLOWS = {
+    "neighbors": neighbors,
+    "supervision": supervision,
+    "train": train,
+    "evaluate": evaluate,
+    "full": full,
+    "stages": stages,
+}
 
 
 @contextmanager
@@ -512,8 +589,13 @@ def prefect_api() -> Iterator[None]:
         server.stop()
 
 
-def run_named(name: str, config: str | None = None, overrides: list[str] | None = None,
-              variants: list[str] | None = None, targets: list[str] | None = None) -> list[dict[str, Any]]:
+def run_named(
+    name: str,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    variants: list[str] | None = None,
+    targets: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """Entry point of `rpt flow NAME`: run the named parent flow."""
     if name not in FLOWS:
         raise ConfigError(f"unknown flow '{name}' (flows: {', '.join(FLOWS)})")

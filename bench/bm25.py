@@ -177,18 +177,29 @@ def full_corpus(root: Path, run: object, out: dict, with_corpus: bool) -> None:
         for query, kind, workers in modes:
             sets = ["--set", "bm25.scope=corpus"] if query == "corpus" else ["--set", f"bm25.query={query}"]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            r = run_measured([*rpt, *sets, "--set", f"runner.kind={kind}", "--set", f"runner.workers={workers}"], env=env)
+            r = run_measured(
+                [*rpt, *sets, "--set", f"runner.kind={kind}", "--set", f"runner.workers={workers}"], env=env
+            )
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             art = ArtifactStore(str(store)).resolve("bm25")
             rows = art.stats["rows"]
             key = f"{query} {kind} x{workers}"
-            out[key] = {"seconds": round(r["seconds"], 2), "cpu_s": round(cpu, 2), "chunks_per_s": round(rows / r["seconds"]),
-                        "shards_wall_s": art.manifest.timings["shards_wall_s"], "peak_rss_mb": round(r["peak_rss_mb"]),
-                        "fill_rate": art.stats["fill_rate"], "load_avg": os.getloadavg()[0]}
-            print(f"  {key:24s} {r['seconds']:6.1f} s wall ({art.manifest.timings['shards_wall_s']:5.1f} s in shards, "
-                  f"{cpu:5.1f} s CPU)  {rows / r['seconds']:8,.0f} chunks/s  peak RSS {r['peak_rss_mb']:5.0f} MB  "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+            out[key] = {
+                "seconds": round(r["seconds"], 2),
+                "cpu_s": round(cpu, 2),
+                "chunks_per_s": round(rows / r["seconds"]),
+                "shards_wall_s": art.manifest.timings["shards_wall_s"],
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+                "fill_rate": art.stats["fill_rate"],
+                "load_avg": os.getloadavg()[0],
+            }
+            print(
+                f"  {key:24s} {r['seconds']:6.1f} s wall ({art.manifest.timings['shards_wall_s']:5.1f} s in shards, "
+                f"{cpu:5.1f} s CPU)  {rows / r['seconds']:8,.0f} chunks/s  peak RSS {r['peak_rss_mb']:5.0f} MB  "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             shutil.rmtree(store / "bm25")
 
 
@@ -228,21 +239,34 @@ def corpus_scope(reader: object, sample: int, rng: np.random.Generator, out: dic
         ret.retrieve(queries, k=K + 20, show_progress=False, n_threads=1)
     peer_q = peer.cpu / len(qids)
     n = reader.n_chunks
-    out["corpus"] = {"database": len(db), "ours_index_s": round(ours_index, 2), "ours_s_extrapolated": round(ours_q * n, 1),
-                     "bm25s_index_s": round(peer_index, 2), "bm25s_s_extrapolated": round(peer_q * n, 1),
-                     "ratio": round(peer_q / ours_q, 2)}
-    print(f"  ours  (exact own-document mask): index {ours_index:5.1f} s, {1 / ours_q:7.0f} queries/CPU-s, "
-          f"all {n:,} queries ~{ours_q * n:6.0f} s on one core")
-    print(f"  bm25s (top {K}+20, then filter): index {peer_index:5.1f} s, {1 / peer_q:7.0f} queries/CPU-s, "
-          f"all {n:,} queries ~{peer_q * n:6.0f} s on one core")
+    out["corpus"] = {
+        "database": len(db),
+        "ours_index_s": round(ours_index, 2),
+        "ours_s_extrapolated": round(ours_q * n, 1),
+        "bm25s_index_s": round(peer_index, 2),
+        "bm25s_s_extrapolated": round(peer_q * n, 1),
+        "ratio": round(peer_q / ours_q, 2),
+    }
+    print(
+        f"  ours  (exact own-document mask): index {ours_index:5.1f} s, {1 / ours_q:7.0f} queries/CPU-s, "
+        f"all {n:,} queries ~{ours_q * n:6.0f} s on one core"
+    )
+    print(
+        f"  bm25s (top {K}+20, then filter): index {peer_index:5.1f} s, {1 / peer_q:7.0f} queries/CPU-s, "
+        f"all {n:,} queries ~{peer_q * n:6.0f} s on one core"
+    )
     print(f"  ratio ours/bm25s queries/s: {peer_q / ours_q:.2f}x", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--books", type=int, default=44, help="how many books (largest first) for the per-query comparison")
+    ap.add_argument(
+        "--books", type=int, default=44, help="how many books (largest first) for the per-query comparison"
+    )
     ap.add_argument("--sample", type=int, default=20, help="peer queries timed per book")
-    ap.add_argument("--store", default=str(REPO / "artifacts"), help="artifact root holding (or to hold) the chunks")
+    ap.add_argument(
+        "--store", default=str(REPO / "artifacts"), help="artifact root holding (or to hold) the chunks"
+    )
     ap.add_argument("--skip-full", action="store_true", help="skip the whole-corpus `rpt run bm25` timings")
     ap.add_argument("--skip-corpus", action="store_true", help="skip the corpus-scope comparison with bm25s")
     args = ap.parse_args()
@@ -284,13 +308,19 @@ def main() -> None:
     r_rank = peer["clock"].cpu / ours_doc.cpu
     r_causal = peer["clock"].cpu / ours_causal.cpu
     r_s = peer_s["clock"].cpu / ours_doc_l.cpu
-    print(f"  ratio (CPU time) ours/rank-bm25, same numbers: {r_rank:.0f}x;  causal default: {r_causal:.0f}x;  "
-          f"ours/bm25s, same numbers: {r_s:.1f}x  (wall: {peer['clock'].wall / ours_doc.wall:.0f}x, "
-          f"{peer['clock'].wall / ours_causal.wall:.0f}x, {peer_s['clock'].wall / ours_doc_l.wall:.1f}x)")
-    print(f"  rank-bm25 timed on {peer['timed_queries']} queries and extrapolated; "
-          f"our top-{K} ids equal rank-bm25's on {agree:.1%} of a 200-query check;  load {os.getloadavg()[0]:.1f}")
-    result["per_query_one_core"] = {name: {"wall_s": round(c.wall, 2), "cpu_s": round(c.cpu, 2),
-                                           "chunks_per_cpu_s": round(n / c.cpu)} for name, c in rows}
+    print(
+        f"  ratio (CPU time) ours/rank-bm25, same numbers: {r_rank:.0f}x;  causal default: {r_causal:.0f}x;  "
+        f"ours/bm25s, same numbers: {r_s:.1f}x  (wall: {peer['clock'].wall / ours_doc.wall:.0f}x, "
+        f"{peer['clock'].wall / ours_causal.wall:.0f}x, {peer_s['clock'].wall / ours_doc_l.wall:.1f}x)"
+    )
+    print(
+        f"  rank-bm25 timed on {peer['timed_queries']} queries and extrapolated; "
+        f"our top-{K} ids equal rank-bm25's on {agree:.1%} of a 200-query check;  load {os.getloadavg()[0]:.1f}"
+    )
+    result["per_query_one_core"] = {
+        name: {"wall_s": round(c.wall, 2), "cpu_s": round(c.cpu, 2), "chunks_per_cpu_s": round(n / c.cpu)}
+        for name, c in rows
+    }
     result["ratio_rank_bm25_one_core"] = round(r_rank, 1)
     result["ratio_rank_bm25_one_core_causal"] = round(r_causal, 1)
     result["ratio_bm25s_one_core"] = round(r_s, 2)
@@ -304,7 +334,9 @@ def main() -> None:
         two = full.get("chunk threads x2")
         if two:
             ratio = peer["clock"].wall / 2 / two["seconds"]
-            print(f"  two cores: ratio ours (whole `rpt run`, wall) / rank-bm25 (scaled perfectly to 2 cores): {ratio:.0f}x")
+            print(
+                f"  two cores: ratio ours (whole `rpt run`, wall) / rank-bm25 (scaled perfectly to 2 cores): {ratio:.0f}x"
+            )
             result["ratio_rank_bm25_two_cores"] = round(ratio, 1)
 
     if not args.skip_corpus:

@@ -21,8 +21,14 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path = 
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:

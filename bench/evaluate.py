@@ -52,10 +52,18 @@ def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
         return ranking_metrics(ranked, gold, grades)
 
     def build() -> tuple[Any, Any]:
-        qrels = Qrels({f"q{i:07d}": {f"d{d}": int(v) for d, v in zip(gold[i], grades[i]) if d >= 0}
-                       for i in range(len(gold))})
-        run = Run({f"q{i:07d}": {f"d{d}": float(20 - r) for r, d in enumerate(ranked[i]) if d >= 0}
-                   for i in range(len(ranked))})
+        qrels = Qrels(
+            {
+                f"q{i:07d}": {f"d{d}": int(v) for d, v in zip(gold[i], grades[i]) if d >= 0}
+                for i in range(len(gold))
+            }
+        )
+        run = Run(
+            {
+                f"q{i:07d}": {f"d{d}": float(20 - r) for r, d in enumerate(ranked[i]) if d >= 0}
+                for i in range(len(ranked))
+            }
+        )
         return qrels, run
 
     qrels, run = build()
@@ -85,8 +93,10 @@ def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{args.queries:,} queries, max |ours - ranx| = {diff:.2e}")
     print(f"ours (numpy)            {res['ours_s']:.3f} s")
     print(f"ranx build Qrels/Run    {res['ranx_build_s']:.3f} s")
-    print(f"ranx evaluate           {res['ranx_evaluate_s']:.3f} s   (ranx evaluate / ours: "
-          f"{res['ranx_evaluate_over_ours']:.2f}x; with building: {res['ranx_total_over_ours']:.2f}x)")
+    print(
+        f"ranx evaluate           {res['ranx_evaluate_s']:.3f} s   (ranx evaluate / ours: "
+        f"{res['ranx_evaluate_over_ours']:.2f}x; with building: {res['ranx_total_over_ours']:.2f}x)"
+    )
     return res
 
 
@@ -104,12 +114,23 @@ def bench_forward(args: argparse.Namespace) -> dict[str, Any]:
     T = args.chunks * cfg.chunk_len
     x = torch.randint(0, args.vocab, (1, T))
     labels = torch.roll(x, -1, 1)
-    out: dict[str, Any] = {"preset": args.preset, "chunks": args.chunks, "tokens": T,
-                           "params": model.num_params(), "threads": torch.get_num_threads(), "passes": {}}
-    print(f"{args.preset} rpt_sem ({model.num_params():,} params), one document of {args.chunks} chunks "
-          f"({T:,} tokens), {torch.get_num_threads()} thread(s)")
-    for name, kw in [("none", {"source": "none"}), ("retriever K=2", {"source": "retriever", "k": 2}),
-                     ("retriever K=4", {"source": "retriever", "k": 4})]:
+    out: dict[str, Any] = {
+        "preset": args.preset,
+        "chunks": args.chunks,
+        "tokens": T,
+        "params": model.num_params(),
+        "threads": torch.get_num_threads(),
+        "passes": {},
+    }
+    print(
+        f"{args.preset} rpt_sem ({model.num_params():,} params), one document of {args.chunks} chunks "
+        f"({T:,} tokens), {torch.get_num_threads()} thread(s)"
+    )
+    for name, kw in [
+        ("none", {"source": "none"}),
+        ("retriever K=2", {"source": "retriever", "k": 2}),
+        ("retriever K=4", {"source": "retriever", "k": 4}),
+    ]:
         t0 = time.perf_counter()
         with torch.inference_mode():
             model(x, labels, **kw)

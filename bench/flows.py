@@ -47,13 +47,15 @@ def main() -> None:
     logging.getLogger("prefect").setLevel(logging.WARNING)
     logging.getLogger("distributed").setLevel(logging.WARNING)
 
-    rows: dict[str, list[float]] = {k: [] for k in
-                                    ("executor", "flow_threads", "flow_dask2", "executor_rerun", "flow_rerun")}
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("executor", "flow_threads", "flow_dask2", "executor_rerun", "flow_rerun")
+    }
     t0 = time.perf_counter()
     with flows.prefect_api():
         server_s = time.perf_counter() - t0
         for _ in range(args.repeat):
             with tempfile.TemporaryDirectory(prefix="rpt-bench-flows-") as tmp:
+
                 def cfg(store: str, **runner: Any) -> list[str]:  # overrides: own store, runner settings
                     return [f"artifacts_root={tmp}/{store}"] + [f"runner.{k}={v}" for k, v in runner.items()]
 
@@ -78,16 +80,29 @@ def main() -> None:
 
     best = {k: min(v) for k, v in rows.items()}
     n_tasks = len(flows.resolve_targets(load_config(args.config), targets)[1])
-    print(f"config {args.config}, flow {name} {stages or ''}, {n_tasks} artifacts, best of {args.repeat}; "
-          f"Prefect server start {server_s:.1f} s (once)")
+    print(
+        f"config {args.config}, flow {name} {stages or ''}, {n_tasks} artifacts, best of {args.repeat}; "
+        f"Prefect server start {server_s:.1f} s (once)"
+    )
     print(f"{'':22s}{'seconds':>9s}  {'vs executor':>11s}")
     for k in ("executor", "flow_threads", "flow_dask2"):
         print(f"{k:22s}{best[k]:9.2f}  {best[k] / best['executor']:10.2f}x")
     print(f"{'executor_rerun':22s}{best['executor_rerun']:9.2f}")
-    print(f"{'flow_rerun (cached)':22s}{best['flow_rerun']:9.2f}  "
-          f"({best['flow_rerun'] / n_tasks:.2f} s per cached stage)")
-    path = save(f"flows-{name}", {"config": args.config, "flow": name, "targets": [str(t) for t in targets],
-                                  "server_start_s": server_s, "runs": rows, "best": best})
+    print(
+        f"{'flow_rerun (cached)':22s}{best['flow_rerun']:9.2f}  "
+        f"({best['flow_rerun'] / n_tasks:.2f} s per cached stage)"
+    )
+    path = save(
+        f"flows-{name}",
+        {
+            "config": args.config,
+            "flow": name,
+            "targets": [str(t) for t in targets],
+            "server_start_s": server_s,
+            "runs": rows,
+            "best": best,
+        },
+    )
     print(f"saved {path}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import GUTENBERG, REPO, run_measured, save
 
-PEER = r'''
+PEER = r"""
 import gzip, sys, time, json
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq
@@ -42,12 +42,17 @@ for d, p in enumerate(books):
         rows["text"].append(text[offs[k][0]:end])
 pq.write_table(pa.table(rows), out, compression="zstd")
 print(json.dumps({"tokens": n_tok, "seconds": time.perf_counter() - t0}))
-'''
+"""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--books", type=int, default=44, help="how many of the shared books (largest first is not used; sorted by name)")
+    ap.add_argument(
+        "--books",
+        type=int,
+        default=44,
+        help="how many of the shared books (largest first is not used; sorted by name)",
+    )
     args = ap.parse_args()
     books = sorted(GUTENBERG.glob("*.txt.gz"))[: args.books]
     raw_bytes = 0
@@ -67,28 +72,59 @@ def main() -> None:
         for stage in ("documents", "tokenizer", "chunks"):
             r = run_measured([*rpt, stage, *sets], env=env)
             ours[stage] = {"seconds": round(r["seconds"], 2), "peak_rss_mb": round(r["peak_rss_mb"])}
-            print(f"ours  {stage:10s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+            print(
+                f"ours  {stage:10s} {r['seconds']:7.2f} s   peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True
+            )
         from pipeline.store import ArtifactStore
 
         store = ArtifactStore(str(root))
         chunks = store.resolve("chunks")
         tokens = chunks.stats["tokens"]
         tok_path = store.resolve("tokenizer").local_path("tokenizer.json")
-        peer = run_measured([sys.executable, "-c", PEER, json.dumps([str(b) for b in books]), str(tok_path),
-                             str(Path(tmp) / "peer.parquet")])
+        peer = run_measured(
+            [
+                sys.executable,
+                "-c",
+                PEER,
+                json.dumps([str(b) for b in books]),
+                str(tok_path),
+                str(Path(tmp) / "peer.parquet"),
+            ]
+        )
         peer_stats = json.loads(peer["output"].strip().splitlines()[-1])
-    ours_tc = ours["documents"]["seconds"] + ours["chunks"]["seconds"]  # ingest + tokenize + chunk (tokenizer training apart)
+    ours_tc = (
+        ours["documents"]["seconds"] + ours["chunks"]["seconds"]
+    )  # ingest + tokenize + chunk (tokenizer training apart)
     print()
-    print(f"corpus: {len(books)} books, {raw_bytes / 1e6:.1f} MB of text, {tokens:,} tokens, {chunks.stats['chunks']:,} chunks")
-    print(f"ours  ingest+tokenize+chunk: {ours_tc:6.1f} s  {tokens / ours_tc:10,.0f} tokens/s  "
-          f"(process wall time, incl. start-up and writing; tokenizer training {ours['tokenizer']['seconds']:.1f} s apart)")
-    print(f"peer  naive per-book loop:   {peer['seconds']:6.1f} s  {peer_stats['tokens'] / peer['seconds']:10,.0f} tokens/s  "
-          f"peak RSS {peer['peak_rss_mb']:.0f} MB")
-    print(f"ratio ours/peer throughput: {(tokens / ours_tc) / (peer_stats['tokens'] / peer['seconds']):.2f}x;  "
-          f"peak RSS ours (max stage) {max(v['peak_rss_mb'] for v in ours.values())} MB")
-    path = save("ingest", {"books": len(books), "tokens": tokens, "ours": ours, "ours_tokens_per_s": tokens / ours_tc,
-                           "peer": {"seconds": peer["seconds"], "peak_rss_mb": peer["peak_rss_mb"],
-                                    "tokens_per_s": peer_stats["tokens"] / peer["seconds"]}})
+    print(
+        f"corpus: {len(books)} books, {raw_bytes / 1e6:.1f} MB of text, {tokens:,} tokens, {chunks.stats['chunks']:,} chunks"
+    )
+    print(
+        f"ours  ingest+tokenize+chunk: {ours_tc:6.1f} s  {tokens / ours_tc:10,.0f} tokens/s  "
+        f"(process wall time, incl. start-up and writing; tokenizer training {ours['tokenizer']['seconds']:.1f} s apart)"
+    )
+    print(
+        f"peer  naive per-book loop:   {peer['seconds']:6.1f} s  {peer_stats['tokens'] / peer['seconds']:10,.0f} tokens/s  "
+        f"peak RSS {peer['peak_rss_mb']:.0f} MB"
+    )
+    print(
+        f"ratio ours/peer throughput: {(tokens / ours_tc) / (peer_stats['tokens'] / peer['seconds']):.2f}x;  "
+        f"peak RSS ours (max stage) {max(v['peak_rss_mb'] for v in ours.values())} MB"
+    )
+    path = save(
+        "ingest",
+        {
+            "books": len(books),
+            "tokens": tokens,
+            "ours": ours,
+            "ours_tokens_per_s": tokens / ours_tc,
+            "peer": {
+                "seconds": peer["seconds"],
+                "peak_rss_mb": peer["peak_rss_mb"],
+                "tokens_per_s": peer_stats["tokens"] / peer["seconds"],
+            },
+        },
+    )
     print(f"saved {path.relative_to(REPO)}")
 
 

@@ -33,24 +33,35 @@ SHAPES = {  # Pythia shapes (GPT-NeoX, vocab padded to 50304)
 }
 
 
-def make_model(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, dtype: Any, device: Any) -> Any:
+def make_model(
+    hidden: int, layers: int, heads: int, intermediate: int, vocab: int, dtype: Any, device: Any
+) -> Any:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=2048)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=2048,
+    )
     return GPTNeoXForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
-def synthetic_document(n_chunks: int, candidates: int, exclude_recent: int, vocab: int, chunk_len: int = 64,
-                       seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+def synthetic_document(
+    n_chunks: int, candidates: int, exclude_recent: int, vocab: int, chunk_len: int = 64, seed: int = 0
+) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
     """One document of full chunks; every query with retrievable chunks gets up to `candidates` of them."""
     rng = np.random.default_rng(seed)
     toks = [rng.integers(0, vocab, chunk_len) for _ in range(n_chunks)]
     queries = np.arange(exclude_recent + 1, n_chunks - 1)
-    cands = [rng.choice(i - exclude_recent, size=min(candidates, i - exclude_recent), replace=False)
-             for i in queries]
+    cands = [
+        rng.choice(i - exclude_recent, size=min(candidates, i - exclude_recent), replace=False)
+        for i in queries
+    ]
     return toks, queries, cands
 
 
@@ -67,7 +78,9 @@ def pair_list(queries: np.ndarray, cands: list[np.ndarray]) -> list[tuple[int, t
     return out
 
 
-def naive_one(model: Any, toks: list[np.ndarray], pairs: list[tuple[int, tuple[int, ...]]], device: Any) -> list[float]:
+def naive_one(
+    model: Any, toks: list[np.ndarray], pairs: list[tuple[int, tuple[int, ...]]], device: Any
+) -> list[float]:
     """One plain HF forward per pair, full logits, log-softmax, sum over the target's tokens."""
     import torch
 
@@ -82,8 +95,14 @@ def naive_one(model: Any, toks: list[np.ndarray], pairs: list[tuple[int, tuple[i
     return out
 
 
-def naive_batched(model: Any, toks: list[np.ndarray], pairs: list[tuple[int, tuple[int, ...]]], device: Any,
-                  batch_tokens: int, lm: Any = None) -> list[float]:
+def naive_batched(
+    model: Any,
+    toks: list[np.ndarray],
+    pairs: list[tuple[int, tuple[int, ...]]],
+    device: Any,
+    batch_tokens: int,
+    lm: Any = None,
+) -> list[float]:
     """Full 256-token sequences in batches (no padding needed). With `lm` (a ScoringLM), the log-probs come
     from our head path (hidden states at target positions only, blocked float32 logits), so the ratio to
     ours isolates the reuse of prefix states; without, a plain HF call computes all logits."""
@@ -95,8 +114,12 @@ def naive_batched(model: Any, toks: list[np.ndarray], pairs: list[tuple[int, tup
     rows = max(1, batch_tokens // seq)
     with torch.inference_mode():
         for a in range(0, len(pairs), rows):
-            ids = np.stack([np.concatenate([*(toks[c] for c in pre), toks[i], toks[i + 1]])
-                            for i, pre in pairs[a : a + rows]])
+            ids = np.stack(
+                [
+                    np.concatenate([*(toks[c] for c in pre), toks[i], toks[i + 1]])
+                    for i, pre in pairs[a : a + rows]
+                ]
+            )
             x = torch.from_numpy(ids).to(device)
             if lm is not None:
                 h = lm.base(input_ids=x).last_hidden_state[:, -t - 1 : -1].reshape(-1, lm.head_w.shape[1])
@@ -104,8 +127,9 @@ def naive_batched(model: Any, toks: list[np.ndarray], pairs: list[tuple[int, tup
                 out.extend(lm.target_logp(h, x[:, -t:].reshape(-1), r, len(ids)).tolist())
                 continue
             logits = model(input_ids=x).logits[:, -t - 1 : -1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, -t:].reshape(-1),
-                                                    reduction="none")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, -t:].reshape(-1), reduction="none"
+            )
             out.extend((-nll.view(len(ids), t).sum(1)).tolist())
     return out
 
@@ -125,23 +149,31 @@ def speed(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    model = make_model(args.hidden, args.layers, args.heads, args.intermediate, args.vocab, torch.float32, device)
+    model = make_model(
+        args.hidden, args.layers, args.heads, args.intermediate, args.vocab, torch.float32, device
+    )
     lm = ScoringLM(model, device, torch.float32)
     toks, queries, cands = synthetic_document(args.chunks, args.candidates, args.exclude_recent, args.vocab)
     ds, de = np.zeros(len(toks), np.int64), np.full(len(toks), len(toks))
     pairs = pair_list(queries, cands)
     sub = [p for p in pairs if p[0] in set(queries[: args.naive_queries].tolist())]
     subB = [p for p in pairs if p[0] in set(queries[: 4 * args.naive_queries].tolist())]
-    print(f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
-          f"{lm.params / 1e6:.1f}M params; torch threads {torch.get_num_threads()}")
-    print(f"document: {args.chunks} chunks, {len(queries)} queries, {len(pairs)} pairs "
-          f"(naive-1 on {len(sub)}, naive-B on {len(subB)} of them)")
+    print(
+        f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+        f"{lm.params / 1e6:.1f}M params; torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"document: {args.chunks} chunks, {len(queries)} queries, {len(pairs)} pairs "
+        f"(naive-1 on {len(sub)}, naive-B on {len(subB)} of them)"
+    )
     rounds: list[dict[str, float]] = []
     max_err = 0.0
     for r in range(args.repeats):
         res = {}
         t0 = time.perf_counter()
-        qs, counts = score_queries(lm, queries, cands, ds, de, toks.__getitem__, args.batch_tokens, args.kv_cache_mb)
+        qs, counts = score_queries(
+            lm, queries, cands, ds, de, toks.__getitem__, args.batch_tokens, args.kv_cache_mb
+        )
         res["ours"] = counts["pairs"] / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         naive = naive_one(model, toks, sub, device)
@@ -163,14 +195,31 @@ def speed(args: argparse.Namespace) -> None:
         print(f"round {r + 1}: " + "  ".join(f"{k} {v:8.1f} pairs/s" for k, v in res.items()), flush=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     ratios = {k: [r["ours"] / r[k] for r in rounds] for k in rounds[0] if k != "ours"}
-    print(f"\nforward tokens per pair: ours {(counts['prefix_tokens'] + counts['suffix_tokens']) / counts['pairs']:.0f}, "
-          f"naive {4 * len(toks[0])};  max |ours - naive-1| = {max_err:.2e} nats")
+    print(
+        f"\nforward tokens per pair: ours {(counts['prefix_tokens'] + counts['suffix_tokens']) / counts['pairs']:.0f}, "
+        f"naive {4 * len(toks[0])};  max |ours - naive-1| = {max_err:.2e} nats"
+    )
     for k, v in med.items():
-        extra = "" if k == "ours" else (f"   ours/{k}: median {statistics.median(ratios[k]):.2f}x "
-                                        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios[k])})")
+        extra = (
+            ""
+            if k == "ours"
+            else (
+                f"   ours/{k}: median {statistics.median(ratios[k]):.2f}x "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in ratios[k])})"
+            )
+        )
         print(f"{k:10s} {v:9.1f} pairs/s{extra}")
-    path = save("scores_speed", {"args": vars(args), "rounds": rounds, "median_pairs_per_s": med,
-                                 "ratios": ratios, "max_abs_diff": max_err, "params": lm.params})
+    path = save(
+        "scores_speed",
+        {
+            "args": vars(args),
+            "rounds": rounds,
+            "median_pairs_per_s": med,
+            "ratios": ratios,
+            "max_abs_diff": max_err,
+            "params": lm.params,
+        },
+    )
     print(f"saved {path}")
 
 
@@ -187,17 +236,23 @@ def mfu(args: argparse.Namespace) -> None:
     results = {}
     for shape in args.shapes:
         s = SHAPES[shape]
-        model = make_model(s["hidden"], s["layers"], s["heads"], s["intermediate"], 50304, torch.bfloat16, device)
+        model = make_model(
+            s["hidden"], s["layers"], s["heads"], s["intermediate"], 50304, torch.bfloat16, device
+        )
         lm = ScoringLM(model, device, torch.bfloat16)
         n_all = lm.params
         n_fwd = n_all - model.get_input_embeddings().weight.numel()
         toks, queries, cands = synthetic_document(args.chunks, args.candidates, args.exclude_recent, 50304)
         ds, de = np.zeros(len(toks), np.int64), np.full(len(toks), len(toks))
         warm = slice(0, 32)
-        score_queries(lm, queries[warm], cands[warm], ds, de, toks.__getitem__, args.batch_tokens, args.kv_cache_mb)
+        score_queries(
+            lm, queries[warm], cands[warm], ds, de, toks.__getitem__, args.batch_tokens, args.kv_cache_mb
+        )
         sync(device)
         t0 = time.perf_counter()
-        _, counts = score_queries(lm, queries, cands, ds, de, toks.__getitem__, args.batch_tokens, args.kv_cache_mb)
+        _, counts = score_queries(
+            lm, queries, cands, ds, de, toks.__getitem__, args.batch_tokens, args.kv_cache_mb
+        )
         sync(device)
         sec = time.perf_counter() - t0
         tok_s = (counts["prefix_tokens"] + counts["suffix_tokens"]) / sec
@@ -209,16 +264,23 @@ def mfu(args: argparse.Namespace) -> None:
         sync(device)
         naive_ps = len(pairs) / (time.perf_counter() - t0)
         r = {
-            "params": n_all, "params_no_input_embedding": n_fwd, "pairs_per_s": counts["pairs"] / sec,
-            "forward_tokens_per_s": tok_s, "mfu": 2 * n_all * tok_s / (args.peak_tflops * 1e12),
+            "params": n_all,
+            "params_no_input_embedding": n_fwd,
+            "pairs_per_s": counts["pairs"] / sec,
+            "forward_tokens_per_s": tok_s,
+            "mfu": 2 * n_all * tok_s / (args.peak_tflops * 1e12),
             "mfu_no_input_embedding": 2 * n_fwd * tok_s / (args.peak_tflops * 1e12),
-            "naive_batched_pairs_per_s": naive_ps, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "naive_batched_pairs_per_s": naive_ps,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
         }
         results[shape] = r
-        print(f"{shape}: {n_all / 1e6:.0f}M params, {r['pairs_per_s']:,.0f} pairs/s, {tok_s:,.0f} forward tokens/s, "
-              f"MFU {100 * r['mfu']:.1f}% (excluding the input embedding {100 * r['mfu_no_input_embedding']:.1f}%) "
-              f"of {args.peak_tflops} TFLOP/s; naive batched {naive_ps:,.0f} pairs/s "
-              f"(ours {r['pairs_per_s'] / naive_ps:.2f}x); peak memory {r['peak_mem_gb']:.1f} GB", flush=True)
+        print(
+            f"{shape}: {n_all / 1e6:.0f}M params, {r['pairs_per_s']:,.0f} pairs/s, {tok_s:,.0f} forward tokens/s, "
+            f"MFU {100 * r['mfu']:.1f}% (excluding the input embedding {100 * r['mfu_no_input_embedding']:.1f}%) "
+            f"of {args.peak_tflops} TFLOP/s; naive batched {naive_ps:,.0f} pairs/s "
+            f"(ours {r['pairs_per_s'] / naive_ps:.2f}x); peak memory {r['peak_mem_gb']:.1f} GB",
+            flush=True,
+        )
         del model, lm
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -239,10 +301,18 @@ def headroom(args: argparse.Namespace) -> None:
     setup_logging("INFO")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sets = [f"artifacts_root={args.root}", f"reference.steps={args.steps}", f"reference.hidden={args.hidden}",
-            f"reference.layers={args.layers}", f"reference.heads={args.heads}",
-            f"reference.intermediate={4 * args.hidden}", f"reference.batch={args.batch}",
-            f"reference.seq_len={args.seq_len}", f"reference.lr={args.lr}", "reference.warmup=50"]
+    sets = [
+        f"artifacts_root={args.root}",
+        f"reference.steps={args.steps}",
+        f"reference.hidden={args.hidden}",
+        f"reference.layers={args.layers}",
+        f"reference.heads={args.heads}",
+        f"reference.intermediate={4 * args.hidden}",
+        f"reference.batch={args.batch}",
+        f"reference.seq_len={args.seq_len}",
+        f"reference.lr={args.lr}",
+        "reference.warmup=50",
+    ]
     run = load_config(args.config, sets)
     node = resolve("scores", run)
     t0 = time.perf_counter()
@@ -272,19 +342,25 @@ def headroom(args: argparse.Namespace) -> None:
     qs, counts = score_queries(lm, queries, cands, ds, de, tokens, 8192, 1024)
     t_sc = time.perf_counter() - t0
     delta = [lp - loc for lp, loc in zip(qs.logp_candidate, qs.logp_local)]
-    print(f"\nreference LM: {ref.stats['params'] / 1e6:.1f}M params, trained {ref.stats['steps']} steps "
-          f"({ref.stats['train_tokens_seen']:,} tokens) in {ref.stats.get('train_s', 0):.0f} s; "
-          f"valid ppl {ref.stats['valid_ppl']:.1f} (build {t_ref:.0f} s, bm25 {t_bm:.0f} s)")
-    print(f"scored {len(queries)} random {args.split} queries with >= 1 candidate ({len(pool)} of {n_all} "
-          f"queries with a target have one), {counts['pairs']} pairs in {t_sc:.0f} s "
-          f"({counts['pairs'] / t_sc:.1f} pairs/s)")
+    print(
+        f"\nreference LM: {ref.stats['params'] / 1e6:.1f}M params, trained {ref.stats['steps']} steps "
+        f"({ref.stats['train_tokens_seen']:,} tokens) in {ref.stats.get('train_s', 0):.0f} s; "
+        f"valid ppl {ref.stats['valid_ppl']:.1f} (build {t_ref:.0f} s, bm25 {t_bm:.0f} s)"
+    )
+    print(
+        f"scored {len(queries)} random {args.split} queries with >= 1 candidate ({len(pool)} of {n_all} "
+        f"queries with a target have one), {counts['pairs']} pairs in {t_sc:.0f} s "
+        f"({counts['pairs'] / t_sc:.1f} pairs/s)"
+    )
     out = {}
     for k in HEADROOM_K:
         frac = float(np.mean([(d[:k] > 0).any() for d in delta]))
         mx = float(np.mean([d[:k].max() for d in delta]))
         out[k] = {"fraction_with_positive": frac, "mean_max_delta": mx}
-        print(f"top-{k:2d} bm25 candidates: {100 * frac:5.1f}% of queries have a positive (delta > 0); "
-              f"mean max delta {mx:+.3f} nats")
+        print(
+            f"top-{k:2d} bm25 candidates: {100 * frac:5.1f}% of queries have a positive (delta > 0); "
+            f"mean max delta {mx:+.3f} nats"
+        )
     rate = float(np.mean(np.concatenate(delta) > 0))
     print(f"positive rate over all scored candidates: {rate:.3f}")
     control = {}
@@ -292,21 +368,39 @@ def headroom(args: argparse.Namespace) -> None:
         # the same queries with random retrievable chunks instead of bm25's: how much of the above is the
         # candidates' content rather than noise of the reference LM
         ex = run.bm25.exclude_recent
-        rand = [np.sort(rng.choice(np.arange(ds[q], q - ex), size=len(c), replace=False)) for q, c in zip(queries, cands)]
+        rand = [
+            np.sort(rng.choice(np.arange(ds[q], q - ex), size=len(c), replace=False))
+            for q, c in zip(queries, cands)
+        ]
         t0 = time.perf_counter()
         qr, _ = score_queries(lm, queries, rand, ds, de, tokens, 8192, 1024)
         dr = [lp - loc for lp, loc in zip(qr.logp_candidate, qr.logp_local)]
-        control = {"positive_rate": float(np.mean(np.concatenate(dr) > 0)),
-                   "fraction_with_positive": float(np.mean([(d > 0).any() for d in dr])),
-                   "mean_max_delta": float(np.mean([d.max() for d in dr])), "score_s": time.perf_counter() - t0}
-        print(f"control, as many random retrievable chunks per query: positive rate {control['positive_rate']:.3f}, "
-              f"{100 * control['fraction_with_positive']:.1f}% of queries have a positive, mean max delta "
-              f"{control['mean_max_delta']:+.3f} nats")
-    path = save("scores_headroom", {
-        "args": vars(args), "reference": {k: ref.stats.get(k) for k in ("params", "steps", "valid_ppl", "train_s")},
-        "queries": len(queries), "pool": len(pool), "queries_with_target": n_all, "pairs": counts["pairs"],
-        "score_s": t_sc, "headroom": out, "positive_rate": rate, "control_random_candidates": control,
-    })
+        control = {
+            "positive_rate": float(np.mean(np.concatenate(dr) > 0)),
+            "fraction_with_positive": float(np.mean([(d > 0).any() for d in dr])),
+            "mean_max_delta": float(np.mean([d.max() for d in dr])),
+            "score_s": time.perf_counter() - t0,
+        }
+        print(
+            f"control, as many random retrievable chunks per query: positive rate {control['positive_rate']:.3f}, "
+            f"{100 * control['fraction_with_positive']:.1f}% of queries have a positive, mean max delta "
+            f"{control['mean_max_delta']:+.3f} nats"
+        )
+    path = save(
+        "scores_headroom",
+        {
+            "args": vars(args),
+            "reference": {k: ref.stats.get(k) for k in ("params", "steps", "valid_ppl", "train_s")},
+            "queries": len(queries),
+            "pool": len(pool),
+            "queries_with_target": n_all,
+            "pairs": counts["pairs"],
+            "score_s": t_sc,
+            "headroom": out,
+            "positive_rate": rate,
+            "control_random_candidates": control,
+        },
+    )
     print(f"saved {path}")
 
 
@@ -320,11 +414,15 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--intermediate", type=int, default=1024)
     sp.add_argument("--vocab", type=int, default=16384)
     sp.add_argument("--chunks", type=int, default=100, help="chunks of the synthetic document")
-    sp.add_argument("--naive-queries", type=int, default=6, help="queries timed with naive-1 (x4 for naive-B)")
+    sp.add_argument(
+        "--naive-queries", type=int, default=6, help="queries timed with naive-1 (x4 for naive-B)"
+    )
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--threads", type=int, default=None)
     mp = sub.add_parser("mfu", help="model FLOP utilisation on a GPU for Pythia-shaped random models")
-    mp.add_argument("--peak-tflops", type=float, required=True, help="the GPU's dense bf16 peak (H100 SXM: 989)")
+    mp.add_argument(
+        "--peak-tflops", type=float, required=True, help="the GPU's dense bf16 peak (H100 SXM: 989)"
+    )
     mp.add_argument("--shapes", nargs="+", default=["410m", "1.4b"], choices=list(SHAPES))
     mp.add_argument("--chunks", type=int, default=1200)
     hp = sub.add_parser("headroom", help="fraction of queries with a positive candidate on the shared books")
@@ -340,9 +438,15 @@ def main(argv: list[str] | None = None) -> None:
     hp.add_argument("--seq-len", type=int, default=256)
     hp.add_argument("--lr", type=float, default=2e-3)
     hp.add_argument("--seed", type=int, default=0)
-    hp.add_argument("--no-control", dest="control", action="store_false",
-                    help="skip scoring random candidates as a control")
-    hp.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)")
+    hp.add_argument(
+        "--no-control",
+        dest="control",
+        action="store_false",
+        help="skip scoring random candidates as a control",
+    )
+    hp.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 is faster on a busy 2-core machine)"
+    )
     for p in (sp, mp):
         p.add_argument("--candidates", type=int, default=20)
         p.add_argument("--exclude-recent", type=int, default=16)

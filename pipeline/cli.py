@@ -19,9 +19,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 artifacts_app = typer.Typer(no_args_is_help=True, help="List, show and verify artifacts in the store.")
 app.add_typer(artifacts_app, name="artifacts")
 
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="run config (YAML); default: all defaults")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]
-RootOpt = Annotated[str | None, typer.Option("--root", help="artifact store root (default: from -c, RPT_ARTIFACTS or ./artifacts)")]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="run config (YAML); default: all defaults")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")
+]
+RootOpt = Annotated[
+    str | None,
+    typer.Option("--root", help="artifact store root (default: from -c, RPT_ARTIFACTS or ./artifacts)"),
+]
 LogOpt = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")]
 
 
@@ -50,7 +57,9 @@ def run(
     stage: Annotated[str, typer.Argument(help="stage to build, e.g. chunks, bm25")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    with_deps: Annotated[bool, typer.Option("--with-deps", help="build missing upstream artifacts first")] = False,
+    with_deps: Annotated[
+        bool, typer.Option("--with-deps", help="build missing upstream artifacts first")
+    ] = False,
     log_level: LogOpt = "INFO",
 ) -> None:
     """Build one stage's artifact (a no-op that prints the existing version when it is up to date)."""
@@ -79,10 +88,14 @@ def status(
 
 @app.command()
 def report(
-    spec: Annotated[str, typer.Argument(help="evaluate artifact: evaluate (latest), evaluate@VERSION or @REF")] = "evaluate",
+    spec: Annotated[
+        str, typer.Argument(help="evaluate artifact: evaluate (latest), evaluate@VERSION or @REF")
+    ] = "evaluate",
     root: RootOpt = None,
     config: ConfigOpt = None,
-    markdown: Annotated[bool, typer.Option("--markdown", help="print the artifact's report.md instead")] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="print the artifact's report.md instead")
+    ] = False,
 ) -> None:
     """Print the perplexity and retrieval tables of an evaluate artifact (default: the latest)."""
     from pipeline.report import REPORT_FILE, read_metrics, render_text
@@ -96,19 +109,31 @@ def report(
         return
     column = art.meta.get("paper_column", "PG19")
     docs, tokens = art.stats.get("docs"), art.stats.get("tokens")
-    header = [f"{art.ref} ({art.manifest.created_at}): {docs} {art.meta.get('split', 'test')} document(s), "
-              f"{tokens:,} tokens; paper column {column}" if tokens is not None else art.ref]
+    header = [
+        f"{art.ref} ({art.manifest.created_at}): {docs} {art.meta.get('split', 'test')} document(s), "
+        f"{tokens:,} tokens; paper column {column}"
+        if tokens is not None
+        else art.ref
+    ]
     typer.echo(render_text(metrics, column, header))
     typer.echo(f"\nreport: {art.file(REPORT_FILE)}\nplots:  {art.file('plots')}/")
+
+
 @app.command("flow")
 def run_flow(
     name: Annotated[str, typer.Argument(help="neighbors, supervision, train, evaluate, full, or stages")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    variant: Annotated[list[str] | None, typer.Option("--variant", help="train/full: only these model variants "
-                                                      "(repeatable; default: all four)")] = None,
-    target: Annotated[list[str] | None, typer.Option("--target", help="stages flow: stages to build "
-                                                     "with their inputs (repeatable)")] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant", help="train/full: only these model variants (repeatable; default: all four)"
+        ),
+    ] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="stages flow: stages to build with their inputs (repeatable)"),
+    ] = None,
     log_level: LogOpt = "INFO",
 ) -> None:
     """Run a Prefect flow over the stage DAG (cached on artifact versions; tasks mapped over `runner.kind`).
@@ -117,7 +142,9 @@ def run_flow(
     _setup(log_level)
     from flows import run_named
 
-    report = run_named(name, config, list(set_ or []), list(variant or []) or None, list(target or []) or None)
+    report = run_named(
+        name, config, list(set_ or []), list(variant or []) or None, list(target or []) or None
+    )
     w = max((len(r["ref"]) for r in report), default=10)
     for r in report:
         typer.echo(f"{r['status']:7s} {r['ref']:{w}}  {r['rows']:>12,} rows  {r['path']}")
@@ -178,7 +205,9 @@ def _lineage(store, ref: str, depth: int = 0, seen: set[str] | None = None) -> l
 
 @artifacts_app.command("show")
 def artifacts_show(
-    spec: Annotated[str, typer.Argument(help="STAGE, STAGE@VERSION (a unique prefix is enough) or STAGE@REF")],
+    spec: Annotated[
+        str, typer.Argument(help="STAGE, STAGE@VERSION (a unique prefix is enough) or STAGE@REF")
+    ],
     rows: Annotated[int, typer.Option("--rows", "-n", help="first rows to print")] = 5,
     root: RootOpt = None,
     config: ConfigOpt = None,
@@ -230,7 +259,11 @@ def artifacts_verify(
     if spec and "@" in spec:
         arts = [store.resolve(spec)]
     else:
-        arts = [store.get(m.stage, m.version) for s in ([spec] if spec else store.stages()) for m in store.versions(s)]
+        arts = [
+            store.get(m.stage, m.version)
+            for s in ([spec] if spec else store.stages())
+            for m in store.versions(s)
+        ]
     bad = 0
     for a in arts:
         problems = a.verify()

@@ -40,14 +40,20 @@ class RunnerConfig(BaseModel):
         "auto", description="auto: the stage's preferred runner (threads for I/O, processes for CPU work)"
     )
     workers: int | None = Field(None, ge=1, description="parallel shards; default: CPU count")
-    address: str | None = Field(None, description="dask scheduler or ray address; None starts a local cluster")
-    gpus: int | None = Field(None, ge=0, description="GPUs for GPU stages (one worker each); default: all visible")
+    address: str | None = Field(
+        None, description="dask scheduler or ray address; None starts a local cluster"
+    )
+    gpus: int | None = Field(
+        None, ge=0, description="GPUs for GPU stages (one worker each); default: all visible"
+    )
 
 
 class RunConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
-    artifacts_root: str = Field("./artifacts", description="local path or fsspec URI; RPT_ARTIFACTS overrides")
+    artifacts_root: str = Field(
+        "./artifacts", description="local path or fsspec URI; RPT_ARTIFACTS overrides"
+    )
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     # filled in by load_config, never part of a version
@@ -60,7 +66,9 @@ class RunConfigBase(BaseModel):
         try:
             return getattr(self, stage)
         except AttributeError as e:
-            raise ConfigError(f"no config section '{stage}' (known stages: {', '.join(stage_names())})") from e
+            raise ConfigError(
+                f"no config section '{stage}' (known stages: {', '.join(stage_names())})"
+            ) from e
 
     def with_section(self, stage: str, overrides: Mapping[str, Any]) -> RunConfigBase:
         """A copy with `overrides` applied to one stage section (validated)."""

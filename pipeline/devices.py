@@ -32,7 +32,9 @@ def resolve_device(spec: str) -> Any:
     try:
         dev = torch.device(spec)
     except RuntimeError as e:
-        raise ConfigError(f"device {spec!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(
+            f"device {spec!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {spec!r}: CUDA is not available on this machine; use device=auto or cpu")
     return dev

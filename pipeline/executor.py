@@ -76,7 +76,10 @@ def resolve(stage: str, run: RunConfigBase, _memo: dict[str, Node] | None = None
         return memo[key]
     impl = get_stage(stage)
     refs = impl.inputs(run)
-    inputs = {role: resolve(ref.stage, run.with_section(ref.stage, ref.overrides), memo) for role, ref in refs.items()}
+    inputs = {
+        role: resolve(ref.stage, run.with_section(ref.stage, ref.overrides), memo)
+        for role, ref in refs.items()
+    }
     cfg = run.section(stage)
     fp = impl.fingerprint(cfg)
     version = artifact_version(
@@ -163,7 +166,12 @@ def _scan_files(ctx: StageContext) -> list[FileEntry]:
     for p in sorted(ctx.fs.find(ctx.workdir)):
         rel = p[len(ctx.workdir.rstrip("/")) + 1 :] if p.startswith(ctx.workdir) else p.rsplit("/", 1)[-1]
         base = rel.rsplit("/", 1)[-1]
-        if rel.startswith(SHARDS_DIR + "/") or base.startswith(".") or ".tmp-" in base or base == "manifest.json":
+        if (
+            rel.startswith(SHARDS_DIR + "/")
+            or base.startswith(".")
+            or ".tmp-" in base
+            or base == "manifest.json"
+        ):
             continue
         rows = parquet_rows(p, ctx.fs) if base.endswith(".parquet") else None
         entries.append(FileEntry(path=rel, bytes=ctx.fs.size(p), sha256=sha256_file(p, ctx.fs), rows=rows))
@@ -200,8 +208,13 @@ def publish(ctx: StageContext, node: Node, results: list[ShardResult], timings: 
     )
     ctx.fs.rm(ctx.path(SHARDS_DIR), recursive=True)
     art = ctx.store.publish(ctx.workdir, manifest)
-    log.info("built %s: %s rows, %d files in %.1f s", art.ref, f"{manifest.rows:,}", len(files),
-             sum(v for k, v in timings.items() if k in ("plan_s", "shards_wall_s", "finalize_s")))
+    log.info(
+        "built %s: %s rows, %d files in %.1f s",
+        art.ref,
+        f"{manifest.rows:,}",
+        len(files),
+        sum(v for k, v in timings.items() if k in ("plan_s", "shards_wall_s", "finalize_s")),
+    )
     return art
 
 
@@ -244,8 +257,12 @@ def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[Shard
         elif kind == "dask":
             from distributed import Client, LocalCluster, as_completed
 
-            cluster = None if node.run.runner.address else LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            cluster = (
+                None
+                if node.run.runner.address
+                else LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
             )
             with Client(node.run.runner.address or cluster) as client:
                 futs = client.map(run_shard, [ctx] * len(shards), shards, pure=False)
@@ -280,7 +297,8 @@ def missing_input_error(node: Node, role: str, child: Node) -> ArtifactError:
     src = f" -c {node.run.source_file}" if node.run.source_file else ""
     return ArtifactError(
         f"{node.stage} needs input '{role}' = {child.ref}, which is not built. "
-        f"Run `rpt run {child.stage}{src} {sets}`".rstrip() + " first, or add --with-deps."
+        f"Run `rpt run {child.stage}{src} {sets}`".rstrip()
+        + " first, or add --with-deps."
     )
 
 

@@ -196,7 +196,9 @@ def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema([("chunk_id", pa.int64()), ("embedding", pa.list_(pa.float16(), dim))])
 
 
-def read_embeddings(art: Artifact, lo: int | None = None, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_embeddings(
+    art: Artifact, lo: int | None = None, hi: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(chunk ids [n], float16 embeddings [n, d]) of an embeddings artifact, optionally only the
     chunk ids in [lo, hi) (row groups outside the range are skipped by their statistics)."""
     import pyarrow.compute as pc

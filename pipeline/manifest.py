@@ -14,8 +14,20 @@ FORMAT = 1
 
 # Recorded in every manifest, so a result can be traced to the library versions that made it.
 _PACKAGES = (
-    "rpt-pipeline", "torch", "numpy", "scipy", "pyarrow", "polars", "tokenizers", "transformers",
-    "sentence-transformers", "faiss-cpu", "faiss-gpu", "bm25s", "rank-bm25", "prefect",
+    "rpt-pipeline",
+    "torch",
+    "numpy",
+    "scipy",
+    "pyarrow",
+    "polars",
+    "tokenizers",
+    "transformers",
+    "sentence-transformers",
+    "faiss-cpu",
+    "faiss-gpu",
+    "bm25s",
+    "rank-bm25",
+    "prefect",
 )
 
 
@@ -55,7 +67,9 @@ class Manifest(BaseModel):
 
     @property
     def rows(self) -> int:
-        return sum(f.rows or 0 for f in self.files if f.path.endswith(".parquet") and f.path.startswith("part-"))
+        return sum(
+            f.rows or 0 for f in self.files if f.path.endswith(".parquet") and f.path.startswith("part-")
+        )
 
 
 def schema_to_dict(schema: pa.Schema) -> dict[str, Any]:

@@ -47,7 +47,11 @@ def write_parquet(
                 if isinstance(t, pa.RecordBatch):
                     t = pa.Table.from_batches([t])
                 if schema is not None and t.schema != schema:
-                    t = t.cast(schema) if t.schema.names == schema.names else t.select(schema.names).cast(schema)
+                    t = (
+                        t.cast(schema)
+                        if t.schema.names == schema.names
+                        else t.select(schema.names).cast(schema)
+                    )
                 if writer is None:
                     writer = pq.ParquetWriter(
                         f, schema or t.schema, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL
@@ -57,7 +61,9 @@ def write_parquet(
             if writer is None:  # no data at all: still a valid, empty file with the schema
                 if schema is None:
                     raise ValueError(f"cannot write {path}: no data and no schema")
-                writer = pq.ParquetWriter(f, schema, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL)
+                writer = pq.ParquetWriter(
+                    f, schema, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL
+                )
             writer.close()
         fs.mv(tmp, path)
     except BaseException:

@@ -96,15 +96,22 @@ class ArtifactStore:
     def stages(self) -> list[str]:
         if not self.fs.exists(self.root):
             return []
-        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.root, detail=False) if self.fs.isdir(e))
-        return sorted(n for n in names if not n.startswith("."))  # dot-folders hold tool state (.prefect-cache)
+        names = (
+            e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(self.root, detail=False) if self.fs.isdir(e)
+        )
+        return sorted(
+            n for n in names if not n.startswith(".")
+        )  # dot-folders hold tool state (.prefect-cache)
 
     def partials(self, stage: str) -> list[str]:
         d = self.stage_dir(stage)
         if not self.fs.exists(d):
             return []
-        return [e.rstrip("/").rsplit("/", 1)[-1][len(PARTIAL_PREFIX):] for e in self.fs.ls(d, detail=False)
-                if e.rstrip("/").rsplit("/", 1)[-1].startswith(PARTIAL_PREFIX)]
+        return [
+            e.rstrip("/").rsplit("/", 1)[-1][len(PARTIAL_PREFIX) :]
+            for e in self.fs.ls(d, detail=False)
+            if e.rstrip("/").rsplit("/", 1)[-1].startswith(PARTIAL_PREFIX)
+        ]
 
     def resolve(self, spec: str) -> Artifact:
         """'stage', 'stage@<version or unique prefix>' or 'stage@<ref>' (default ref: latest)."""
@@ -209,7 +216,9 @@ class Artifact:
 
     def parts(self, prefix: str = "part-") -> list[str]:
         """Paths of the data shards, in order."""
-        names = sorted(f.path for f in self.manifest.files if f.path.startswith(prefix) and f.path.endswith(".parquet"))
+        names = sorted(
+            f.path for f in self.manifest.files if f.path.startswith(prefix) and f.path.endswith(".parquet")
+        )
         return [self.file(n) for n in names]
 
     def dataset(self, prefix: str = "part-") -> pads.Dataset:
@@ -249,7 +258,11 @@ class Artifact:
         """A local filesystem path to a file or sub-folder (downloaded to a cache for remote stores)."""
         if self.store.is_local:
             return Path(self.file(name) if name else self.path)
-        cache = Path(os.environ.get("RPT_CACHE", Path(tempfile.gettempdir()) / "rpt-cache")) / self.stage / self.version
+        cache = (
+            Path(os.environ.get("RPT_CACHE", Path(tempfile.gettempdir()) / "rpt-cache"))
+            / self.stage
+            / self.version
+        )
         target = cache / name if name else cache
         if not target.exists():  # versions are immutable, so a cached copy never goes stale
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -166,8 +166,11 @@ def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
                 raise InputError("file is not readable (permissions)", path=str(p))
             prev = files.get(name)
             if prev is not None and prev.path != f.path:
-                raise InputError(f"two inputs share the document name '{name}' ({prev.path}); "
-                                 "give their parent folders instead", path=str(p))
+                raise InputError(
+                    f"two inputs share the document name '{name}' ({prev.path}); "
+                    "give their parent folders instead",
+                    path=str(p),
+                )
             files[name] = f
     return sorted(files.values(), key=lambda f: f.rel), ignored
 
@@ -193,8 +196,11 @@ class Skip(Exception):
         self.reason, self.path, self.line = reason, path, line
 
     def as_error(self) -> InputError:
-        return InputError(str(self) + " (set documents.on_error=skip to skip and count such input)",
-                          path=self.path, line=self.line)
+        return InputError(
+            str(self) + " (set documents.on_error=skip to skip and count such input)",
+            path=self.path,
+            line=self.line,
+        )
 
 
 def _read_bytes(path: str) -> bytes:
@@ -228,8 +234,13 @@ def read_text_file(f: InputFile, strip: bool) -> RawDoc:
     return RawDoc(f.rel, f.rel, title or stem, text, enc, had)
 
 
-def iter_jsonl(f: InputFile, text_field: str, id_field: str | None, title_field: str | None, strip: bool,
-               ) -> Iterator[RawDoc | Skip]:
+def iter_jsonl(
+    f: InputFile,
+    text_field: str,
+    id_field: str | None,
+    title_field: str | None,
+    strip: bool,
+) -> Iterator[RawDoc | Skip]:
     opener = gzip.open if f.path.endswith(".gz") else open
     try:
         fh = opener(f.path, "rb")
@@ -250,15 +261,23 @@ def iter_jsonl(f: InputFile, text_field: str, id_field: str | None, title_field:
                     continue
                 if not isinstance(rec, dict) or text_field not in rec:
                     keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
-                    yield Skip("no_text_field", f"record has no '{text_field}' field (has: {keys}); "
-                               "set documents.text_field", f.path, lineno)
+                    yield Skip(
+                        "no_text_field",
+                        f"record has no '{text_field}' field (has: {keys}); set documents.text_field",
+                        f.path,
+                        lineno,
+                    )
                     continue
                 text = rec[text_field]
                 if not isinstance(text, str):
-                    yield Skip("bad_text", f"'{text_field}' is {type(text).__name__}, not a string", f.path, lineno)
+                    yield Skip(
+                        "bad_text", f"'{text_field}' is {type(text).__name__}, not a string", f.path, lineno
+                    )
                     continue
                 text = normalize_newlines(text)
-                title = str(rec.get(title_field)) if title_field and rec.get(title_field) is not None else None
+                title = (
+                    str(rec.get(title_field)) if title_field and rec.get(title_field) is not None else None
+                )
                 if strip:
                     s = strip_gutenberg(text)
                     text, title = s.text, title or s.title
@@ -270,8 +289,13 @@ def iter_jsonl(f: InputFile, text_field: str, id_field: str | None, title_field:
         yield Skip("empty", "file is empty", f.path)
 
 
-def iter_parquet(f: InputFile, text_field: str, id_field: str | None, title_field: str | None, strip: bool,
-                 ) -> Iterator[RawDoc | Skip]:
+def iter_parquet(
+    f: InputFile,
+    text_field: str,
+    id_field: str | None,
+    title_field: str | None,
+    strip: bool,
+) -> Iterator[RawDoc | Skip]:
     import pyarrow.parquet as pq
 
     try:
@@ -281,8 +305,12 @@ def iter_parquet(f: InputFile, text_field: str, id_field: str | None, title_fiel
         return
     names = pf.schema_arrow.names
     if text_field not in names:
-        yield Skip("no_text_field", f"Parquet file has no '{text_field}' column (columns: {', '.join(names)}); "
-                   "set documents.text_field", f.path)
+        yield Skip(
+            "no_text_field",
+            f"Parquet file has no '{text_field}' column (columns: {', '.join(names)}); "
+            "set documents.text_field",
+            f.path,
+        )
         return
     cols = [c for c in (text_field, id_field, title_field) if c and c in names]
     row = 0
@@ -304,8 +332,13 @@ def iter_parquet(f: InputFile, text_field: str, id_field: str | None, title_fiel
         yield Skip("empty", "Parquet file has no rows", f.path)
 
 
-def iter_file(f: InputFile, text_field: str, id_field: str | None, title_field: str | None, strip: bool,
-              ) -> Iterator[RawDoc | Skip]:
+def iter_file(
+    f: InputFile,
+    text_field: str,
+    id_field: str | None,
+    title_field: str | None,
+    strip: bool,
+) -> Iterator[RawDoc | Skip]:
     if f.kind in (".txt", ".txt.gz"):
         try:
             yield read_text_file(f, strip)
@@ -342,8 +375,7 @@ def stdlib_units(include: list[str] | None, exclude: list[str]) -> list[tuple[st
             continue
         if entry.is_dir():
             files = sorted(
-                p for p in entry.rglob("*.py")
-                if not (set(p.relative_to(entry).parts[:-1]) & skip_dirs)
+                p for p in entry.rglob("*.py") if not (set(p.relative_to(entry).parts[:-1]) & skip_dirs)
             )
             if files:
                 units.append((key, files))

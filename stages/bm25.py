@@ -59,26 +59,40 @@ DENSE_DF_DIVISOR = 8  # document-causal: terms in more than 1/8 of a document's 
 class Config(StageConfig):
     k: int = Field(20, ge=1, description="neighbors per query chunk")
     scope: Literal["document-causal", "corpus"] = Field(
-        "document-causal", description="document-causal: earlier chunks of the same document (RPT); "
-        "corpus: train-split chunks of other documents (RETRO)")
+        "document-causal",
+        description="document-causal: earlier chunks of the same document (RPT); "
+        "corpus: train-split chunks of other documents (RETRO)",
+    )
     query: Literal["chunk", "chunk+target"] = Field(
-        "chunk", description="chunk: c_i; chunk+target: c_i followed by c_{i+1} (supervision candidates)")
+        "chunk", description="chunk: c_i; chunk+target: c_i followed by c_{i+1} (supervision candidates)"
+    )
     exclude_recent: int = Field(
-        16, ge=0, description="document-causal: chunk i retrieves only j <= i - 1 - exclude_recent")
+        16, ge=0, description="document-causal: chunk i retrieves only j <= i - 1 - exclude_recent"
+    )
     variant: Literal["lucene", "okapi"] = Field(
-        "lucene", description="lucene: positive IDF (bm25s 'lucene'); okapi: exactly rank-bm25 BM25Okapi")
+        "lucene", description="lucene: positive IDF (bm25s 'lucene'); okapi: exactly rank-bm25 BM25Okapi"
+    )
     k1: float = Field(1.5, ge=0)
     b: float = Field(0.75, ge=0, le=1)
     epsilon: float = Field(0.25, ge=0, description="okapi: negative IDFs become epsilon x mean IDF")
     stats: Literal["causal", "document"] = Field(
-        "causal", description="document-causal: IDF and avgdl from exactly the retrievable chunks (causal) "
-        "or from all chunks of the document (document: later chunks shape the statistics, not causal)")
+        "causal",
+        description="document-causal: IDF and avgdl from exactly the retrievable chunks (causal) "
+        "or from all chunks of the document (document: later chunks shape the statistics, not causal)",
+    )
     overfetch: int = Field(
-        0, ge=0, description="corpus: 0 masks the query's own document inside the scorer (exact); n > 0 "
+        0,
+        ge=0,
+        description="corpus: 0 masks the query's own document inside the scorer (exact); n > 0 "
         "instead takes the top k + n of the whole database, drops own-document chunks and pads with -1 "
-        "(the classic over-fetch-and-filter, for comparison with library pipelines)")
-    shard_chunks: int = Field(16384, ge=1, description="documents are grouped into shards of about this many "
-                              "chunks (a longer document is a shard of its own)")
+        "(the classic over-fetch-and-filter, for comparison with library pipelines)",
+    )
+    shard_chunks: int = Field(
+        16384,
+        ge=1,
+        description="documents are grouped into shards of about this many "
+        "chunks (a longer document is a shard of its own)",
+    )
 
     UNHASHED: ClassVar[frozenset[str]] = frozenset({"shard_chunks"})
 
@@ -128,8 +142,11 @@ def _chunk_terms(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 @njit(cache=True, nogil=True)
-def _with_next(indptr: np.ndarray, terms: np.ndarray, counts: np.ndarray,
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _with_next(
+    indptr: np.ndarray,
+    terms: np.ndarray,
+    counts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Query rows c_i + c_{i+1} (term counts added) from per-chunk rows; the last row stays c_i."""
     n = indptr.shape[0] - 1
     q_indptr = np.zeros(n + 1, np.int64)
@@ -159,8 +176,12 @@ def _with_next(indptr: np.ndarray, terms: np.ndarray, counts: np.ndarray,
 
 
 @njit(cache=True)
-def _postings(indptr: np.ndarray, terms: np.ndarray, counts: np.ndarray, vocab: int,
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _postings(
+    indptr: np.ndarray,
+    terms: np.ndarray,
+    counts: np.ndarray,
+    vocab: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Transpose chunk rows into term postings (CSC): per term the rows ascending and their counts."""
     n = indptr.shape[0] - 1
     p_indptr = np.zeros(vocab + 1, np.int64)
@@ -242,10 +263,25 @@ def _okapi_mean_idf_prefix(indptr: np.ndarray, terms: np.ndarray, vocab: int, lg
 
 
 @njit(cache=True, nogil=True)
-def _document_kernel(c_indptr: np.ndarray, c_terms: np.ndarray, c_counts: np.ndarray, dl: np.ndarray,
-                     q_indptr: np.ndarray, q_terms: np.ndarray, q_counts: np.ndarray,
-                     exclude_recent: int, k: int, okapi: bool, k1: float, b: float, epsilon: float,
-                     causal: bool, dense_divisor: int, out_pos: np.ndarray, out_scores: np.ndarray) -> None:
+def _document_kernel(
+    c_indptr: np.ndarray,
+    c_terms: np.ndarray,
+    c_counts: np.ndarray,
+    dl: np.ndarray,
+    q_indptr: np.ndarray,
+    q_terms: np.ndarray,
+    q_counts: np.ndarray,
+    exclude_recent: int,
+    k: int,
+    okapi: bool,
+    k1: float,
+    b: float,
+    epsilon: float,
+    causal: bool,
+    dense_divisor: int,
+    out_pos: np.ndarray,
+    out_scores: np.ndarray,
+) -> None:
     """Top-k of every chunk of one document over its retrievable chunks (positions 0 .. i-1-exclude_recent)."""
     n = dl.shape[0]
     vocab = 1
@@ -362,11 +398,21 @@ def _first_at_least(rows: np.ndarray, lo: int, hi: int, value: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _corpus_kernel(q_indptr: np.ndarray, q_terms: np.ndarray, q_counts: np.ndarray,
-                   own_lo: np.ndarray, own_hi: np.ndarray,
-                   p_indptr: np.ndarray, p_rows: np.ndarray, p_w: np.ndarray,
-                   dense_id: np.ndarray, dense_w: np.ndarray, block: int,
-                   out_rows: np.ndarray, out_scores: np.ndarray) -> None:
+def _corpus_kernel(
+    q_indptr: np.ndarray,
+    q_terms: np.ndarray,
+    q_counts: np.ndarray,
+    own_lo: np.ndarray,
+    own_hi: np.ndarray,
+    p_indptr: np.ndarray,
+    p_rows: np.ndarray,
+    p_w: np.ndarray,
+    dense_id: np.ndarray,
+    dense_w: np.ndarray,
+    block: int,
+    out_rows: np.ndarray,
+    out_scores: np.ndarray,
+) -> None:
     """Top-k database rows of every query over all rows but own_lo[q] .. own_hi[q]-1 (exhaustive).
 
     The database is walked in blocks of rows (outer loop) so that a block's accumulator and its slice
@@ -429,8 +475,10 @@ class Params:
         return cls(cfg.k, cfg.query, cfg.exclude_recent, cfg.variant, cfg.k1, cfg.b, cfg.epsilon, cfg.stats)
 
 
-def _query_rows(terms: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], query: str,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _query_rows(
+    terms: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    query: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     indptr, t, c, _ = terms
     return _with_next(indptr, t, c) if query == "chunk+target" else (indptr, t, c)
 
@@ -449,9 +497,25 @@ def document_neighbors(tokens: np.ndarray, p: Params) -> tuple[np.ndarray, np.nd
         return pos, scores
     terms = _chunk_terms(tokens)
     qi, qt, qc = _query_rows(terms, p.query)
-    _document_kernel(terms[0], terms[1], terms[2], terms[3], qi, qt, qc, p.exclude_recent, p.k,
-                     p.variant == "okapi", p.k1, p.b, p.epsilon, p.stats == "causal", DENSE_DF_DIVISOR,
-                     pos, scores)
+    _document_kernel(
+        terms[0],
+        terms[1],
+        terms[2],
+        terms[3],
+        qi,
+        qt,
+        qc,
+        p.exclude_recent,
+        p.k,
+        p.variant == "okapi",
+        p.k1,
+        p.b,
+        p.epsilon,
+        p.stats == "causal",
+        DENSE_DF_DIVISOR,
+        pos,
+        scores,
+    )
     return pos, scores
 
 
@@ -500,8 +564,14 @@ class CorpusIndex:
         dense_w[dense_id[terms[hit]], row[hit]] = w[hit]
         return cls(np.asarray(db_ids, np.int64), p_indptr, p_rows, p_w, dense_id, dense_w, avgdl)
 
-    def search(self, tokens: np.ndarray, own: tuple[int, int], p: Params, overfetch: int = 0,
-               own_ids: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        tokens: np.ndarray,
+        own: tuple[int, int],
+        p: Params,
+        overfetch: int = 0,
+        own_ids: tuple[int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k chunk ids and scores of every chunk of one document (its chunks in order).
 
         own: the document's database row range [lo, hi) (empty when it is not in the database), masked
@@ -515,8 +585,21 @@ class CorpusIndex:
         hi = np.full(n, own[1] if overfetch == 0 else 0, np.int64)
         rows = np.empty((n, kk), np.int64)
         scores = np.empty((n, kk), np.float64)
-        _corpus_kernel(qi, qt, qc, lo, hi, self.p_indptr, self.p_rows, self.p_w, self.dense_id, self.dense_w,
-                       CORPUS_BLOCK_ROWS, rows, scores)
+        _corpus_kernel(
+            qi,
+            qt,
+            qc,
+            lo,
+            hi,
+            self.p_indptr,
+            self.p_rows,
+            self.p_w,
+            self.dense_id,
+            self.dense_w,
+            CORPUS_BLOCK_ROWS,
+            rows,
+            scores,
+        )
         ids = np.where(rows >= 0, self.db_ids[np.maximum(rows, 0)], -1)
         if overfetch:
             keep = ids >= 0
@@ -541,7 +624,8 @@ def corpus_index(reader: ChunkReader, p: Params) -> tuple[CorpusIndex, dict[int,
     if not train:
         raise InputError(
             f"bm25 scope 'corpus' needs train-split chunks as its database, but {reader.art.ref} has none; "
-            "assign some documents to the train split (documents.split_lists) or use scope 'document-causal'")
+            "assign some documents to the train split (documents.split_lists) or use scope 'document-causal'"
+        )
     key = (reader.art.path, reader.art.version, p.variant, p.k1, p.b, p.epsilon)
     rows: dict[int, tuple[int, int]] = {}
     start = 0
@@ -560,8 +644,13 @@ def _build_corpus_index(reader: ChunkReader, train: list[DocSpan], p: Params) ->
     ids = np.concatenate([d.chunk_ids for d in train])
     vocab = int(reader.tokens.max()) + 1
     index = CorpusIndex.build(reader.tokens[ids], ids, p, vocab)
-    log.info("corpus index: %s train chunks, %s postings, %d dense terms in %.1f s", f"{len(ids):,}",
-             f"{len(index.p_rows):,}", index.dense_w.shape[0], time.perf_counter() - t0)
+    log.info(
+        "corpus index: %s train chunks, %s postings, %d dense terms in %.1f s",
+        f"{len(ids):,}",
+        f"{len(index.p_rows):,}",
+        index.dense_w.shape[0],
+        time.perf_counter() - t0,
+    )
     return index
 
 
@@ -595,8 +684,14 @@ class BM25Stage(Stage):
         cfg: Config = ctx.cfg
         docs = ChunkReader(ctx.inputs["chunks"]).docs()
         groups = plan_groups([d.n for d in docs], cfg.shard_chunks)
-        return [Shard(i, len(groups), {"docs": [lo, hi], "chunks": [docs[lo].first, docs[hi - 1].first + docs[hi - 1].n]})
-                for i, (lo, hi) in enumerate(groups)]
+        return [
+            Shard(
+                i,
+                len(groups),
+                {"docs": [lo, hi], "chunks": [docs[lo].first, docs[hi - 1].first + docs[hi - 1].n]},
+            )
+            for i, (lo, hi) in enumerate(groups)
+        ]
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
@@ -630,12 +725,21 @@ class BM25Stage(Stage):
             ctx.write_parquet(f"part-{shard.name}.parquet", tables(), schema=neighbor_schema(cfg.k))
         finally:
             bar.close()
-        log.debug("shard %s: %d docs, %d chunks in %.2f s", shard.name, len(docs), stats["rows"], stats["score_s"])
+        log.debug(
+            "shard %s: %d docs, %d chunks in %.2f s", shard.name, len(docs), stats["rows"], stats["score_s"]
+        )
         return stats
 
     @staticmethod
-    def _document_table(reader: ChunkReader, d: DocSpan, p: Params, cfg: Config, index: CorpusIndex | None,
-                        own_rows: dict[int, tuple[int, int]] | None, stats: dict[str, Any]) -> pa.Table:
+    def _document_table(
+        reader: ChunkReader,
+        d: DocSpan,
+        p: Params,
+        cfg: Config,
+        index: CorpusIndex | None,
+        own_rows: dict[int, tuple[int, int]] | None,
+        stats: dict[str, Any],
+    ) -> pa.Table:
         tokens = np.asarray(reader.tokens[d.first : d.first + d.n])
         t0 = time.perf_counter()
         if index is None:
@@ -643,7 +747,9 @@ class BM25Stage(Stage):
             ids = np.where(pos >= 0, pos + d.first, -1)
         else:
             own = own_rows.get(d.doc_idx, (0, 0)) if own_rows else (0, 0)
-            ids, scores = index.search(tokens, own, p, overfetch=cfg.overfetch, own_ids=(d.first, d.first + d.n))
+            ids, scores = index.search(
+                tokens, own, p, overfetch=cfg.overfetch, own_ids=(d.first, d.first + d.n)
+            )
         stats["score_s"] += time.perf_counter() - t0
         valid = (ids >= 0).sum(1)
         stats["rows"] += d.n

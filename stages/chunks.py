@@ -31,13 +31,19 @@ PAD = TOKEN_PAD
 
 class Config(StageConfig):
     chunk_len: int = Field(64, ge=1, le=4096, description="tokens per chunk (the paper: 64)")
-    batch_docs: int = Field(8, ge=1, description="documents per tokenizer batch (parallel within a batch; memory grows with it)")
+    batch_docs: int = Field(
+        8, ge=1, description="documents per tokenizer batch (parallel within a batch; memory grows with it)"
+    )
 
     UNHASHED = frozenset({"batch_docs"})
 
 
-def chunk_document(ids: list[int], offsets: list[tuple[int, int]], text: str, chunk_len: int,
-                   ) -> tuple[np.ndarray, list[str]]:
+def chunk_document(
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    text: str,
+    chunk_len: int,
+) -> tuple[np.ndarray, list[str]]:
     """Split one document's token ids into chunks; returns (ids as int32, chunk texts)."""
     arr = np.asarray(ids, dtype=np.int32)
     n_chunks = -(-len(arr) // chunk_len)
@@ -86,8 +92,14 @@ def chunk_batch(batch: pa.RecordBatch, tok: Any, chunk_len: int) -> tuple[pa.Tab
         },
         schema=SCHEMA,
     )
-    stats = {"docs": batch.num_rows, "empty_docs": empty, "chunks": len(lens), "tokens": int(lens.sum()),
-             "short_chunks": int((lens < chunk_len).sum()), "split_chunks": split_chunks}
+    stats = {
+        "docs": batch.num_rows,
+        "empty_docs": empty,
+        "chunks": len(lens),
+        "tokens": int(lens.sum()),
+        "short_chunks": int((lens < chunk_len).sum()),
+        "split_chunks": split_chunks,
+    }
     return table, stats
 
 
@@ -115,8 +127,9 @@ class ChunksStage(Stage):
         def tables() -> Any:  # streamed: memory is bounded by one batch of documents
             n = 0
             with docs.fs.open(docs.file(shard.payload["part"]), "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_docs,
-                                                             columns=["doc_idx", "split", "text"]):
+                for batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=cfg.batch_docs, columns=["doc_idx", "split", "text"]
+                ):
                     t, st = chunk_batch(batch, tok, cfg.chunk_len)
                     t = t.set_column(0, "chunk_id", pa.array(np.arange(n, n + t.num_rows, dtype=np.int64)))
                     n += t.num_rows

@@ -303,7 +303,9 @@ def rerank_filter(
     return out_pos, out_sc, valid.sum(1)
 
 
-def exact_rescore(q: np.ndarray, x: np.ndarray, pos: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def exact_rescore(
+    q: np.ndarray, x: np.ndarray, pos: np.ndarray, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Recompute the chosen neighbors' scores (x positions, -1 = none) in float64 with numpy's fixed
     summation order and re-sort them (ties: the later chunk first). BLAS scores change in the last bit
     with its thread count and the device; these do not, so a version has the same bytes under every
@@ -807,7 +809,9 @@ class DenseStage(Stage):
             p, s = causal_document_search(emb[a:b], cfg.k, cfg.exclude_recent, cfg.metric)
             out_ids[a:b] = np.where(p >= 0, p + d.first, NEIGHBOR_PAD)
             out_sc[a:b] = s
-        rel, out_sc = exact_rescore(emb_np, emb_np, np.where(out_ids >= 0, out_ids - lo, NEIGHBOR_PAD), cfg.metric)
+        rel, out_sc = exact_rescore(
+            emb_np, emb_np, np.where(out_ids >= 0, out_ids - lo, NEIGHBOR_PAD), cfg.metric
+        )
         out_ids = np.where(rel >= 0, rel + lo, NEIGHBOR_PAD)
         return out_ids, out_sc, {"docs": len(docs)}
 

@@ -40,8 +40,17 @@ log = logging.getLogger("rpt.documents")
 
 SCHEMA = DOCUMENTS_SCHEMA
 DEFAULT_STDLIB_EXCLUDE = [
-    "test", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo", "ensurepip", "lib-dynload",
-    "pydoc_data", "this", "antigravity",
+    "test",
+    "idlelib",
+    "site-packages",
+    "lib2to3",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib-dynload",
+    "pydoc_data",
+    "this",
+    "antigravity",
 ]
 
 
@@ -76,13 +85,17 @@ class Config(StageConfig):
         description="explicit doc_ids per split; when given, fractions are ignored and unlisted docs are train",
     )
     on_error: Literal["raise", "skip"] = Field(
-        "raise", description="bad input (empty/binary/unreadable file, malformed JSON line, missing text "
-        "column): raise an error naming it, or skip it and count it in the manifest stats"
+        "raise",
+        description="bad input (empty/binary/unreadable file, malformed JSON line, missing text "
+        "column): raise an error naming it, or skip it and count it in the manifest stats",
     )
-    stdlib_include: list[str] | None = Field(None, description="embedded corpus: only these top-level packages")
+    stdlib_include: list[str] | None = Field(
+        None, description="embedded corpus: only these top-level packages"
+    )
     stdlib_exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_STDLIB_EXCLUDE))
     fingerprint: Literal["content", "size"] = Field(
-        "content", description="how input files enter the version: sha256 of contents, or name+size (huge corpora)"
+        "content",
+        description="how input files enter the version: sha256 of contents, or name+size (huge corpora)",
     )
     shard_bytes: int = Field(256 << 20, ge=1, description="input bytes per shard")
 
@@ -113,15 +126,17 @@ class DocumentsStage(Stage):
         if not cfg.paths:
             units = stdlib_units(cfg.stdlib_include, cfg.stdlib_exclude)
             if not units:
-                raise ConfigError("documents: the embedded stdlib corpus is empty with this "
-                                  "stdlib_include/stdlib_exclude")
+                raise ConfigError(
+                    "documents: the embedded stdlib corpus is empty with this stdlib_include/stdlib_exclude"
+                )
             return [{"stdlib": name, "bytes": stdlib_doc_bytes(files)} for name, files in units]
         files, ignored = discover(cfg.paths)
         if ignored:
             log.info("documents: ignoring %d files of unsupported types (e.g. %s)", len(ignored), ignored[0])
         if not files:
-            raise InputError("no supported files (.txt, .txt.gz, .jsonl(.gz), .parquet) found",
-                             path=", ".join(cfg.paths))
+            raise InputError(
+                "no supported files (.txt, .txt.gz, .jsonl(.gz), .parquet) found", path=", ".join(cfg.paths)
+            )
         return [{"path": f.path, "rel": f.rel, "bytes": os.path.getsize(f.path)} for f in files]
 
     def fingerprint(self, cfg: Config) -> Any:
@@ -132,7 +147,11 @@ class DocumentsStage(Stage):
             return {
                 "corpus": "stdlib",
                 "python": sys.version.split()[0],
-                "files": [[p.relative_to(root).as_posix(), file_digest(p)] for u in units for p in files[u["stdlib"]]],
+                "files": [
+                    [p.relative_to(root).as_posix(), file_digest(p)]
+                    for u in units
+                    for p in files[u["stdlib"]]
+                ],
             }
         if cfg.fingerprint == "size":
             return {"files": [[u["rel"], u["bytes"]] for u in units]}
@@ -158,8 +177,13 @@ class DocumentsStage(Stage):
                 yield read_stdlib_unit(u["stdlib"], table[u["stdlib"]])
             return
         for u in units:
-            yield from iter_file(InputFile(u["path"], u["rel"]), cfg.text_field, cfg.id_field,
-                                 cfg.title_field, cfg.strip_gutenberg)
+            yield from iter_file(
+                InputFile(u["path"], u["rel"]),
+                cfg.text_field,
+                cfg.id_field,
+                cfg.title_field,
+                cfg.strip_gutenberg,
+            )
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
@@ -214,8 +238,10 @@ class DocumentsStage(Stage):
                 t = pq.read_table(f)
             for i, d in enumerate(t.column("doc_id").to_pylist()):
                 if d in seen:
-                    raise InputError(f"duplicate doc_id '{d}' (documents {seen[d]} and {offset + i}); "
-                                     "doc ids must be unique: set documents.id_field or rename the files")
+                    raise InputError(
+                        f"duplicate doc_id '{d}' (documents {seen[d]} and {offset + i}); "
+                        "doc ids must be unique: set documents.id_field or rename the files"
+                    )
                 seen[d] = offset + i
             t = t.set_column(1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(offset, pa.int64())))
             ctx.write_parquet(f"part-{r.index:05d}.parquet", t, schema=SCHEMA)
@@ -223,16 +249,25 @@ class DocumentsStage(Stage):
         ctx.fs.rm(ctx.path("_local"), recursive=True)
         missing = sorted({d for ids in cfg.split_lists.values() for d in ids} - set(seen))
         if missing:
-            raise ConfigError(f"documents.split_lists names doc_ids not in the corpus: {', '.join(missing[:10])}"
-                              + (" ..." if len(missing) > 10 else ""))
+            raise ConfigError(
+                f"documents.split_lists names doc_ids not in the corpus: {', '.join(missing[:10])}"
+                + (" ..." if len(missing) > 10 else "")
+            )
         stats = merge_stats(r.stats for r in results)
         for s in SPLITS:
-            frac = getattr(cfg.splits, s) if not cfg.split_lists else (1.0 if s == "train" else len(cfg.split_lists.get(s, [])))
+            frac = (
+                getattr(cfg.splits, s)
+                if not cfg.split_lists
+                else (1.0 if s == "train" else len(cfg.split_lists.get(s, [])))
+            )
             if frac and not stats.get("splits", {}).get(s):
                 log.warning("documents: split '%s' is empty; set documents.split_lists or more documents", s)
         if offset == 0:
-            raise InputError("no documents left after filtering (all shorter than documents.min_chars "
-                             f"= {cfg.min_chars} or skipped)", path=", ".join(cfg.paths) or "stdlib")
+            raise InputError(
+                "no documents left after filtering (all shorter than documents.min_chars "
+                f"= {cfg.min_chars} or skipped)",
+                path=", ".join(cfg.paths) or "stdlib",
+            )
         return stats
 
     def meta(self, ctx: StageContext) -> dict[str, Any]:

@@ -44,15 +44,36 @@ log = logging.getLogger("rpt.reference")
 
 CKPT_DIR = "_checkpoints"
 # Files of a given model folder that decide its outputs (weights, architecture, tokenizer).
-MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
-SIZE_FIELDS = ("hidden", "layers", "heads", "intermediate", "seq_len", "steps", "batch", "lr", "warmup",
-               "weight_decay", "seed")
+MODEL_FILES = (
+    "*.safetensors",
+    "*.bin",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+SIZE_FIELDS = (
+    "hidden",
+    "layers",
+    "heads",
+    "intermediate",
+    "seq_len",
+    "steps",
+    "batch",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "seed",
+)
 
 
 class Config(StageConfig):
     path: str | None = Field(
-        None, description="adopt this local Hugging Face causal-LM folder (e.g. Pythia-1.4B) instead of training"
+        None,
+        description="adopt this local Hugging Face causal-LM folder (e.g. Pythia-1.4B) instead of training",
     )
     hidden: int = Field(256, ge=8, description="hidden size of the trained GPT-NeoX")
     layers: int = Field(4, ge=1)
@@ -87,8 +108,12 @@ class WindowSampler:
     The batch of step s depends only on (seed, s), so a resumed run sees exactly the same data."""
 
     def __init__(self, reader: ChunkReader, split: str, seq_len: int, seed: int):
-        n_tok = dict(zip(reader.doc_index.column("doc_idx").to_pylist(),
-                         reader.doc_index.column("n_tokens").to_pylist()))
+        n_tok = dict(
+            zip(
+                reader.doc_index.column("doc_idx").to_pylist(),
+                reader.doc_index.column("n_tokens").to_pylist(),
+            )
+        )
         self.tokens = reader.tokens
         self.L = reader.chunk_len
         self.seq_len = seq_len
@@ -121,8 +146,12 @@ class WindowSampler:
         return out.astype(np.int64)
 
 
-def doc_token_arrays(reader: ChunkReader, split: str, max_tokens: int, lm_tokenizer: Any = None,
-                     ) -> list[np.ndarray]:
+def doc_token_arrays(
+    reader: ChunkReader,
+    split: str,
+    max_tokens: int,
+    lm_tokenizer: Any = None,
+) -> list[np.ndarray]:
     """Token ids of the split's documents (in order, at most `max_tokens` in all), under the pipeline's
     tokenizer or, when `lm_tokenizer` is given, re-tokenized from the chunk texts."""
     out: list[np.ndarray] = []
@@ -143,7 +172,9 @@ def doc_token_arrays(reader: ChunkReader, split: str, max_tokens: int, lm_tokeni
     return out
 
 
-def perplexity(model: Any, docs: list[np.ndarray], seq_len: int, batch: int, device: Any, amp: Any) -> dict[str, Any]:
+def perplexity(
+    model: Any, docs: list[np.ndarray], seq_len: int, batch: int, device: Any, amp: Any
+) -> dict[str, Any]:
     """Perplexity over non-overlapping windows of `seq_len` tokens (a window's first token is not predicted)."""
     import torch
     import torch.nn.functional as F
@@ -166,8 +197,9 @@ def perplexity(model: Any, docs: list[np.ndarray], seq_len: int, batch: int, dev
             x = torch.from_numpy(np.stack(windows[i:j])).to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(input_ids=x).logits[:, :-1].float()
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum"))
+            nll += float(
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            )
             count += (j - i) * (n - 1)
             i = j
     model.train(was_training)
@@ -191,8 +223,12 @@ def save_checkpoint(ctx: StageContext, step: int, model: Any, opt: Any, sched: A
     with ctx.local_dir(name) as d:
         save_model(model, str(d / "model.safetensors"))
         osd = opt.state_dict()
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in osd["state"].items()
-                   for k, v in st.items() if torch.is_tensor(v)}
+        tensors = {
+            f"{i}.{k}": v.detach().cpu().contiguous()
+            for i, st in osd["state"].items()
+            for k, v in st.items()
+            if torch.is_tensor(v)
+        }
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -207,8 +243,11 @@ def save_checkpoint(ctx: StageContext, step: int, model: Any, opt: Any, sched: A
 def latest_checkpoint(ctx: StageContext) -> str | None:
     if not ctx.fs.exists(ctx.path(CKPT_DIR)):
         return None
-    done = sorted(p.rstrip("/") for p in ctx.fs.ls(ctx.path(CKPT_DIR), detail=False)
-                  if ctx.fs.exists(p.rstrip("/") + "/state.json"))
+    done = sorted(
+        p.rstrip("/")
+        for p in ctx.fs.ls(ctx.path(CKPT_DIR), detail=False)
+        if ctx.fs.exists(p.rstrip("/") + "/state.json")
+    )
     return done[-1] if done else None
 
 
@@ -298,7 +337,9 @@ class ReferenceStage(Stage):
     name = "reference"
     version = 1
     Config = Config
-    description = "the scoring LM: adopt a local HF causal-LM folder or train a small GPT-NeoX on the train split"
+    description = (
+        "the scoring LM: adopt a local HF causal-LM folder or train a small GPT-NeoX on the train split"
+    )
     preferred_runner = "serial"
     uses_gpu = True
 
@@ -310,7 +351,9 @@ class ReferenceStage(Stage):
             return None
         p = Path(cfg.path)
         if not (p / "config.json").is_file():
-            raise ConfigError(f"reference.path: {cfg.path} is not a Hugging Face model folder (no config.json)")
+            raise ConfigError(
+                f"reference.path: {cfg.path} is not a Hugging Face model folder (no config.json)"
+            )
         return {"model_files": tree_digest(p, MODEL_FILES)}
 
     def plan(self, ctx: StageContext) -> list[Shard]:
@@ -330,7 +373,9 @@ class ReferenceStage(Stage):
         from transformers import AutoModelForCausalLM
 
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
-            model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(device)
+            model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(
+                device
+            )
             differs = not same_tokenizer(mdir / TOKENIZER_FILE, pipe_tok)
             lm_tok = load_tokenizer(mdir / TOKENIZER_FILE) if differs else None
         t0 = time.perf_counter()
@@ -343,8 +388,12 @@ class ReferenceStage(Stage):
         stats.update(param_counts(model))
         stats["tokenizer_differs"] = differs
         stats["architecture"] = type(model).__name__
-        log.info("reference: %s, %s params, valid ppl %s", stats["architecture"], f"{stats['params']:,}",
-                 f"{stats['valid_ppl']:.2f}" if stats.get("valid_ppl") else "n/a")
+        log.info(
+            "reference: %s, %s params, valid ppl %s",
+            stats["architecture"],
+            f"{stats['params']:,}",
+            f"{stats['valid_ppl']:.2f}" if stats.get("valid_ppl") else "n/a",
+        )
         for p in sorted(ctx.fs.find(ctx.path(REFERENCE_MODEL_DIR))):  # checked again on resume
             ctx.written.append(ctx.file_entry(p[len(ctx.workdir.rstrip("/")) + 1 :]))
         return stats
@@ -377,7 +426,9 @@ class ReferenceStage(Stage):
         return {"source": "given", "steps": 0}
 
     # -- train a small GPT-NeoX
-    def _train(self, ctx: StageContext, cfg: Config, reader: ChunkReader, device: Any, amp: Any) -> dict[str, Any]:
+    def _train(
+        self, ctx: StageContext, cfg: Config, reader: ChunkReader, device: Any, amp: Any
+    ) -> dict[str, Any]:
         import torch
 
         tok = load_tokenizer(ctx.inputs["tokenizer"])
@@ -388,7 +439,9 @@ class ReferenceStage(Stage):
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
         start = 0
@@ -397,8 +450,14 @@ class ReferenceStage(Stage):
             start = load_checkpoint(ctx, ck, model, opt, sched)
             log.info("reference: resuming training from step %d (%s)", start, ck.rsplit("/", 1)[-1])
         model.train()
-        log.info("reference: training GPT-NeoX (%s params) for %d steps of %d x %d tokens on %s",
-                 f"{param_counts(model)['params']:,}", cfg.steps, cfg.batch, cfg.seq_len, device)
+        log.info(
+            "reference: training GPT-NeoX (%s params) for %d steps of %d x %d tokens on %s",
+            f"{param_counts(model)['params']:,}",
+            cfg.steps,
+            cfg.batch,
+            cfg.seq_len,
+            device,
+        )
         t0 = time.perf_counter()
         loss_v = float("nan")
         bar = progress(total=cfg.steps, initial=start, desc="reference train", unit="step")

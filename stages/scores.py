@@ -54,14 +54,19 @@ HEADROOM_K = (1, 2, 5, 10, 20)  # fraction of queries with a positive among the 
 
 class Config(StageConfig):
     candidates: int = Field(20, ge=1, description="bm25 candidates scored per query (the paper: 20)")
-    splits: list[str] = Field(default_factory=lambda: ["train", "valid", "test"],
-                              description="splits whose query chunks are scored")
+    splits: list[str] = Field(
+        default_factory=lambda: ["train", "valid", "test"], description="splits whose query chunks are scored"
+    )
     batch_tokens: int = Field(16384, ge=64, description="forward tokens per batch")
     kv_cache_mb: int = Field(4096, ge=1, description="memory for the prefix key/value states held at once")
-    shard_chunks: int = Field(20000, ge=1, description="chunks per shard (whole documents; the unit of resume)")
+    shard_chunks: int = Field(
+        20000, ge=1, description="chunks per shard (whole documents; the unit of resume)"
+    )
     device: str = Field("auto", description="auto (this worker's GPU when present), cpu, cuda, cuda:N")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    workers: int | None = Field(None, ge=1, description="CPU threads for torch in each worker (None: torch default)")
+    workers: int | None = Field(
+        None, ge=1, description="CPU threads for torch in each worker (None: torch default)"
+    )
 
     UNHASHED = frozenset({"batch_tokens", "kv_cache_mb", "shard_chunks", "device", "dtype", "workers"})
 
@@ -155,13 +160,18 @@ class ScoringLM:
         step = max(1, block_bytes // (4 * vocab))
         for a in range(0, h.shape[0], step):
             # fused log-softmax + gather (one pass over the logits block)
-            nll = torch.nn.functional.cross_entropy(self.logits(h[a : a + step]), targets[a : a + step],
-                                                    reduction="none")
+            nll = torch.nn.functional.cross_entropy(
+                self.logits(h[a : a + step]), targets[a : a + step], reduction="none"
+            )
             out.index_add_(0, rows[a : a + step], -nll.double())
         return out
 
-    def suffix_logp(self, kv: list[tuple[Any, Any]] | None, q_lens: np.ndarray, suffixes: Sequence[np.ndarray],
-                    ) -> np.ndarray:
+    def suffix_logp(
+        self,
+        kv: list[tuple[Any, Any]] | None,
+        q_lens: np.ndarray,
+        suffixes: Sequence[np.ndarray],
+    ) -> np.ndarray:
         """log P(target | prefix, query) for a batch of rows that share one prefix length. `kv` holds each
         row's prefix states (None when the prefix is empty); suffix r = query tokens (q_lens[r]) + target."""
         import torch
@@ -214,8 +224,13 @@ class PairWork:
     pair_query: np.ndarray  # int64 [n_pairs]
 
 
-def score_pairs(lm: ScoringLM, work: PairWork, batch_tokens: int, kv_cache_mb: int, bar: Any = None,
-                ) -> tuple[np.ndarray, dict[str, int]]:
+def score_pairs(
+    lm: ScoringLM,
+    work: PairWork,
+    batch_tokens: int,
+    kv_cache_mb: int,
+    bar: Any = None,
+) -> tuple[np.ndarray, dict[str, int]]:
     """log P(target | prefix, query) of every pair, summed over target tokens (float64 [n_pairs]).
 
     Prefixes are processed in blocks that fit `kv_cache_mb`; each prefix's key/value states are computed
@@ -232,7 +247,9 @@ def score_pairs(lm: ScoringLM, work: PairWork, batch_tokens: int, kv_cache_mb: i
     by_prefix = np.argsort(work.pair_prefix, kind="stable")
     pair_starts = np.searchsorted(work.pair_prefix[by_prefix], np.arange(len(plen) + 1))
 
-    def run_pairs(pairs: np.ndarray, kv_rows: np.ndarray | None, kv: list[tuple[Any, Any]] | None, P: int) -> None:
+    def run_pairs(
+        pairs: np.ndarray, kv_rows: np.ndarray | None, kv: list[tuple[Any, Any]] | None, P: int
+    ) -> None:
         """Score pairs that all have prefix length P; kv_rows[i] = row of pair i's prefix in kv."""
         order = np.argsort(slen[work.pair_query[pairs]], kind="stable")
         pairs = pairs[order]
@@ -282,8 +299,13 @@ def score_pairs(lm: ScoringLM, work: PairWork, batch_tokens: int, kv_cache_mb: i
             sub = block[a : a + (int(other[0]) if len(other) else n)]
             part = lm.prefix_kv([work.prefixes[p] for p in sub])
             if not kv:  # one tensor per layer for the whole block, padded in time to its longest prefix
-                kv = [(k.new_zeros((len(block), k.shape[1], pmax, k.shape[3])),
-                       v.new_zeros((len(block), v.shape[1], pmax, v.shape[3]))) for k, v in part]
+                kv = [
+                    (
+                        k.new_zeros((len(block), k.shape[1], pmax, k.shape[3])),
+                        v.new_zeros((len(block), v.shape[1], pmax, v.shape[3])),
+                    )
+                    for k, v in part
+                ]
             for (bk, bv), (k, v) in zip(kv, part):
                 bk[a : a + len(sub), :, : k.shape[2]] = k
                 bv[a : a + len(sub), :, : v.shape[2]] = v
@@ -312,8 +334,13 @@ class QueryScores:
     logp_local: np.ndarray
 
 
-def plan_pairs(query_ids: np.ndarray, candidates: list[np.ndarray], doc_start: np.ndarray, doc_end: np.ndarray,
-               tokens_of: Any) -> tuple[PairWork, list[np.ndarray], np.ndarray]:
+def plan_pairs(
+    query_ids: np.ndarray,
+    candidates: list[np.ndarray],
+    doc_start: np.ndarray,
+    doc_end: np.ndarray,
+    tokens_of: Any,
+) -> tuple[PairWork, list[np.ndarray], np.ndarray]:
     """Build the pair work for queries (each must have a target in its document).
 
     doc_start/doc_end: first and one-past-last chunk id of each chunk's document (indexed by chunk id).
@@ -327,7 +354,9 @@ def plan_pairs(query_ids: np.ndarray, candidates: list[np.ndarray], doc_start: n
         k = prefix_index.get(chunks)
         if k is None:
             k = prefix_index[chunks] = len(prefixes)
-            prefixes.append(np.concatenate([tokens_of(c) for c in chunks]) if chunks else np.zeros(0, np.int64))
+            prefixes.append(
+                np.concatenate([tokens_of(c) for c in chunks]) if chunks else np.zeros(0, np.int64)
+            )
         return k
 
     queries, targets, pp, pq = [], [], [], []
@@ -349,13 +378,23 @@ def plan_pairs(query_ids: np.ndarray, candidates: list[np.ndarray], doc_start: n
             idx.append(seen[p])
         local_pairs[qi] = idx[0]
         cand_pairs.append(np.asarray(idx[1:], dtype=np.int64))
-    work = PairWork(prefixes, queries, targets, np.asarray(pp, dtype=np.int64), np.asarray(pq, dtype=np.int64))
+    work = PairWork(
+        prefixes, queries, targets, np.asarray(pp, dtype=np.int64), np.asarray(pq, dtype=np.int64)
+    )
     return work, cand_pairs, local_pairs
 
 
-def score_queries(lm: ScoringLM, query_ids: np.ndarray, candidates: list[np.ndarray], doc_start: np.ndarray,
-                  doc_end: np.ndarray, tokens_of: Any, batch_tokens: int = 16384, kv_cache_mb: int = 4096,
-                  bar: Any = None) -> tuple[QueryScores, dict[str, int]]:
+def score_queries(
+    lm: ScoringLM,
+    query_ids: np.ndarray,
+    candidates: list[np.ndarray],
+    doc_start: np.ndarray,
+    doc_end: np.ndarray,
+    tokens_of: Any,
+    batch_tokens: int = 16384,
+    kv_cache_mb: int = 4096,
+    bar: Any = None,
+) -> tuple[QueryScores, dict[str, int]]:
     """Score every (query, candidate) pair and each query's local context."""
     work, cand_pairs, local_pairs = plan_pairs(query_ids, candidates, doc_start, doc_end, tokens_of)
     if bar is not None:
@@ -446,12 +485,18 @@ class ScoresStage(Stage):
         for d in reader.docs():
             if d.split not in cfg.splits:
                 continue
-            if groups and groups[-1][1] == d.first and groups[-1][1] - groups[-1][0] + d.n <= cfg.shard_chunks:
+            if (
+                groups
+                and groups[-1][1] == d.first
+                and groups[-1][1] - groups[-1][0] + d.n <= cfg.shard_chunks
+            ):
                 groups[-1][1] += d.n
                 groups[-1][2] += 1
             else:
                 groups.append([d.first, d.first + d.n, 1])
-        return [Shard(i, len(groups), {"lo": lo, "hi": hi, "docs": n}) for i, (lo, hi, n) in enumerate(groups)]
+        return [
+            Shard(i, len(groups), {"lo": lo, "hi": hi, "docs": n}) for i, (lo, hi, n) in enumerate(groups)
+        ]
 
     def _tokenizer_differs(self, ctx: StageContext) -> bool:
         ref = ctx.inputs["reference"].manifest
@@ -460,12 +505,17 @@ class ScoresStage(Stage):
 
     def _candidates(self, ctx: StageContext, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         bm25 = ctx.inputs["bm25"]
-        t = bm25.read(columns=["chunk_id", "neighbor_ids"],
-                      filter=(pc.field("chunk_id") >= lo) & (pc.field("chunk_id") < hi))
+        t = bm25.read(
+            columns=["chunk_id", "neighbor_ids"],
+            filter=(pc.field("chunk_id") >= lo) & (pc.field("chunk_id") < hi),
+        )
         k = t.schema.field("neighbor_ids").type.list_size
         ids = t.column("chunk_id").to_numpy()
-        nb = t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k) if len(ids) else \
-            np.zeros((0, k), np.int64)
+        nb = (
+            t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
+            if len(ids)
+            else np.zeros((0, k), np.int64)
+        )
         order = np.argsort(ids)
         return ids[order], nb[order]
 
@@ -493,15 +543,19 @@ class ScoresStage(Stage):
         pos = np.searchsorted(bm_ids, queries)
         ok = (pos < len(bm_ids)) & (bm_ids[np.minimum(pos, len(bm_ids) - 1)] == queries)
         if not ok.all():
-            raise InputError(f"{ctx.inputs['bm25'].ref} has no row for query chunk {int(queries[~ok][0])}; "
-                             "rebuild bm25 from the same chunks artifact")
+            raise InputError(
+                f"{ctx.inputs['bm25'].ref} has no row for query chunk {int(queries[~ok][0])}; "
+                "rebuild bm25 from the same chunks artifact"
+            )
         nb = bm_nb[pos][:, : cfg.candidates]
         cands = [row[row != NEIGHBOR_PAD] for row in nb]
         for q, c in zip(queries.tolist(), cands):
             bad = c[(c >= q) | (c < doc_start[q])]
             if len(bad):
-                raise InputError(f"{ctx.inputs['bm25'].ref}: query chunk {q} has candidate {int(bad[0])}, which "
-                                 "is not an earlier chunk of its document; scores needs scope=document-causal")
+                raise InputError(
+                    f"{ctx.inputs['bm25'].ref}: query chunk {q} has candidate {int(bad[0])}, which "
+                    "is not an earlier chunk of its document; scores needs scope=document-causal"
+                )
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         model_dir = ctx.local_input("reference", REFERENCE_MODEL_DIR)
@@ -510,8 +564,9 @@ class ScoresStage(Stage):
         tokens = ChunkTokens(reader, lo, hi, load_tokenizer(model_dir / TOKENIZER_FILE) if differs else None)
         bar = progress(total=0, desc=f"scores shard {shard.name}", unit="pair")
         try:
-            qs, counts = score_queries(lm, queries, cands, doc_start, doc_end, tokens, cfg.batch_tokens,
-                                       cfg.kv_cache_mb, bar)
+            qs, counts = score_queries(
+                lm, queries, cands, doc_start, doc_end, tokens, cfg.batch_tokens, cfg.kv_cache_mb, bar
+            )
         finally:
             bar.close()
         table = scores_table(qs)
@@ -519,8 +574,14 @@ class ScoresStage(Stage):
         delta = [lp - loc for lp, loc in zip(qs.logp_candidate, qs.logp_local)]
         seconds = time.perf_counter() - t0
         n_pos = int(sum((d > 0).sum() for d in delta))
-        log.info("scores shard %s: %d queries, %d pairs, %d positives in %.1f s", shard.name, len(queries),
-                 counts["pairs"], n_pos, seconds)
+        log.info(
+            "scores shard %s: %d queries, %d pairs, %d positives in %.1f s",
+            shard.name,
+            len(queries),
+            counts["pairs"],
+            n_pos,
+            seconds,
+        )
         return {
             "docs": int(shard.payload["docs"]),
             "queries": len(queries),

@@ -61,8 +61,10 @@ def small_run(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path):
     root = tmp_path_factory.mktemp("store")
     run = make_config(
         root,
-        documents={"paths": [str(small_corpus)], "split_lists": {"test": ["books/pg46.txt.gz"],
-                                                                 "valid": ["books/pg35.txt.gz"]}},
+        documents={
+            "paths": [str(small_corpus)],
+            "split_lists": {"test": ["books/pg46.txt.gz"], "valid": ["books/pg35.txt.gz"]},
+        },
         tokenizer={"vocab_size": 2048},
     )
     build("chunks", run, with_deps=True)
@@ -120,7 +122,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path):
         (d / name.replace(".txt.gz", ".txt")).write_text(text[20_000:26_000], encoding="utf-8")
     run = make_config(
         tmp_path_factory.mktemp("tiny-store"),
-        documents={"paths": [str(d)], "split_lists": {"valid": ["slices/pg35.txt"], "test": ["slices/pg46.txt"]}},
+        documents={
+            "paths": [str(d)],
+            "split_lists": {"valid": ["slices/pg35.txt"], "test": ["slices/pg46.txt"]},
+        },
         tokenizer={"vocab_size": 1024},
     )
     build("chunks", run, with_deps=True)
@@ -145,8 +150,14 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(src / name, out / name)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=128, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
     model = BertModel(cfg).eval()
     with torch.no_grad():
         model.embeddings.position_embeddings.weight.zero_()

@@ -34,7 +34,9 @@ def _tf(chunks: np.ndarray, terms: np.ndarray) -> np.ndarray:
     pos = lut[chunks]
     hit = pos >= 0
     flat = np.nonzero(hit)[0] * len(terms) + pos[hit]
-    return np.bincount(flat, minlength=len(chunks) * len(terms)).reshape(len(chunks), len(terms)).astype(float)
+    return (
+        np.bincount(flat, minlength=len(chunks) * len(terms)).reshape(len(chunks), len(terms)).astype(float)
+    )
 
 
 def ref_lucene(chunks: np.ndarray, query: np.ndarray, k1: float = K1, b: float = B) -> np.ndarray:
@@ -50,7 +52,9 @@ def ref_lucene(chunks: np.ndarray, query: np.ndarray, k1: float = K1, b: float =
     return (part * (idf * qcount)).sum(1)
 
 
-def ref_okapi(chunks: np.ndarray, query: np.ndarray, k1: float = K1, b: float = B, eps: float = EPS) -> np.ndarray:
+def ref_okapi(
+    chunks: np.ndarray, query: np.ndarray, k1: float = K1, b: float = B, eps: float = EPS
+) -> np.ndarray:
     """rank-bm25 BM25Okapi's formulas, vectorised per query (checked against rank-bm25 itself below)."""
     n_docs = len(chunks)
     srt = np.sort(chunks, axis=1)
@@ -137,9 +141,18 @@ def test_lucene_causal_equals_per_query_reference_on_every_query(bm25_run, chunk
             if m <= 0:
                 assert (ids[row] == -1).all()
                 continue
-            check_row(ids[row], scores[row], ref_lucene(doc[:m], query_tokens(doc, i, mode)), d.first + np.arange(m))
-    assert art.meta == {**art.meta, "source": "bm25", "scope": "document-causal", "query": mode,
-                        "variant": "lucene", "stats": "causal", "exclude_recent": EXCL}
+            check_row(
+                ids[row], scores[row], ref_lucene(doc[:m], query_tokens(doc, i, mode)), d.first + np.arange(m)
+            )
+    assert art.meta == {
+        **art.meta,
+        "source": "bm25",
+        "scope": "document-causal",
+        "query": mode,
+        "variant": "lucene",
+        "stats": "causal",
+        "exclude_recent": EXCL,
+    }
 
 
 def test_okapi_causal_equals_rank_bm25(bm25_run, chunks):
@@ -151,14 +164,22 @@ def test_okapi_causal_equals_rank_bm25(bm25_run, chunks):
     for d in reader.docs():
         doc = tokens[d.first : d.first + d.n]
         lists = [r[r >= 0].tolist() for r in doc]
-        sample = set(rng.choice(np.arange(EXCL + 1, d.n), 12, replace=False).tolist()) | {EXCL + 1, EXCL + 2, d.n - 1}
+        sample = set(rng.choice(np.arange(EXCL + 1, d.n), 12, replace=False).tolist()) | {
+            EXCL + 1,
+            EXCL + 2,
+            d.n - 1,
+        }
         for i in range(EXCL + 1, d.n):
             m = i - EXCL
             qt = query_tokens(doc, i, "chunk+target")
             ref = ref_okapi(doc[:m], qt)
             if i in sample:  # rank-bm25 itself, one index per query over exactly the retrievable chunks
-                np.testing.assert_allclose(BM25Okapi(lists[:m], k1=K1, b=B, epsilon=EPS).get_scores(qt.tolist()),
-                                           ref, rtol=1e-9, atol=1e-12)
+                np.testing.assert_allclose(
+                    BM25Okapi(lists[:m], k1=K1, b=B, epsilon=EPS).get_scores(qt.tolist()),
+                    ref,
+                    rtol=1e-9,
+                    atol=1e-12,
+                )
             check_row(ids[d.first + i], scores[d.first + i], ref, d.first + np.arange(m))
 
 
@@ -215,7 +236,9 @@ def test_long_book_sampled_queries(bm25_run, gutenberg_dir):
     lists = [r[r >= 0].tolist() for r in doc]
     for i in (17, 18, 100, 1234, n // 2, n - 2, n - 1):
         m = i - EXCL
-        check_row(*(a[i] for a in lucene), ref_lucene(doc[:m], query_tokens(doc, i, "chunk+target")), np.arange(m))
+        check_row(
+            *(a[i] for a in lucene), ref_lucene(doc[:m], query_tokens(doc, i, "chunk+target")), np.arange(m)
+        )
         if i in (18, 1234, n - 1):
             ref = BM25Okapi(lists[:m], k1=K1, b=B, epsilon=EPS).get_scores(lists[i])
             check_row(*(a[i] for a in okapi), ref, np.arange(m))
@@ -227,7 +250,10 @@ def test_unequal_chunk_lengths_use_exact_causal_avgdl():
     rng = np.random.default_rng(1)
     doc = rng.zipf(1.3, size=(200, 64)).astype(np.int32) % 300
     doc[rng.random(doc.shape) < 0.3] = -1  # holes: lengths vary per chunk
-    for p, ref in ((Params(exclude_recent=3), ref_lucene), (Params(exclude_recent=0, variant="okapi"), ref_okapi)):
+    for p, ref in (
+        (Params(exclude_recent=3), ref_lucene),
+        (Params(exclude_recent=0, variant="okapi"), ref_okapi),
+    ):
         pos, sc = document_neighbors(doc, p)
         for i in range(p.exclude_recent + 1, 200):
             m = i - p.exclude_recent
@@ -267,7 +293,9 @@ def test_document_shorter_than_exclude_recent_gives_all_pad_rows(bm25_run, chunk
     longest = max(d.n for d in reader.docs())
     art, _, ids, scores = table(bm25_run, exclude_recent=longest)
     assert (ids == -1).all() and np.isnan(scores).all()
-    assert art.stats["fill_rate"] == 0 and art.stats["mean_valid"] == 0 and art.stats["rows"] == reader.n_chunks
+    assert (
+        art.stats["fill_rate"] == 0 and art.stats["mean_valid"] == 0 and art.stats["rows"] == reader.n_chunks
+    )
     pos, _ = document_neighbors(np.zeros((3, 64), np.int32), Params(exclude_recent=16))
     assert (pos == -1).all()
 
@@ -318,7 +346,9 @@ def test_corpus_overfetch_filters_the_unmasked_ranking(bm25_run, chunks):
 
 
 def test_corpus_scope_without_train_chunks_is_a_clear_error():
-    reader = SimpleNamespace(art=SimpleNamespace(ref="chunks@abc", path="/x", version="abc"), docs=lambda split=None: [])
+    reader = SimpleNamespace(
+        art=SimpleNamespace(ref="chunks@abc", path="/x", version="abc"), docs=lambda split=None: []
+    )
     with pytest.raises(InputError, match="train"):
         corpus_index(reader, Params())
 
@@ -348,7 +378,9 @@ def test_shard_plan_groups_documents():
 
 
 def test_resume_after_partial_build_is_identical(bm25_run, tmp_path):
-    run = bm25_run.model_copy(update={"artifacts_root": str(tmp_path / "store"), "runner": RunnerConfig(kind="processes")})
+    run = bm25_run.model_copy(
+        update={"artifacts_root": str(tmp_path / "store"), "runner": RunnerConfig(kind="processes")}
+    )
     shutil.copytree(bm25_run.root(), run.root(), ignore=shutil.ignore_patterns("bm25"))
     run = run.with_section("bm25", {"shard_chunks": 1000, "query": "chunk+target"})
     node = resolve("bm25", run)

@@ -23,8 +23,11 @@ def books_run(tmp_path_factory, gutenberg_dir):
     d.mkdir()
     for b in ROUND_TRIP_BOOKS:
         (d / f"{b}.txt.gz").symlink_to(gutenberg_dir / f"{b}.txt.gz")
-    run = make_config(d.parent / "store", documents={"paths": [str(d)]},
-                      tokenizer={"vocab_size": 4096, "max_train_chars": 3_000_000})
+    run = make_config(
+        d.parent / "store",
+        documents={"paths": [str(d)]},
+        tokenizer={"vocab_size": 4096, "max_train_chars": 3_000_000},
+    )
     build("chunks", run, with_deps=True)
     return run
 
@@ -62,7 +65,7 @@ def test_layout_invariants(books_run):
     assert tokens.shape == (len(ids), L)
     for r in t.slice(0, 3000).to_pylist():
         row = tokens[r["chunk_id"]]
-        assert row[: r["n_tokens"]].tolist() == r["tokens"] and (row[r["n_tokens"]:] == -1).all()
+        assert row[: r["n_tokens"]].tolist() == r["tokens"] and (row[r["n_tokens"] :] == -1).all()
     docs = store.resolve("documents").read()
     split_of = dict(zip(docs["doc_idx"].to_pylist(), docs["split"].to_pylist()))
     for span in reader.docs():
@@ -82,11 +85,14 @@ def test_multibyte_characters_split_across_chunks(tmp_path):
     chunks cut through characters; the chunk texts must still partition the document."""
     d = tmp_path / "in"
     d.mkdir()
-    text = ("Žluťoučký kůň úpěl ďábelské ódy — naïve café, 東京, 🙂🙂 end.\n" * 40)
+    text = "Žluťoučký kůň úpěl ďábelské ódy — naïve café, 東京, 🙂🙂 end.\n" * 40
     (d / "u.txt").write_text(text, encoding="utf-8")
-    run = make_config(tmp_path / "s", documents={"paths": [str(d)], "min_chars": 10,
-                                                 "split_lists": {"train": ["in/u.txt"]}},
-                      tokenizer={"vocab_size": 300, "min_frequency": 1}, chunks={"chunk_len": 3})
+    run = make_config(
+        tmp_path / "s",
+        documents={"paths": [str(d)], "min_chars": 10, "split_lists": {"train": ["in/u.txt"]}},
+        tokenizer={"vocab_size": 300, "min_frequency": 1},
+        chunks={"chunk_len": 3},
+    )
     art = build("chunks", run, with_deps=True)
     rows = art.read().to_pylist()
     assert "".join(r["text"] for r in rows) == text

@@ -15,8 +15,9 @@ def write(tmp_path, text: str):
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "chunks:\n  chunk_len: 32\n"), ["tokenizer.vocab_size=1000",
-                                                                      "documents.paths=[a, b]"])
+    cfg = load_config(
+        write(tmp_path, "chunks:\n  chunk_len: 32\n"), ["tokenizer.vocab_size=1000", "documents.paths=[a, b]"]
+    )
     assert cfg.chunks.chunk_len == 32
     assert cfg.tokenizer.vocab_size == 1000
     assert cfg.documents.paths == ["a", "b"]

@@ -24,8 +24,17 @@ def all_books(tmp_path_factory, gutenberg_dir):
     """The documents artifact of all 44 shared books (a few seconds: no tokenization)."""
     root = tmp_path_factory.mktemp("docs")
     art = build("documents", make_config(root, documents={"paths": [str(gutenberg_dir)]}))
-    texts = dict(zip(art.read(columns=["doc_id"])["doc_id"].to_pylist(), art.read(columns=["text"])["text"].to_pylist()))
-    titles = dict(zip(art.read(columns=["doc_id"])["doc_id"].to_pylist(), art.read(columns=["title"])["title"].to_pylist()))
+    texts = dict(
+        zip(
+            art.read(columns=["doc_id"])["doc_id"].to_pylist(), art.read(columns=["text"])["text"].to_pylist()
+        )
+    )
+    titles = dict(
+        zip(
+            art.read(columns=["doc_id"])["doc_id"].to_pylist(),
+            art.read(columns=["title"])["title"].to_pylist(),
+        )
+    )
     return art, texts, titles
 
 
@@ -39,10 +48,19 @@ def naive_body(raw: bytes, encoding: str) -> str:
     lines strictly between the '*** START' line and the first 'End of ...'/'*** END' line."""
     text = raw.decode({"latin-1": "latin-1", "utf-8": "utf-8-sig"}[encoding])
     lines = text.replace("\r\n", "\n").split("\n")
-    start = next(i for i, line in enumerate(lines) if "START OF TH" in line and line.lstrip().startswith("***"))
-    end = next(i for i, line in enumerate(lines) if i > start and (
-        (line.startswith("End of") and "Project Gutenberg" in line) or line.lstrip().startswith("***END OF")
-        or line.lstrip().startswith("*** END OF")))
+    start = next(
+        i for i, line in enumerate(lines) if "START OF TH" in line and line.lstrip().startswith("***")
+    )
+    end = next(
+        i
+        for i, line in enumerate(lines)
+        if i > start
+        and (
+            (line.startswith("End of") and "Project Gutenberg" in line)
+            or line.lstrip().startswith("***END OF")
+            or line.lstrip().startswith("*** END OF")
+        )
+    )
     return "\n".join(lines[start + 1 : end]).strip("\n")
 
 
@@ -62,7 +80,9 @@ def test_all_books_stripped_and_decoded(all_books, gutenberg_dir):
         assert not re.search(r"PROJECT GUTENBERG E-?BOOK", text, re.I), doc_id
         assert "Project Gutenberg-tm" not in text and "Section 5." not in text
         # the title line of the header is kept as the title (MANIFEST drops punctuation)
-        assert re.sub(r"[^a-z]", "", titles[doc_id].lower())[:6] == re.sub(r"[^a-z]", "", r["title"].lower())[:6]
+        assert (
+            re.sub(r"[^a-z]", "", titles[doc_id].lower())[:6] == re.sub(r"[^a-z]", "", r["title"].lower())[:6]
+        )
 
 
 def test_latin1_books_have_their_accents(all_books):
@@ -75,7 +95,10 @@ def test_decode_fallbacks():
     assert decode("caf\u00e9".encode()) == ("caf\u00e9", "utf-8")
     assert decode(b"\xef\xbb\xbfhi") == ("hi", "utf-8-sig")
     assert decode("caf\u00e9".encode("latin-1")) == ("caf\u00e9", "cp1252")
-    assert decode(b"\x93quoted\x94 \x80") == ("\u201cquoted\u201d \u20ac", "cp1252")  # cp1252 smart quotes, euro
+    assert decode(b"\x93quoted\x94 \x80") == (
+        "\u201cquoted\u201d \u20ac",
+        "cp1252",
+    )  # cp1252 smart quotes, euro
     assert decode(b"\xe9\x81")[0] == "\u00e9\x81"  # a byte cp1252 leaves undefined falls back to Latin-1
 
 
@@ -92,12 +115,16 @@ def test_split_is_by_doc_hash_and_stable(tmp_path, gutenberg_dir, all_books):
     t = sub.read()
     assert 0 < t.num_rows < 44
     for d, s in zip(t["doc_id"].to_pylist(), t["split"].to_pylist()):
-        assert full[d] == s  # same id (the glob's folder names it), same split, whatever else is in the corpus
+        assert (
+            full[d] == s
+        )  # same id (the glob's folder names it), same split, whatever else is in the corpus
 
 
 def test_doc_idx_dense_in_order_across_shards(tmp_path, small_corpus):
     one = build("documents", make_config(tmp_path / "a", documents={"paths": [str(small_corpus)]}))
-    many = build("documents", make_config(tmp_path / "b", documents={"paths": [str(small_corpus)], "shard_bytes": 1}))
+    many = build(
+        "documents", make_config(tmp_path / "b", documents={"paths": [str(small_corpus)], "shard_bytes": 1})
+    )
     assert len(many.parts()) == 4 and len(one.parts()) == 1
     assert many.version == one.version  # shard size is not part of the version
     assert many.read().to_pylist() == one.read().to_pylist()
@@ -105,20 +132,31 @@ def test_doc_idx_dense_in_order_across_shards(tmp_path, small_corpus):
 
 
 def test_min_chars_drops_and_counts(tmp_path, small_corpus):
-    art = build("documents", make_config(tmp_path, documents={"paths": [str(small_corpus)], "min_chars": 170_000}))
+    art = build(
+        "documents", make_config(tmp_path, documents={"paths": [str(small_corpus)], "min_chars": 170_000})
+    )
     t = art.read()
     assert all(n >= 170_000 for n in t["n_chars"].to_pylist())
     assert art.stats["dropped_short"] == 4 - t.num_rows > 0
 
 
 def test_explicit_split_lists(tmp_path, small_corpus):
-    art = build("documents", make_config(tmp_path, documents={
-        "paths": [str(small_corpus)], "split_lists": {"test": ["books/pg46.txt.gz"]}}))
+    art = build(
+        "documents",
+        make_config(
+            tmp_path, documents={"paths": [str(small_corpus)], "split_lists": {"test": ["books/pg46.txt.gz"]}}
+        ),
+    )
     splits = dict(zip(art.read()["doc_id"].to_pylist(), art.read()["split"].to_pylist()))
     assert splits.pop("books/pg46.txt.gz") == "test" and set(splits.values()) == {"train"}
     with pytest.raises(Exception, match="not in the corpus: books/nope"):
-        build("documents", make_config(tmp_path / "x", documents={
-            "paths": [str(small_corpus)], "split_lists": {"test": ["books/nope"]}}))
+        build(
+            "documents",
+            make_config(
+                tmp_path / "x",
+                documents={"paths": [str(small_corpus)], "split_lists": {"test": ["books/nope"]}},
+            ),
+        )
 
 
 def test_jsonl_parquet_and_globs(tmp_path):
@@ -130,9 +168,16 @@ def test_jsonl_parquet_and_globs(tmp_path):
     pq.write_table(pa.table({"body": ["gamma " * 60, "delta " * 60], "name": ["G", "D"]}), d / "b.parquet")
     (d / "c.txt").write_text("epsilon " * 40)
     (d / "notes.md").write_text("ignored")
-    run = make_config(tmp_path, documents={"paths": [str(d / "*.jsonl.gz"), str(d / "*.parquet"), str(d / "c.txt")],
-                                           "text_field": "body", "id_field": "id", "title_field": "name",
-                                           "min_chars": 10})
+    run = make_config(
+        tmp_path,
+        documents={
+            "paths": [str(d / "*.jsonl.gz"), str(d / "*.parquet"), str(d / "c.txt")],
+            "text_field": "body",
+            "id_field": "id",
+            "title_field": "name",
+            "min_chars": 10,
+        },
+    )
     t = build("documents", run).read()
     rows = {r["doc_id"]: r for r in t.to_pylist()}
     assert set(rows) == {"x1", "x2", "in/b.parquet:0", "in/b.parquet:1", "c.txt"}
@@ -161,19 +206,32 @@ def bad_corpus(tmp_path, name, data: bytes):
     return d
 
 
-@pytest.mark.parametrize("name,data,pattern", [
-    ("empty.txt", b"", r"empty\.txt: file is empty"),
-    ("blob.txt", bytes(range(256)) * 10, r"blob\.txt: file looks binary"),
-    ("trunc.txt.gz", gzip.compress(b"some text " * 500)[:-30], r"trunc\.txt\.gz: cannot read file"),
-    ("bad.jsonl", b'{"text": "ok ' + b"x" * 2000 + b'"}\n{"text": broken}\n', r"bad\.jsonl, line 2: malformed JSON"),
-    ("nofield.jsonl", b'{"body": "x"}\n', r"nofield\.jsonl, line 1: record has no 'text' field \(has: body\)"),
-])
+@pytest.mark.parametrize(
+    "name,data,pattern",
+    [
+        ("empty.txt", b"", r"empty\.txt: file is empty"),
+        ("blob.txt", bytes(range(256)) * 10, r"blob\.txt: file looks binary"),
+        ("trunc.txt.gz", gzip.compress(b"some text " * 500)[:-30], r"trunc\.txt\.gz: cannot read file"),
+        (
+            "bad.jsonl",
+            b'{"text": "ok ' + b"x" * 2000 + b'"}\n{"text": broken}\n',
+            r"bad\.jsonl, line 2: malformed JSON",
+        ),
+        (
+            "nofield.jsonl",
+            b'{"body": "x"}\n',
+            r"nofield\.jsonl, line 1: record has no 'text' field \(has: body\)",
+        ),
+    ],
+)
 def test_bad_input_is_named_and_skippable(tmp_path, name, data, pattern):
     d = bad_corpus(tmp_path, name, data)
     with pytest.raises(InputError, match=pattern):
         build("documents", make_config(tmp_path / "s1", documents={"paths": [str(d)]}))
-    art = build("documents", make_config(tmp_path / "s2", documents={"paths": [str(d)], "on_error": "skip",
-                                                                        "min_chars": 100}))
+    art = build(
+        "documents",
+        make_config(tmp_path / "s2", documents={"paths": [str(d)], "on_error": "skip", "min_chars": 100}),
+    )
     assert sum(art.stats["skipped"].values()) == 1
     assert "bad/good.txt" in art.read()["doc_id"].to_pylist()
 
@@ -182,7 +240,9 @@ def test_parquet_without_text_column(tmp_path):
     d = tmp_path / "p"
     d.mkdir()
     pq.write_table(pa.table({"content": ["x" * 2000]}), d / "t.parquet")
-    with pytest.raises(InputError, match=r"t\.parquet: Parquet file has no 'text' column \(columns: content\)"):
+    with pytest.raises(
+        InputError, match=r"t\.parquet: Parquet file has no 'text' column \(columns: content\)"
+    ):
         build("documents", make_config(tmp_path, documents={"paths": [str(d)]}))
 
 

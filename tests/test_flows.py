@@ -31,8 +31,11 @@ def write_config(tiny_encoder: Path) -> Callable[..., str]:
     """Writes `<dir>/run.yaml` for a store in `<dir>/store`: four small standard-library packages (~700
     chunks; one document per shard), small k, and the tiny random encoder, so a whole flow takes seconds."""
     base: dict[str, Any] = {
-        "documents": {"stdlib_include": ["json", "wsgiref", "textwrap", "colorsys"],
-                      "split_lists": {"valid": ["stdlib/textwrap"]}, "shard_bytes": 15_000},
+        "documents": {
+            "stdlib_include": ["json", "wsgiref", "textwrap", "colorsys"],
+            "split_lists": {"valid": ["stdlib/textwrap"]},
+            "shard_bytes": 15_000,
+        },
         "tokenizer": {"vocab_size": 1024},
         "bm25": {"k": 4, "exclude_recent": 2, "shard_chunks": 150},
         "embeddings": {"model": str(tiny_encoder), "shard_chunks": 200},
@@ -74,8 +77,11 @@ def latest_dag_run() -> Any:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["rpt-dag"])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=1)
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["rpt-dag"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
     return runs[0]
 
 
@@ -102,8 +108,9 @@ def table_artifacts(flow_run_id: Any) -> dict[str, list[Any]]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-            any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     out: dict[str, list[Any]] = {}
     for a in arts:
         if a.type == "table":
@@ -132,8 +139,9 @@ def prefect_server() -> Any:
 
 
 @pytest.fixture(scope="session")
-def thread_run(prefect_server: Any, write_config: Callable[..., str],
-               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def thread_run(
+    prefect_server: Any, write_config: Callable[..., str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """The neighbors flow built once with the default (thread) runner, and its child flow run."""
     d = tmp_path_factory.mktemp("flow-threads")
     cfg = write_config(d)
@@ -145,8 +153,9 @@ def thread_run(prefect_server: Any, write_config: Callable[..., str],
 
 
 @pytest.mark.prefect
-def test_neighbors_flow_builds_what_the_executor_builds(thread_run: dict[str, Any], write_config: Any,
-                                                         tmp_path: Path) -> None:
+def test_neighbors_flow_builds_what_the_executor_builds(
+    thread_run: dict[str, Any], write_config: Any, tmp_path: Path
+) -> None:
     report = thread_run["report"]
     assert statuses(report) == [(s, "built") for s in NEIGHBORS]
     store = ArtifactStore(str(thread_run["root"]))
@@ -159,7 +168,10 @@ def test_neighbors_flow_builds_what_the_executor_builds(thread_run: dict[str, An
     # the executor alone (the CLI path; threads, as process pools start slowly here) builds the same
     # versions and the same bytes
     run = load_config(write_config(tmp_path, runner={"kind": "threads"}))
-    built = [build("bm25", run.with_section("bm25", {"query": q}), with_deps=True) for q in ("chunk", "chunk+target")]
+    built = [
+        build("bm25", run.with_section("bm25", {"query": q}), with_deps=True)
+        for q in ("chunk", "chunk+target")
+    ]
     built.append(build("dense", run, with_deps=True))
     built += [build(s, run) for s in ("documents", "tokenizer", "chunks", "embeddings")]
     assert sorted(a.ref for a in built) == sorted(arts)
@@ -185,7 +197,9 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
     from pipeline.cli import app
 
     store = ArtifactStore(str(thread_run["root"]))
-    created = {r["ref"]: store.get(r["stage"], r["version"]).manifest.created_at for r in thread_run["report"]}
+    created = {
+        r["ref"]: store.get(r["stage"], r["version"]).manifest.created_at for r in thread_run["report"]
+    }
     out = CliRunner().invoke(app, ["flow", "neighbors", "-c", thread_run["cfg"]])
     assert out.exit_code == 0, out.output
     lines = [ln.split() for ln in out.output.splitlines() if ln.startswith(("cached", "built", "found"))]
@@ -195,7 +209,9 @@ def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None
     assert sorted(t.name for t in runs) == sorted(created)  # no plan or shard task ran
     assert all(t.state.name == "Cached" for t in runs)
     tables = table_artifacts(dag.id)  # cached stages still show their stats in this run
-    assert all("(cached)" in a.description for key, arts in tables.items() if key.endswith("-stats") for a in arts)
+    assert all(
+        "(cached)" in a.description for key, arts in tables.items() if key.endswith("-stats") for a in arts
+    )
     assert sum(len(arts) for key, arts in tables.items() if key.endswith("-stats")) == len(created)
     assert {ref: store.get(*ref.split("@")).manifest.created_at for ref in created} == created
 
@@ -206,7 +222,9 @@ def test_changed_setting_reruns_only_what_depends_on_it(thread_run: dict[str, An
     report = flows.neighbors(cfg, ["bm25.exclude_recent=1"])
     assert statuses(report) == [(s, "built" if s == "bm25" else "cached") for s in NEIGHBORS]
     report = flows.neighbors(cfg, ["chunks.chunk_len=32"])
-    assert statuses(report) == [(s, "cached" if s in ("documents", "tokenizer") else "built") for s in NEIGHBORS]
+    assert statuses(report) == [
+        (s, "cached" if s in ("documents", "tokenizer") else "built") for s in NEIGHBORS
+    ]
     # unhashed settings (how, not what) change no version
     report = flows.neighbors(cfg, ["bm25.shard_chunks=100", "embeddings.batch_size=7", "runner.workers=1"])
     assert statuses(report) == [(s, "cached") for s in NEIGHBORS]
@@ -224,8 +242,9 @@ def test_deleted_artifact_is_rebuilt_despite_the_cache(thread_run: dict[str, Any
 
 
 @pytest.mark.prefect
-def test_failed_shard_resumes_on_rerun(thread_run: dict[str, Any], write_config: Any,
-                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_failed_shard_resumes_on_rerun(
+    thread_run: dict[str, Any], write_config: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     bm25 = get_stage("bm25")
     real = bm25.run_shard
     calls: list[tuple[str, int]] = []
@@ -256,8 +275,9 @@ def test_failed_shard_resumes_on_rerun(thread_run: dict[str, Any], write_config:
 
 
 @pytest.mark.prefect
-def test_dask_two_workers_match_threads_byte_for_byte(thread_run: dict[str, Any], write_config: Any,
-                                                      tmp_path: Path) -> None:
+def test_dask_two_workers_match_threads_byte_for_byte(
+    thread_run: dict[str, Any], write_config: Any, tmp_path: Path
+) -> None:
     cfg = write_config(tmp_path)
     report = flows.neighbors(cfg, ["runner.kind=dask", "runner.workers=2"])
     assert statuses(report) == [(s, "built") for s in NEIGHBORS]
@@ -272,7 +292,9 @@ def test_dask_two_workers_match_threads_byte_for_byte(thread_run: dict[str, Any]
 # ------------------------------------------------------------------------------ no server needed
 
 
-def test_flows_need_registered_stages(monkeypatch: pytest.MonkeyPatch, write_config: Any, tmp_path: Path) -> None:
+def test_flows_need_registered_stages(
+    monkeypatch: pytest.MonkeyPatch, write_config: Any, tmp_path: Path
+) -> None:
     cfg = write_config(tmp_path)
     monkeypatch.delitem(STAGES, "dense")
     with pytest.raises(ConfigError, match=r"needs stage 'dense'.*pipeline/registry.py"):
@@ -302,7 +324,9 @@ def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
 
 def test_train_flow_targets_every_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(STAGES, "train", "stages.train")  # only the name is checked here
-    assert [dict(t.overrides) for t in flows.flow_targets("train")] == [{"variant": v} for v in flows.TRAIN_VARIANTS]
+    assert [dict(t.overrides) for t in flows.flow_targets("train")] == [
+        {"variant": v} for v in flows.TRAIN_VARIANTS
+    ]
     assert [t.overrides["variant"] for t in flows.flow_targets("train", ["rpt_sem"])] == ["rpt_sem"]
 
 

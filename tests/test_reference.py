@@ -16,8 +16,18 @@ from pipeline.formats import REFERENCE_MODEL_DIR, TOKENIZER_FILE
 from pipeline.store import ArtifactStore
 from tests.conftest import make_config, one_thread
 
-TINY_LM = {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "seq_len": 64, "steps": 6, "batch": 2,
-           "eval_tokens": 2000, "checkpoint_every": 2, "warmup": 2}
+TINY_LM = {
+    "hidden": 32,
+    "layers": 2,
+    "heads": 2,
+    "intermediate": 64,
+    "seq_len": 64,
+    "steps": 6,
+    "batch": 2,
+    "eval_tokens": 2000,
+    "checkpoint_every": 2,
+    "warmup": 2,
+}
 
 
 def tiny_run(root: Path, corpus: Path, **reference):
@@ -63,7 +73,9 @@ def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkey
     clean = build("reference", upstream)
     st = clean.manifest.stats
     assert st["source"] == "trained" and st["steps"] == 6 and st["resumed_from_step"] == 0
-    assert 1 < st["valid_ppl"] < 1e4 and st["valid_tokens"] > 0 and st["params"] > st["non_embedding_params"] > 0
+    assert (
+        1 < st["valid_ppl"] < 1e4 and st["valid_tokens"] > 0 and st["params"] > st["non_embedding_params"] > 0
+    )
     assert clean.manifest.meta["tokenizer_differs"] is False
     assert not any(f.path.startswith("_checkpoints") for f in clean.manifest.files)
 
@@ -91,7 +103,9 @@ def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkey
     # the saved folder is a plain Hugging Face model that loads offline
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(str(resumed.local_path(REFERENCE_MODEL_DIR)), local_files_only=True)
+    m = AutoModelForCausalLM.from_pretrained(
+        str(resumed.local_path(REFERENCE_MODEL_DIR)), local_files_only=True
+    )
     assert m.config.model_type == "gpt_neox"
     assert (resumed.local_path(REFERENCE_MODEL_DIR) / TOKENIZER_FILE).is_file()
     # validation perplexity = exp(mean NLL) over consecutive 64-token windows of the valid document
@@ -116,8 +130,11 @@ def save_tiny_lm(folder: Path, tokenizer_json: Path, seed: int = 0) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(seed)
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)).save_pretrained(folder)
+    GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(folder)
     shutil.copyfile(tokenizer_json, folder / TOKENIZER_FILE)
 
 
@@ -144,7 +161,9 @@ def test_adopted_folder_versions_by_content(upstream, tmp_path):
     # other weights: another version
     other = tmp_path / "lm-b"
     save_tiny_lm(other, pipe_tok, seed=1)
-    assert resolve("reference", upstream.with_section("reference", {"path": str(other)})).version != art.version
+    assert (
+        resolve("reference", upstream.with_section("reference", {"path": str(other)})).version != art.version
+    )
 
 
 def test_bad_settings_are_clear_errors(upstream, tmp_path):

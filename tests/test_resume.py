@@ -17,7 +17,20 @@ from pipeline.executor import build, resolve
 from pipeline.store import ArtifactStore
 from tests.conftest import REPO, make_config
 
-BOOKS = ["pg105", "pg1661", "pg345", "pg514", "pg11", "pg46", "pg5200", "pg35", "pg36", "pg219", "pg1232", "pg16"]
+BOOKS = [
+    "pg105",
+    "pg1661",
+    "pg345",
+    "pg514",
+    "pg11",
+    "pg46",
+    "pg5200",
+    "pg35",
+    "pg36",
+    "pg219",
+    "pg1232",
+    "pg16",
+]
 
 
 @pytest.fixture
@@ -27,9 +40,12 @@ def prepared(tmp_path, gutenberg_dir):
     for b in BOOKS:
         (d / f"{b}.txt.gz").symlink_to(gutenberg_dir / f"{b}.txt.gz")
     # one documents part (and so one chunks shard) per book
-    run = make_config(tmp_path / "store", runner={"kind": "serial"},
-                      documents={"paths": [str(d)], "shard_bytes": 1},
-                      tokenizer={"vocab_size": 2048, "max_train_chars": 2_000_000})
+    run = make_config(
+        tmp_path / "store",
+        runner={"kind": "serial"},
+        documents={"paths": [str(d)], "shard_bytes": 1},
+        tokenizer={"vocab_size": 2048, "max_train_chars": 2_000_000},
+    )
     build("tokenizer", run, with_deps=True)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps(run.model_dump(mode="json")))
@@ -47,8 +63,12 @@ def test_killed_stage_resumes_to_identical_result(prepared, tmp_path, caplog):
     clean = build("chunks", run.model_copy(update={"artifacts_root": str(clean_root)}))
     assert clean.version == version and len(clean.parts()) == len(BOOKS)
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "chunks", "-c", str(cfg)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "chunks", "-c", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     shards = store.fs.glob(f"{store.partial_dir('chunks', version)}/_shards/*.json")
     deadline = time.time() + 120
     while len(shards) < 2 and proc.poll() is None and time.time() < deadline:
@@ -68,6 +88,8 @@ def test_killed_stage_resumes_to_identical_result(prepared, tmp_path, caplog):
     assert any("resuming" in r.getMessage() for r in caplog.records)
     assert resumed.version == version
     assert resumed.verify() == []
-    assert {f.path: f.sha256 for f in resumed.manifest.files} == {f.path: f.sha256 for f in clean.manifest.files}
+    assert {f.path: f.sha256 for f in resumed.manifest.files} == {
+        f.path: f.sha256 for f in clean.manifest.files
+    }
     assert resumed.manifest.stats["chunks"] == clean.manifest.stats["chunks"]
     assert version not in store.partials("chunks")

@@ -16,8 +16,16 @@ from pipeline.formats import REFERENCE_MODEL_DIR, SCORES_SCHEMA, TOKENIZER_FILE,
 from pipeline.store import ArtifactStore
 from tests.conftest import make_config, one_thread
 
-TINY_LM = {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "seq_len": 64, "steps": 3, "batch": 2,
-           "eval_tokens": 2000}
+TINY_LM = {
+    "hidden": 32,
+    "layers": 2,
+    "heads": 2,
+    "intermediate": 64,
+    "seq_len": 64,
+    "steps": 3,
+    "batch": 2,
+    "eval_tokens": 2000,
+}
 
 
 def tiny_config(root: Path, corpus: Path, **sections):
@@ -148,11 +156,19 @@ def test_core_conventions_on_hand_made_candidates(scored):
     doc_start = np.array([0] * 10 + [10] * 4)
     doc_end = np.array([10] * 10 + [14] * 4)
     queries = np.array([0, 1, 2, 5, 8, 11, 12])
-    cands = [np.array([], np.int64), np.array([0]), np.array([0]), np.array([3, 0, 9]), np.array([6, 2, 13]),
-             np.array([10, 9]), np.array([10])]
+    cands = [
+        np.array([], np.int64),
+        np.array([0]),
+        np.array([0]),
+        np.array([3, 0, 9]),
+        np.array([6, 2, 13]),
+        np.array([10, 9]),
+        np.array([10]),
+    ]
     lm = ScoringLM(model, torch.device("cpu"), torch.float32)
-    qs, counts = score_queries(lm, queries, cands, doc_start, doc_end, lambda c: toks[c], batch_tokens=300,
-                               kv_cache_mb=1)
+    qs, counts = score_queries(
+        lm, queries, cands, doc_start, doc_end, lambda c: toks[c], batch_tokens=300, kv_cache_mb=1
+    )
     table = scores_table(qs).to_pylist()
     for r, q, c in zip(table, queries, cands):
         local = [toks[x] for x in (q - 2, q - 1) if x >= doc_start[q]]
@@ -197,7 +213,9 @@ def test_failed_shard_resumes_to_identical_output(scored, tmp_path, monkeypatch)
     resumed = build("scores", run2)
     n_shards = len(clean.parts())
     assert state["calls"] == n_shards - 1  # the finished shard is not recomputed
-    assert {f.path: f.sha256 for f in resumed.manifest.files} == {f.path: f.sha256 for f in clean.manifest.files}
+    assert {f.path: f.sha256 for f in resumed.manifest.files} == {
+        f.path: f.sha256 for f in clean.manifest.files
+    }
 
 
 def test_other_tokenizer_is_retokenized(scored, tmp_path):
@@ -212,17 +230,26 @@ def test_other_tokenizer_is_retokenized(scored, tmp_path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     folder = tmp_path / "other-lm"
     torch.manual_seed(1)
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=448, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)).save_pretrained(folder)
+    GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=448, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(folder)
     tok.save(str(folder / TOKENIZER_FILE))
     root = tmp_path / "store"
     for stage in ("documents", "tokenizer", "chunks", "bm25"):
         shutil.copytree(store.stage_dir(stage), root / stage)
-    run2 = run.model_copy(update={"artifacts_root": str(root)}).with_section("reference", {"path": str(folder)})
+    run2 = run.model_copy(update={"artifacts_root": str(root)}).with_section(
+        "reference", {"path": str(folder)}
+    )
     art = build("scores", run2, with_deps=True)
     assert art.manifest.meta["tokenizer_differs"] is True
     lm_tok = load_tokenizer(folder / TOKENIZER_FILE)
@@ -270,9 +297,16 @@ def test_workers_claim_distinct_devices(tmp_path):
 
     names = ["gpu-a", "gpu-b", "gpu-c"]
     holder = subprocess.Popen(  # another worker process that holds slot 0 until we close its stdin
-        [sys.executable, "-c", "import sys; from pipeline.devices import claim_slot; "
-         f"print(claim_slot({names!r}, {str(tmp_path)!r}), flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pipeline.devices import claim_slot; "
+            f"print(claim_slot({names!r}, {str(tmp_path)!r}), flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "0"
         got: list[int] = []

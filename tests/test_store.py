@@ -29,8 +29,14 @@ def test_version_is_deterministic_across_processes(small_run):
         "print(json.dumps({n.stage: n.version for n in resolve('chunks', run).walk()}))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(small_run.model_dump(mode="json"))],
-                         capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(small_run.model_dump(mode="json"))],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env=env,
+    )
     assert json.loads(out.stdout) == here
 
 
@@ -132,8 +138,9 @@ def test_refs_and_resolve(small_run):
 
 
 def rpt(*args, cwd=REPO, check=True):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, check=check)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, check=check
+    )
 
 
 def test_cli_run_ls_show_verify(small_run, tmp_path):
@@ -146,7 +153,12 @@ def test_cli_run_ls_show_verify(small_run, tmp_path):
     ls = rpt("artifacts", "ls", "--root", root).stdout
     assert f"chunks@{v}" in ls and "documents@" in ls and "latest" in ls
     show = rpt("artifacts", "show", "chunks", "--root", root, "-n", "2").stdout
-    assert "lineage:" in show and "tokenizer: tokenizer@" in show and "chunk_id" in show and "shape: (2, 7)" in show
+    assert (
+        "lineage:" in show
+        and "tokenizer: tokenizer@" in show
+        and "chunk_id" in show
+        and "shape: (2, 7)" in show
+    )
     ver = rpt("artifacts", "verify", "--root", root).stdout
     assert "3 of 3 artifacts intact" in ver
     bad = rpt("run", "chunks", "-c", str(cfg), "--set", "chunks.chunk_len=zero", check=False)
@@ -157,12 +169,18 @@ def test_object_store_root(tmp_path):
     """A non-local fsspec root (the in-memory filesystem stands in for s3:// or gs://)."""
     from pipeline.formats import ChunkReader
 
-    run = make_config(f"memory://rpt-test/{tmp_path.name}", documents={
-        "stdlib_include": ["json", "argparse"], "split_lists": {"test": ["stdlib/json"]}},
-        tokenizer={"vocab_size": 600})
+    run = make_config(
+        f"memory://rpt-test/{tmp_path.name}",
+        documents={"stdlib_include": ["json", "argparse"], "split_lists": {"test": ["stdlib/json"]}},
+        tokenizer={"vocab_size": 600},
+    )
     art = build("chunks", run, with_deps=True)
     assert not art.store.is_local
-    assert sorted(f.path for f in art.manifest.files) == ["doc_index.parquet", "part-00000.parquet", "tokens.npy"]
+    assert sorted(f.path for f in art.manifest.files) == [
+        "doc_index.parquet",
+        "part-00000.parquet",
+        "tokens.npy",
+    ]
     reader = ChunkReader(art)
     assert reader.tokens.shape == (art.manifest.rows, 64)
     assert art.scan().collect().height == art.manifest.rows and art.verify() == []
