@@ -16,6 +16,7 @@ whatever its split into processes and accumulation steps.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,3 +137,12 @@ def make_loader(
         # run's dropout stream would be shifted against the uninterrupted run's
         generator=torch.Generator().manual_seed(sampler.seed),
     )
+
+
+def close_batches(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's worker processes now. A run takes exactly the sampler's batches and so
+    never reaches StopIteration; left to the garbage collector, the workers' shutdown races interpreter
+    and test teardown (a "worker exited unexpectedly" at some later collection)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # only the multi-process iterator has one
+    if shutdown is not None:
+        shutdown()

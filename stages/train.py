@@ -476,7 +476,7 @@ def _gold_draw(seed: int, step: int, micro: int, p: float) -> bool:
 
 def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
     """The training loop (one process of `world`). Rank 0 writes checkpoints and the final files."""
-    from data.loader import StreamSampler, TrainSequences, make_loader
+    from data.loader import StreamSampler, TrainSequences, close_batches, make_loader
     from data.neighbors import neighbor_table, scores_table
     from data.sequences import plan_sequences
     from model import schedules as sch
@@ -631,6 +631,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
         step_loss = acc[0].item() / (accum * world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            close_batches(batches)
             last = _latest_checkpoint(root)
             what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
             raise RptError(
@@ -698,6 +699,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
                 )
                 _checkpoint(root, done, save)
             dist.barrier()
+    close_batches(batches)
     bar.close()
     if tb is not None:
         tb.close()

@@ -99,6 +99,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """For whole modules of tiny-model tests: `pytestmark = pytest.mark.usefixtures("torch_one_thread")`."""
+    with one_thread():
+        yield
+
+
 # Slices of five books (6,000 characters each, past the headers): about 150 chunks, small enough to
 # embed with the real MiniLM encoder on a loaded 2-core CPU in seconds.
 TINY_SLICES = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz", "pg219.txt.gz"]

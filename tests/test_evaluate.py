@@ -25,12 +25,7 @@ from stages.evaluate import EvalDoc, doc_batch, gold_positions, select_documents
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "window": 128, "stride": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one torch thread is fastest
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from pipeline.formats import causal_retrievable
 M, L, V = 8, 10, 97  # chunk_len, chunks per sequence, vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one torch thread is fastest
 
 
 def tiny(variant: str, **kw) -> RPTConfig:

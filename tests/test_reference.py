@@ -14,7 +14,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.executor import build, resolve
 from pipeline.formats import REFERENCE_MODEL_DIR, TOKENIZER_FILE
 from pipeline.store import ArtifactStore
-from tests.conftest import make_config, one_thread
+from tests.conftest import make_config
 
 TINY_LM = {
     "hidden": 32,
@@ -48,10 +48,7 @@ def upstream(tmp_path_factory, tiny_corpus):
     return run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one torch thread is fastest
 
 
 def copy_upstream(run, root: Path, **reference):

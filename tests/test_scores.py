@@ -50,10 +50,7 @@ def scored(tmp_path_factory, tiny_corpus):
     return run, art
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one torch thread is fastest
 
 
 def naive_logp(model, prefix: list[np.ndarray], query: np.ndarray, target: np.ndarray) -> float:

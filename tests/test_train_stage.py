@@ -40,12 +40,7 @@ TRAIN = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one torch thread is fastest
 
 
 def _config(small_run, root: Path, **train):
