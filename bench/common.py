@@ -12,7 +12,21 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-GUTENBERG = (REPO / ".." / "shared" / "corpora" / "gutenberg").resolve()
+
+
+def find_gutenberg() -> Path:
+    """The shared books: $RPT_GUTENBERG, else `shared/corpora/gutenberg` beside this checkout or beside any
+    folder above it (a clone at /work/ci/x/repo still finds /work/shared)."""
+    if os.environ.get("RPT_GUTENBERG"):
+        return Path(os.environ["RPT_GUTENBERG"]).resolve()
+    for parent in REPO.parents:
+        candidate = parent / "shared" / "corpora" / "gutenberg"
+        if candidate.is_dir():
+            return candidate.resolve()
+    return (REPO.parent / "shared" / "corpora" / "gutenberg").resolve()  # named in the error of the users
+
+
+GUTENBERG = find_gutenberg()
 RESULTS = REPO / "bench" / "results"
 
 

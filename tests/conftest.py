@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import GUTENBERG
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RPT_PROGRESS", "0")
 os.environ.pop("RPT_ARTIFACTS", None)
 
 REPO = Path(__file__).resolve().parents[1]
-GUTENBERG = (REPO / ".." / "shared" / "corpora" / "gutenberg").resolve()
 
 # Four short books (about 1.1M characters together), two of them Latin-1 encoded elsewhere in the set.
 SMALL_BOOKS = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz"]
@@ -27,7 +28,10 @@ TINY_DOC_CHARS = {"long.txt": 9000, "short.txt": 200, "one.txt": 40, "valid.txt"
 
 @pytest.fixture(scope="session")
 def gutenberg_dir() -> Path:
-    assert GUTENBERG.is_dir(), f"the shared corpus is expected at {GUTENBERG}"
+    assert GUTENBERG.is_dir(), (
+        f"the shared Gutenberg books are expected at {GUTENBERG} (../shared/corpora/gutenberg of the checkout "
+        "or of a folder above it); set RPT_GUTENBERG to their folder"
+    )
     return GUTENBERG
 
 
