@@ -121,6 +121,18 @@ class StreamSampler(Sampler[int]):
         return (self.end - self.start) * self.a * self.b
 
 
+def _forget_parent_thread_exits(_worker_id: int) -> None:
+    """A forked worker inherits the parent's thread-exit hooks, e.g. those of Prefect's log and event
+    services when training runs inside a flow. At the worker's exit they would try to drain services
+    whose threads do not exist in this process, fail, and end the worker with exit code 1, which the
+    DataLoader reports as a crash."""
+    import threading
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if isinstance(hooks, list):
+        hooks.clear()
+
+
 def make_loader(
     ds: TrainSequences, sampler: StreamSampler, workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
@@ -132,6 +144,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_forget_parent_thread_exits if workers else None,
         drop_last=False,
         # its own generator: creating the iterator must not draw from the global RNG, or a resumed
         # run's dropout stream would be shifted against the uninterrupted run's

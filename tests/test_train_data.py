@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.loader import IGNORE, StreamSampler, TrainSequences, make_loader
+from data.loader import IGNORE, StreamSampler, TrainSequences, close_batches, make_loader
 from data.neighbors import ChunkTable, compact, exclude_recent_of, neighbor_table, scores_table, to_positions
 from data.sequences import plan_sequences
 from pipeline.errors import InputError
@@ -173,3 +173,32 @@ def test_tables_from_artifacts() -> None:
     assert exclude_recent_of(FakeArtifact(sc, {"exclude_recent": 3, "scope": "document-causal"})) == 3
     with pytest.raises(InputError, match="document-causal"):
         exclude_recent_of(FakeArtifact(sc, {"exclude_recent": 3, "scope": "corpus"}))
+
+
+class _Range(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"i": torch.tensor(i)}
+
+
+def _failing_thread_exit() -> None:
+    raise RuntimeError("a service whose thread does not exist in this process")
+
+
+def test_loader_workers_end_cleanly_under_parent_thread_exit_hooks() -> None:
+    """Inside a Prefect flow the parent holds thread-exit hooks (its log/event services); a forked
+    DataLoader worker must not run them, or it exits with code 1 and the run fails as it closes."""
+    import threading
+
+    threading._register_atexit(_failing_thread_exit)
+    hook = threading._threading_atexits[-1]  # the registered partial
+    try:
+        sampler = StreamSampler(8, 0, 2, 1, end_step=4)
+        batches = iter(make_loader(_Range(), sampler, workers=1))
+        seen = [int(x) for _ in range(4) for x in next(batches)["i"]]
+        close_batches(batches)  # raises "DataLoader worker ... exited unexpectedly" without the fix
+        assert sorted(seen) == list(range(8))
+    finally:
+        threading._threading_atexits.remove(hook)
