@@ -24,6 +24,17 @@ SMALL_BOOKS = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz"]
 # Tiny documents cut from one book, one per length class (with a 300-token vocabulary, about 100
 # chunks, 2-3 chunks, a single chunk, and a 60-chunk valid document).
 TINY_DOC_CHARS = {"long.txt": 9000, "short.txt": 200, "one.txt": 40, "valid.txt": 6000}
+# A scoring LM (reference section) small enough to train in about a second.
+TINY_REFERENCE = {
+    "hidden": 32,
+    "layers": 2,
+    "heads": 2,
+    "intermediate": 64,
+    "seq_len": 64,
+    "steps": 3,
+    "batch": 2,
+    "eval_tokens": 2000,
+}
 
 
 @pytest.fixture(scope="session")

@@ -14,20 +14,9 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.executor import build, resolve
 from pipeline.formats import REFERENCE_MODEL_DIR, TOKENIZER_FILE
 from pipeline.store import ArtifactStore
-from tests.conftest import make_config
+from tests.conftest import TINY_REFERENCE, make_config
 
-TINY_LM = {
-    "hidden": 32,
-    "layers": 2,
-    "heads": 2,
-    "intermediate": 64,
-    "seq_len": 64,
-    "steps": 6,
-    "batch": 2,
-    "eval_tokens": 2000,
-    "checkpoint_every": 2,
-    "warmup": 2,
-}
+TINY_LM = {**TINY_REFERENCE, "steps": 6, "checkpoint_every": 2, "warmup": 2}
 
 
 def tiny_run(root: Path, corpus: Path, **reference):

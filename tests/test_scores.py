@@ -14,18 +14,7 @@ from pipeline.errors import ConfigError
 from pipeline.executor import build, resolve
 from pipeline.formats import REFERENCE_MODEL_DIR, SCORES_SCHEMA, TOKENIZER_FILE, ChunkReader, load_tokenizer
 from pipeline.store import ArtifactStore
-from tests.conftest import make_config, one_thread
-
-TINY_LM = {
-    "hidden": 32,
-    "layers": 2,
-    "heads": 2,
-    "intermediate": 64,
-    "seq_len": 64,
-    "steps": 3,
-    "batch": 2,
-    "eval_tokens": 2000,
-}
+from tests.conftest import TINY_REFERENCE, make_config, one_thread
 
 
 def tiny_config(root: Path, corpus: Path, **sections):
@@ -33,7 +22,7 @@ def tiny_config(root: Path, corpus: Path, **sections):
         "runner": {"kind": "serial"},
         "documents": {"paths": [str(corpus)], "min_chars": 20, "split_lists": {"valid": ["docs/valid.txt"]}},
         "tokenizer": {"vocab_size": 300},
-        "reference": dict(TINY_LM),
+        "reference": dict(TINY_REFERENCE),
         "bm25": {"exclude_recent": 1},
         "scores": {"candidates": 4, "shard_chunks": 1, "batch_tokens": 512, "kv_cache_mb": 1},
     }

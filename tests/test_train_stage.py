@@ -22,6 +22,7 @@ from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, RptError
 from pipeline.executor import build, build_node, resolve
 from pipeline.store import ArtifactStore
+from tests.conftest import TINY_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("tokens_per_s", "elapsed_s")  # wall-clock columns
@@ -50,16 +51,7 @@ def _config(small_run, root: Path, **train):
     data["bm25"] = {"exclude_recent": 1}  # = (window - stride) / chunk_len of the model below
     data["scores"] = {"candidates": 20}  # the same bm25 table for every variant
     # a tiny scoring LM for the real scores stage, train split only
-    data["reference"] = {
-        "hidden": 32,
-        "layers": 2,
-        "heads": 2,
-        "intermediate": 64,
-        "seq_len": 64,
-        "steps": 3,
-        "batch": 2,
-        "eval_tokens": 2000,
-    }
+    data["reference"] = dict(TINY_REFERENCE)
     data["scores"] |= {"splits": ["train"], "batch_tokens": 4096}
     return config_from_dict(data)
 
