@@ -178,9 +178,30 @@ def _scan_files(ctx: StageContext) -> list[FileEntry]:
     return entries
 
 
+def drop_stale_parts(ctx: StageContext, results: list[ShardResult]) -> list[str]:
+    """Remove `part-*` files that no shard of the current plan wrote.
+
+    A killed build keeps its shard files for the rerun; when the rerun plans differently (an unhashed
+    setting such as shard_chunks changed, so there are fewer shards), the old parts above the new count
+    would otherwise be published beside the new ones, duplicating rows. Stages that write their parts in
+    `finalize` (documents, chunks) get a clean slate too: every unclaimed part is theirs to rewrite.
+    """
+    claimed = {e.path for r in results for e in r.files}
+    stale = []
+    for p in ctx.fs.ls(ctx.workdir, detail=False):
+        base = p.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("part-") and base not in claimed:
+            ctx.fs.rm(p, recursive=True)
+            stale.append(base)
+    if stale:
+        log.info("%s@%s: removed %d part file(s) of an earlier plan", ctx.stage, ctx.version, len(stale))
+    return stale
+
+
 def publish(ctx: StageContext, node: Node, results: list[ShardResult], timings: dict[str, float]) -> Artifact:
     impl = node.impl
     results = sorted(results, key=lambda r: r.index)
+    drop_stale_parts(ctx, results)
     t0 = time.perf_counter()
     stats = impl.finalize(ctx, results) or {}
     timings = {**timings, "finalize_s": time.perf_counter() - t0}

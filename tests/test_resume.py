@@ -93,3 +93,33 @@ def test_killed_stage_resumes_to_identical_result(prepared, tmp_path, caplog):
     }
     assert resumed.manifest.stats["chunks"] == clean.manifest.stats["chunks"]
     assert version not in store.partials("chunks")
+
+
+def test_rerun_with_fewer_shards_publishes_no_stale_parts(tiny_run, tmp_path):
+    """A build killed after its shards, rerun with an unhashed setting that plans fewer shards: the
+    parts of the old plan must not be published beside the new ones (they would duplicate rows)."""
+    from pipeline.executor import open_build, pending_shards, run_shard
+
+    root = tmp_path / "store"
+    src = ArtifactStore(tiny_run.root())
+    for stage in ("documents", "tokenizer", "chunks"):
+        shutil.copytree(src.stage_dir(stage), root / stage)
+    run = tiny_run.model_copy(update={"artifacts_root": str(root)})
+    many = run.with_section("bm25", {"shard_chunks": 10, "exclude_recent": 2, "k": 4})
+    one = run.with_section("bm25", {"shard_chunks": 1_000_000, "exclude_recent": 2, "k": 4})
+    node = resolve("bm25", many)
+    assert node.version == resolve("bm25", one).version  # shard_chunks only changes how it runs
+    store = ArtifactStore(run.root())
+    ctx = open_build(node, {r: store.get(c.stage, c.version) for r, c in node.inputs.items()})
+    shards = node.impl.plan(ctx)
+    assert len(shards) >= 3
+    for s in pending_shards(ctx, shards)[0]:
+        run_shard(ctx, s)  # every shard done, then the process "dies" before publishing
+
+    art = build("bm25", one)
+    chunks = store.get("chunks", node.inputs["chunks"].version)
+    ids = art.scan().select("chunk_id").collect()["chunk_id"].to_list()
+    assert len(art.parts()) == 1
+    assert sorted(ids) == list(range(chunks.manifest.rows)) and len(ids) == len(set(ids))
+    assert art.manifest.rows == chunks.manifest.rows
+    assert art.verify() == []
