@@ -123,11 +123,21 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
-    """Expand files, folders (recursively) and globs. Returns (supported files, ignored files).
-    A path that matches nothing or cannot be read is an error naming it."""
+def discover(paths: list[str], on_error: str = "raise") -> tuple[list[InputFile], list[str], list[Skip]]:
+    """Expand files, folders (recursively) and globs. Returns (supported files, ignored files, skips).
+    A path that matches nothing is an error naming it. A file found inside a folder or glob that cannot
+    be read (permissions, a broken link) is an error too, or with on_error="skip" a Skip to count."""
     files: dict[str, InputFile] = {}
     ignored: list[str] = []
+    skips: list[Skip] = []
+
+    def unreadable(message: str, path: str) -> None:
+        if on_error != "skip":
+            raise InputError(
+                message + " (set documents.on_error=skip to skip and count such input)", path=path
+            )
+        skips.append(Skip("unreadable", message, path))
+
     for raw in paths:
         spec = os.path.expanduser(raw)
         if _has_magic(spec):
@@ -156,14 +166,16 @@ def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
             if p.is_dir():
                 continue
             if not p.exists():
-                raise InputError("cannot read: broken symbolic link or vanished file", path=str(p))
+                unreadable("cannot read: broken symbolic link or vanished file", str(p))
+                continue
             name = f"{prefix}/{rel.as_posix()}" if prefix else rel.as_posix()
             f = InputFile(str(p), name)
             if not f.kind:
                 ignored.append(str(p))
                 continue
             if not os.access(p, os.R_OK):
-                raise InputError("file is not readable (permissions)", path=str(p))
+                unreadable("file is not readable (permissions)", str(p))
+                continue
             prev = files.get(name)
             if prev is not None and prev.path != f.path:
                 raise InputError(
@@ -172,7 +184,7 @@ def discover(paths: list[str]) -> tuple[list[InputFile], list[str]]:
                     path=str(p),
                 )
             files[name] = f
-    return sorted(files.values(), key=lambda f: f.rel), ignored
+    return sorted(files.values(), key=lambda f: f.rel), ignored, skips
 
 
 # ------------------------------------------------------------------------------------------ readers

@@ -699,7 +699,7 @@ class BM25Stage(Stage):
         reader = ChunkReader(ctx.inputs["chunks"])
         lo, hi = shard.payload["docs"]
         docs = reader.docs()[lo:hi]
-        stats = {"rows": 0, "full_rows": 0, "valid": 0, "docs": len(docs), "score_s": 0.0}
+        stats = {"rows": 0, "full_rows": 0, "valid_neighbors": 0, "docs": len(docs), "score_s": 0.0}
         index = own_rows = None
         if cfg.scope == "corpus":  # index_s: building the database index (once per worker process)
             t0 = time.perf_counter()
@@ -754,14 +754,14 @@ class BM25Stage(Stage):
         valid = (ids >= 0).sum(1)
         stats["rows"] += d.n
         stats["full_rows"] += int((valid == p.k).sum())
-        stats["valid"] += int(valid.sum())
+        stats["valid_neighbors"] += int(valid.sum())
         return neighbor_table(d.chunk_ids, ids, scores)
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         s = merge_stats(r.stats for r in results)
         rows = s.get("rows", 0)
         s["fill_rate"] = round(s.get("full_rows", 0) / rows, 6) if rows else None
-        s["mean_valid"] = round(s.get("valid", 0) / rows, 4) if rows else None
+        s["mean_valid_neighbors"] = round(s.get("valid_neighbors", 0) / rows, 4) if rows else None
         s["chunks_per_cpu_s"] = round(rows / s["score_s"], 1) if s.get("score_s") else None
         s["k"] = ctx.cfg.k
         return s

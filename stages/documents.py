@@ -39,6 +39,8 @@ from pipeline.versioning import file_digest
 log = logging.getLogger("rpt.documents")
 
 SCHEMA = DOCUMENTS_SCHEMA
+# skipped inputs listed by file and line in the manifest stats (the counts are complete)
+MAX_SKIP_EXAMPLES = 50
 DEFAULT_STDLIB_EXCLUDE = [
     "test",
     "idlelib",
@@ -130,14 +132,17 @@ class DocumentsStage(Stage):
                     "documents: the embedded stdlib corpus is empty with this stdlib_include/stdlib_exclude"
                 )
             return [{"stdlib": name, "bytes": stdlib_doc_bytes(files)} for name, files in units]
-        files, ignored = discover(cfg.paths)
+        files, ignored, skips = discover(cfg.paths, cfg.on_error)
         if ignored:
             log.info("documents: ignoring %d files of unsupported types (e.g. %s)", len(ignored), ignored[0])
         if not files:
             raise InputError(
                 "no supported files (.txt, .txt.gz, .jsonl(.gz), .parquet) found", path=", ".join(cfg.paths)
             )
-        return [{"path": f.path, "rel": f.rel, "bytes": os.path.getsize(f.path)} for f in files]
+        units = [{"path": f.path, "rel": f.rel, "bytes": os.path.getsize(f.path)} for f in files]
+        # unreadable files (on_error=skip) travel as units so that a shard counts them in the stats
+        units += [{"skip": str(k), "path": k.path, "rel": k.path, "bytes": 0} for k in skips]
+        return units
 
     def fingerprint(self, cfg: Config) -> Any:
         units = self._units(cfg)
@@ -153,9 +158,13 @@ class DocumentsStage(Stage):
                     for p in files[u["stdlib"]]
                 ],
             }
-        if cfg.fingerprint == "size":
-            return {"files": [[u["rel"], u["bytes"]] for u in units]}
-        return {"files": [[u["rel"], file_digest(u["path"])] for u in units]}
+
+        def ident(u: dict[str, Any]) -> Any:
+            if "skip" in u:
+                return "unreadable"
+            return u["bytes"] if cfg.fingerprint == "size" else file_digest(u["path"])
+
+        return {"files": [[u["rel"], ident(u)] for u in units]}
 
     # ------------------------------------------------------------------ shards
     def plan(self, ctx: StageContext) -> list[Shard]:
@@ -177,6 +186,9 @@ class DocumentsStage(Stage):
                 yield read_stdlib_unit(u["stdlib"], table[u["stdlib"]])
             return
         for u in units:
+            if "skip" in u:
+                yield Skip("unreadable", u["skip"], u["path"])
+                continue
             yield from iter_file(
                 InputFile(u["path"], u["rel"]),
                 cfg.text_field,
@@ -190,6 +202,7 @@ class DocumentsStage(Stage):
         listed = {d: s for s, ids in cfg.split_lists.items() for d in ids}
         cols: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
         skipped: Counter[str] = Counter()
+        examples: list[dict[str, Any]] = []
         encodings: Counter[str] = Counter()
         splits: Counter[str] = Counter()
         dropped_short = dropped_chars = stripped = 0
@@ -199,6 +212,10 @@ class DocumentsStage(Stage):
                     raise item.as_error()
                 log.warning("skipping %s%s: %s", item.path, f", line {item.line}" if item.line else "", item)
                 skipped[item.reason] += 1
+                if len(examples) < MAX_SKIP_EXAMPLES:
+                    examples.append(
+                        {"file": item.path, "line": item.line, "reason": item.reason, "error": str(item)}
+                    )
                 continue
             doc: RawDoc = item
             if len(doc.text) < cfg.min_chars:
@@ -223,6 +240,7 @@ class DocumentsStage(Stage):
             "dropped_short": dropped_short,
             "dropped_short_chars": dropped_chars,
             "skipped": dict(skipped),
+            "skipped_examples": examples,
             "encodings": dict(encodings),
             "splits": dict(splits),
             "gutenberg_stripped": stripped,
@@ -254,6 +272,9 @@ class DocumentsStage(Stage):
                 + (" ..." if len(missing) > 10 else "")
             )
         stats = merge_stats(r.stats for r in results)
+        stats["skipped_examples"] = [e for r in results for e in r.stats.get("skipped_examples", [])][
+            :MAX_SKIP_EXAMPLES
+        ]
         for s in SPLITS:
             frac = (
                 getattr(cfg.splits, s)

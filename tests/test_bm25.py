@@ -294,7 +294,9 @@ def test_document_shorter_than_exclude_recent_gives_all_pad_rows(bm25_run, chunk
     art, _, ids, scores = table(bm25_run, exclude_recent=longest)
     assert (ids == -1).all() and np.isnan(scores).all()
     assert (
-        art.stats["fill_rate"] == 0 and art.stats["mean_valid"] == 0 and art.stats["rows"] == reader.n_chunks
+        art.stats["fill_rate"] == 0
+        and art.stats["mean_valid_neighbors"] == 0
+        and art.stats["rows"] == reader.n_chunks
     )
     pos, _ = document_neighbors(np.zeros((3, 64), np.int32), Params(exclude_recent=16))
     assert (pos == -1).all()

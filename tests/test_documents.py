@@ -222,9 +222,18 @@ def bad_corpus(tmp_path, name, data: bytes):
             b'{"body": "x"}\n',
             r"nofield\.jsonl, line 1: record has no 'text' field \(has: body\)",
         ),
+        ("empty.jsonl", b"", r"empty\.jsonl: file is empty"),
+        ("notext.parquet", "parquet:content", r"notext\.parquet: Parquet file has no 'text' column"),
+        ("norows.parquet", "parquet:text:0", r"norows\.parquet: Parquet file has no rows"),
+        ("junk.parquet", b"PAR1 this is not parquet", r"junk\.parquet: not a readable Parquet file"),
     ],
 )
 def test_bad_input_is_named_and_skippable(tmp_path, name, data, pattern):
+    if isinstance(data, str):  # a Parquet file: "parquet:<column>[:<rows>]"
+        _, col, *rows = data.split(":")
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({col: ["x" * 2000] * int(rows[0] if rows else 1)}), buf)
+        data = buf.getvalue().to_pybytes()
     d = bad_corpus(tmp_path, name, data)
     with pytest.raises(InputError, match=pattern):
         build("documents", make_config(tmp_path / "s1", documents={"paths": [str(d)]}))
@@ -234,6 +243,8 @@ def test_bad_input_is_named_and_skippable(tmp_path, name, data, pattern):
     )
     assert sum(art.stats["skipped"].values()) == 1
     assert "bad/good.txt" in art.read()["doc_id"].to_pylist()
+    [example] = art.stats["skipped_examples"]  # the manifest names the file (and line) it skipped
+    assert example["file"].endswith(name) and re.search(pattern.split(": ", 1)[-1], example["error"])
 
 
 def test_parquet_without_text_column(tmp_path):
@@ -255,8 +266,12 @@ def test_unreadable_paths(tmp_path):
     d.mkdir()
     (d / "ok.txt").write_text("x" * 3000)
     os.symlink(tmp_path / "missing.txt", d / "dangling.txt")
-    with pytest.raises(InputError, match=r"dangling\.txt"):
+    with pytest.raises(InputError, match=r"dangling\.txt: cannot read: broken symbolic link"):
         build("documents", make_config(tmp_path, documents={"paths": [str(d)]}))
+    # on_error=skip: a file found in a folder that cannot be read is skipped and counted
+    art = build("documents", make_config(tmp_path, documents={"paths": [str(d)], "on_error": "skip"}))
+    assert art.stats["skipped"] == {"unreadable": 1} and art.stats["docs"] == 1
+    assert art.stats["skipped_examples"][0]["file"].endswith("dangling.txt")
 
 
 def test_error_loses_nothing_already_written(tmp_path, small_corpus):
