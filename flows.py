@@ -33,7 +33,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import BaseModel, Field
 
 from pipeline.config import RunConfigBase, load_config
+from pipeline.devices import gpu_lane
 from pipeline.errors import ConfigError
 from pipeline.executor import Node, open_build, pending_shards, publish, resolve, run_shard
 from pipeline.registry import STAGES
@@ -212,7 +213,8 @@ class Lanes:
 
 @contextmanager
 def on_gpu(slot: int | None) -> Iterator[None]:
-    """Make GPU `slot` the current CUDA device of this thread (stages use `cuda` = the current device)."""
+    """Run a shard on GPU `slot`: the thread's lane for `resolve_device("auto")` and its current CUDA
+    device (for `cuda` without an index)."""
     if slot is None:
         yield
         return
@@ -221,10 +223,13 @@ def on_gpu(slot: int | None) -> Iterator[None]:
     if not torch.cuda.is_available():
         yield
         return
+    # modulo: under Ray a task sees only the GPU it was given (CUDA_VISIBLE_DEVICES), as device 0
+    slot %= max(1, torch.cuda.device_count())
     prev = torch.cuda.current_device()
     torch.cuda.set_device(slot)
     try:
-        yield
+        with gpu_lane(slot):
+            yield
     finally:
         torch.cuda.set_device(prev)
 
@@ -394,6 +399,16 @@ def _cache_storage(root: str) -> Any:
     return block
 
 
+def ray_gpu_request(kind: str, gpu: bool) -> AbstractContextManager[Any]:
+    """Ray hides every GPU from a task that asks for none (CUDA_VISIBLE_DEVICES=""), so a GPU shard
+    asks Ray for one; Ray then also keeps two GPU shards off one GPU."""
+    if kind != "ray" or not gpu:
+        return nullcontext()
+    from prefect_ray.context import remote_options  # type: ignore[import-not-found]
+
+    return remote_options(num_gpus=1)
+
+
 def submit_build(
     node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int, gpu_lanes: Lanes
 ) -> list[PrefectFuture[Any]]:
@@ -411,9 +426,10 @@ def submit_build(
     for shard in plan.todo:
         lane, after = lanes.take() if lanes is not None else (None, None)
         gpu = lane if impl.uses_gpu and gpus > 0 else None
-        fut = shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
-            plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else [])
-        )
+        with ray_gpu_request(kind, gpu is not None):
+            fut = shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
+                plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else [])
+            )
         if lanes is not None:
             lanes.put(lane, fut)
         futs.append(fut)

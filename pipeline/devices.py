@@ -1,10 +1,12 @@
-"""Torch device and dtype selection shared by the GPU-capable stages (reference, scores)."""
+"""Torch device and dtype selection shared by the GPU-capable stages (reference, scores, train, evaluate)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,30 @@ from pipeline.errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+_LANE = threading.local()  # the GPU a flow's lane gave this thread (see `gpu_lane`)
+
+
+@contextmanager
+def gpu_lane(slot: int | None) -> Iterator[None]:
+    """Run the body on GPU `slot`: `resolve_device("auto")` in this thread returns it. The flows give each
+    GPU shard a lane (one per GPU), so two stages running side by side never share a GPU."""
+    prev = getattr(_LANE, "slot", None)
+    _LANE.slot = slot
+    try:
+        yield
+    finally:
+        _LANE.slot = prev
+
+
+def lane_slot() -> int | None:
+    return getattr(_LANE, "slot", None)
+
+
 def resolve_device(spec: str) -> Any:
     """'auto' -> this worker's GPU when CUDA is present, else the CPU. A worker's GPU is LOCAL_RANK under
-    torchrun; otherwise, with several GPUs visible, each worker (process or thread) claims a free one
-    (see `claim_slot`), so `runner.kind=processes` with one worker per GPU spreads shards over the GPUs."""
+    torchrun, else the GPU of the flow lane running it (`gpu_lane`); otherwise, with several GPUs visible,
+    each worker (process or thread) claims a free one (see `claim_slot`), so `runner.kind=processes` with
+    one worker per GPU spreads shards over the GPUs."""
     import torch
 
     if spec == "auto":
@@ -25,6 +47,8 @@ def resolve_device(spec: str) -> Any:
         n = torch.cuda.device_count()
         if "LOCAL_RANK" in os.environ:
             return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % n)
+        if lane_slot() is not None:
+            return torch.device("cuda", lane_slot() % n)
         if n == 1:
             return torch.device("cuda", 0)
         names = [str(torch.cuda.get_device_properties(i).uuid) for i in range(n)]

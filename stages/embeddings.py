@@ -27,6 +27,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
+from pipeline.devices import resolve_device as gpu_device
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import ChunkReader, embeddings_schema
 from pipeline.progress import progress
@@ -137,12 +138,13 @@ def encoder_info(path: Path, cfg: Config) -> dict[str, Any]:
 
 
 def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda:N': this worker's GPU (the flow lane's, LOCAL_RANK's or a free one: `pipeline.devices`)."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("embeddings.device=cuda but no CUDA device is visible; use device: auto or cpu")
+    if device in ("auto", "cuda"):
+        return str(gpu_device("auto"))
     return device
 
 
@@ -151,7 +153,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
     if dtype != "auto":
         return dtype
-    if device == "cuda":
+    if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 
@@ -301,7 +303,7 @@ class EmbeddingsStage(Stage):
 
             torch.set_num_threads(cfg.workers)
         model = load_encoder(model_path(cfg), device, cfg.max_seq_length, cfg.normalize)
-        batch = cfg.batch_size or (1024 if device == "cuda" else 64)
+        batch = cfg.batch_size or (1024 if device.startswith("cuda") else 64)
         t0 = time.perf_counter()
         emb, st = encode(model, texts, batch, dtype, desc=f"embeddings {shard.name}")
         seconds = time.perf_counter() - t0

@@ -39,6 +39,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from model.config import RPTConfig, Variant, preset
 from pipeline.config import RunConfigBase, StageConfig
+from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 
@@ -295,10 +296,11 @@ def launch_torchrun(job: TrainJob, nproc: int) -> None:
 
 # ------------------------------------------------------------------------------------------ training loop
 def _device(spec: str, local_rank: int) -> torch.device:
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        # under torchrun: the rank's GPU; in one process: the flow lane's GPU, or a free one
+        return torch.device(f"cuda:{local_rank}") if "LOCAL_RANK" in os.environ else resolve_device("auto")
     if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if spec == "cuda" and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
+        return torch.device("cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={spec} but CUDA is not available; use train.device=cpu")
     return torch.device(spec)

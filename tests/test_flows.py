@@ -379,3 +379,63 @@ def test_prefect_yaml_deploys_every_flow() -> None:
         assert set(d.get("parameters", {})) <= set(fl.parameters.properties)
         deployed[fl.name] = d["name"]
     assert set(deployed) == set(flows.FLOWS)
+
+
+def test_a_gpu_lane_decides_every_gpu_stages_device(monkeypatch) -> None:
+    """On a machine with several GPUs (faked here), a shard on lane k runs on cuda:k in every GPU stage:
+    reference/scores/evaluate (pipeline.devices), embeddings and train; torchrun's LOCAL_RANK wins."""
+    import threading
+
+    import torch
+
+    from pipeline.devices import lane_slot, resolve_device
+    from stages.embeddings import resolve_device as embeddings_device
+    from stages.train import _device as train_device
+
+    current = {"dev": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["dev"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.update(dev=d))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    seen: dict[int, tuple] = {}
+
+    def shard(slot: int) -> None:
+        with flows.on_gpu(slot):
+            seen[slot] = (resolve_device("auto"), embeddings_device("auto"), train_device("auto", 0))
+
+    threads = [threading.Thread(target=shard, args=(s,)) for s in (1, 3)]
+    for t in threads:
+        t.start()
+        t.join()
+    assert seen == {
+        1: (torch.device("cuda", 1), "cuda:1", torch.device("cuda", 1)),
+        3: (torch.device("cuda", 3), "cuda:3", torch.device("cuda", 3)),
+    }
+    assert lane_slot() is None and current["dev"] == 0  # the lane ends with the shard
+    with flows.on_gpu(2):
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert resolve_device("auto") == torch.device("cuda", 1) == train_device("auto", 1)
+
+
+def test_ray_gives_gpu_shards_a_gpu(monkeypatch) -> None:
+    """Under runner.kind=ray a GPU shard asks Ray for one GPU (else Ray hides every GPU from it)."""
+    import sys
+    import types
+    from contextlib import contextmanager
+
+    asked: list[dict] = []
+
+    @contextmanager
+    def remote_options(**kw: Any) -> Any:
+        asked.append(kw)
+        yield
+
+    fake = types.ModuleType("prefect_ray.context")
+    fake.remote_options = remote_options  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "prefect_ray", types.ModuleType("prefect_ray"))
+    monkeypatch.setitem(sys.modules, "prefect_ray.context", fake)
+    for kind, gpu in [("ray", False), ("threads", True), ("dask", True), ("ray", True)]:
+        with flows.ray_gpu_request(kind, gpu):
+            pass
+    assert asked == [{"num_gpus": 1}]
