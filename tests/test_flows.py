@@ -21,9 +21,11 @@ from pipeline.errors import ConfigError
 from pipeline.executor import build, resolve
 from pipeline.registry import STAGES, get_stage
 from pipeline.store import ArtifactStore
+from tests.conftest import TINY_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
 NEIGHBORS = ["documents", "tokenizer", "chunks", "bm25", "bm25", "embeddings", "dense"]
+SUPERVISION = ["documents", "tokenizer", "chunks", "bm25", "reference", "scores"]
 
 
 @pytest.fixture(scope="session")
@@ -231,6 +233,25 @@ def test_changed_setting_reruns_only_what_depends_on_it(thread_run: dict[str, An
 
 
 @pytest.mark.prefect
+def test_changed_bm25_setting_reruns_bm25_and_its_dependents(
+    prefect_server: Any, write_config: Any, tmp_path: Path
+) -> None:
+    """In the supervision flow scores depends on bm25: a bm25 setting rebuilds both, nothing else."""
+    cfg = write_config(tmp_path, reference=TINY_REFERENCE, scores={"candidates": 4})
+    first = flows.supervision(cfg)
+    assert sorted(statuses(first)) == sorted((s, "built") for s in SUPERVISION)
+    again = flows.supervision(cfg, ["bm25.k1=1.2"])
+    assert sorted(statuses(again)) == sorted(
+        (s, "built" if s in ("bm25", "scores") else "cached") for s in SUPERVISION
+    )
+    changed = {r["stage"] for r in again if r["ref"] not in {x["ref"] for x in first}}
+    assert changed == {"bm25", "scores"}
+    store = ArtifactStore(str(tmp_path / "store"))
+    scores = store.get("scores", ref_of(again, "scores").split("@")[1])
+    assert scores.manifest.inputs["bm25"] == ref_of(again, "bm25")
+
+
+@pytest.mark.prefect
 def test_deleted_artifact_is_rebuilt_despite_the_cache(thread_run: dict[str, Any]) -> None:
     ref = ref_of(thread_run["report"], "embeddings")
     before = file_digests(thread_run["root"], ref)
@@ -310,13 +331,20 @@ def test_flows_need_registered_stages(
 def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
     """Each flow's DAG: inputs in earlier waves, every artifact once, the artifacts each flow promises."""
     run = load_config(write_config(tmp_path))
-    for name in ("neighbors",):  # supervision and train join as their stages land
+    for name in ("neighbors", "supervision", "train", "evaluate", "full"):
         roots, nodes = flows.resolve_targets(run, flows.flow_targets(name))
         wave_of = {n.ref: i for i, w in enumerate(flows.waves(nodes)) for n in w}
         assert sorted(wave_of) == sorted(n.ref for n in nodes) and len(set(wave_of)) == len(nodes)
         for n in nodes:
             assert all(wave_of[c.ref] < wave_of[n.ref] for c in n.inputs.values())
         assert roots[0].version == resolve(roots[0].stage, roots[0].run).version
+    stages_of = {
+        name: sorted(n.stage for n in flows.resolve_targets(run, flows.flow_targets(name))[1])
+        for name in ("supervision", "train", "full")
+    }
+    assert stages_of["supervision"] == sorted(SUPERVISION)
+    assert stages_of["train"].count("train") == len(flows.TRAIN_VARIANTS)
+    assert set(stages_of["full"]) == set(STAGES) and stages_of["full"].count("evaluate") == 1
     _, nodes = flows.resolve_targets(run, flows.flow_targets("neighbors"))
     assert sorted(n.stage for n in nodes) == sorted(NEIGHBORS)
     assert sorted(n.cfg.query for n in nodes if n.stage == "bm25") == ["chunk", "chunk+target"]
