@@ -3,6 +3,7 @@ model call; edge chunks follow the documented conventions; a failed shard resume
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -75,13 +76,13 @@ def check_against_naive(art, run, tokens: list[np.ndarray]) -> int:
         i = r["chunk_id"]
         local = [tokens[c] for c in (i - 2, i - 1) if c >= 0 and doc_of[c] == doc_of[i]]
         lp_local = naive_logp(model, local, tokens[i], tokens[i + 1])
-        assert r["logp_local"] == pytest.approx(lp_local, abs=2e-3, rel=1e-5), i
+        assert r["logp_local"] == pytest.approx(lp_local, abs=1e-4, rel=1e-6), i  # float32 storage: ~6e-8 rel
         for j, lp, d in zip(r["candidate_ids"], r["logp_candidate"], r["delta"]):
             prefix = [tokens[j]] + ([tokens[j + 1]] if doc_of[j + 1] == doc_of[j] else [])
             want = naive_logp(model, prefix, tokens[i], tokens[i + 1])
-            assert lp == pytest.approx(want, abs=2e-3, rel=1e-5), (i, j)
+            assert lp == pytest.approx(want, abs=1e-4, rel=1e-6), (i, j)
             # the sign convention: positive when the candidate beats the local context
-            assert d == pytest.approx(want - lp_local, abs=3e-3)
+            assert d == pytest.approx(want - lp_local, abs=1e-3)
             checked += 1
     return checked
 
@@ -199,6 +200,77 @@ def test_failed_shard_resumes_to_identical_output(scored, tmp_path, monkeypatch)
     resumed = build("scores", run2)
     n_shards = len(clean.parts())
     assert state["calls"] == n_shards - 1  # the finished shard is not recomputed
+    assert {f.path: f.sha256 for f in resumed.manifest.files} == {
+        f.path: f.sha256 for f in clean.manifest.files
+    }
+
+
+def test_killed_scoring_process_resumes_to_identical_output(scored, tmp_path):
+    """A real `rpt run scores` process SIGKILLed inside its second shard: nothing is published, the
+    first shard survives, and the rerun scores only the rest, byte-identical to an uninterrupted run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import stages.scores as sc
+    from tests.conftest import REPO
+
+    run, clean = scored
+    store = ArtifactStore(run.root())
+    root = tmp_path / "store"
+    for stage in ("documents", "tokenizer", "chunks", "reference", "bm25"):
+        shutil.copytree(store.stage_dir(stage), root / stage)
+    run2 = run.model_copy(update={"artifacts_root": str(root)})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(json.dumps(run2.model_dump(mode="json")))
+    # the worker stalls in its second shard, so the kill lands mid-shard whatever the machine's speed
+    stall = (
+        "import sys, time, stages.scores as sc\n"
+        "real, n = sc.score_queries, [0]\n"
+        "def slow(*a, **k):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 2: time.sleep(600)\n"
+        "    return real(*a, **k)\n"
+        "sc.score_queries = slow\n"
+        "from pipeline.cli import main\n"
+        "sys.argv = ['rpt', 'run', 'scores', '-c', sys.argv[1]]\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", stall, str(cfg)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "RPT_PROGRESS": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    st2 = ArtifactStore(str(root))
+    version = resolve("scores", run2).version
+    sidecars = f"{st2.partial_dir('scores', version)}/_shards/*.json"
+    deadline = time.time() + 180
+    while not st2.fs.glob(sidecars) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside shard 2 by now (it stalls there)
+    assert proc.poll() is None, "the scoring process ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(st2.fs.glob(sidecars)) == 1
+    assert not st2.exists("scores", version) and st2.get_ref("scores", "latest") is None
+
+    calls = {"n": 0}
+    real = sc.score_queries
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    sc.score_queries = counted
+    try:
+        resumed = build("scores", run2)
+    finally:
+        sc.score_queries = real
+    assert calls["n"] == len(clean.parts()) - 1  # the shard finished before the kill is not redone
     assert {f.path: f.sha256 for f in resumed.manifest.files} == {
         f.path: f.sha256 for f in clean.manifest.files
     }
