@@ -189,6 +189,34 @@ def test_queries_and_rankings_come_from_the_test_split_only(eval_run):
             assert np.all(reader.chunk_pos[real] <= reader.chunk_pos[qi] - 2)  # exclude_recent = 1
 
 
+def test_train_split_chunks_do_not_change_the_test_metrics(eval_run, tmp_path):
+    """Scramble every train- and valid-split token in a copy of the store and evaluate again: every
+    perplexity, retrieval and overlap figure is unchanged, so no other split enters the test metrics."""
+    import polars as pl
+
+    run, art = eval_run
+    root = tmp_path / "store"
+    shutil.copytree(run.root(), root)
+    shutil.rmtree(root / "evaluate")
+    chunks = ArtifactStore(str(root)).resolve(art.manifest.inputs["chunks"])
+    reader = ChunkReader(chunks)
+    tokens = np.load(chunks.local_path("tokens.npy"), mmap_mode="r+")
+    others = [d for d in reader.docs() if d.split != "test"]
+    assert others and any(d.split == "train" for d in others)
+    for d in others:
+        block = tokens[d.first : d.first + d.n]
+        block[block >= 0] = (block[block >= 0] * 7 + 3) % 1024  # another valid token id everywhere
+    tokens.flush()
+    again = build("evaluate", run.model_copy(update={"artifacts_root": str(root)}))
+    assert again.version == art.version
+
+    def table(a):
+        m = pl.read_parquet(Path(a.path) / "metrics.parquet").filter(pl.col("table") != "training")
+        return m.sort("table", "model", "setting", "neighbors", "metric")
+
+    assert table(again).equals(table(art))
+
+
 def test_report_command_prints_the_tables(eval_run):
     from typer.testing import CliRunner
 
