@@ -17,7 +17,7 @@ import torch
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.executor import build, resolve
-from pipeline.formats import TOKEN_PAD, ChunkReader
+from pipeline.formats import TOKEN_PAD, ChunkReader, read_neighbors
 from pipeline.ranking import distinct_overlap, ranking_metrics
 from pipeline.store import ArtifactStore
 from stages.evaluate import EvalDoc, doc_batch, gold_positions, select_documents
@@ -113,7 +113,8 @@ def test_every_row_is_computed_over_the_same_test_tokens(eval_run):
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
-    """Recompute two rows from the checkpoints: logits of the whole test document, -log softmax at each
+    """Recompute four rows from the checkpoints (baseline; rpt_sem with oracle neighbors; retro_bm25 with
+    the bm25 table's; rpt_lex with its own retriever): logits of the whole test document, -log softmax at each
     next token in float64, exp of the mean. The oracle's neighbors come from a naive loop over the
     scores table: gold = candidates of the same document, retrievable, with delta > 0, best first."""
     from model.checkpoint import load_checkpoint
@@ -144,11 +145,22 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
         gold[i] = [p for _, p in sorted(ok, key=lambda t: -t[0])]
     k = 2
     oracle = torch.tensor([[(g + [-1] * k)[:k] for g in gold]])
+    # RETRO's neighbors: the bm25 table's (query = chunk) ids, in BM25 order, that chunk i may retrieve
+    q_ids, nb_ids, _ = read_neighbors(inp["bm25"])
+    row_of = {int(q): r for r, q in enumerate(q_ids)}
+    k3 = 3
+    bm25_pos = [
+        [int(c) - doc.first for c in nb_ids[row_of[doc.first + i]] if doc.first <= c <= doc.first + i - 1 - w]
+        for i in range(doc.n)
+    ]
+    bm25_nb = torch.tensor([[(b + [-1] * k3)[:k3] for b in bm25_pos]])
 
     rows = _metrics(art)
     for variant, kwargs, setting in [
         ("baseline", {"source": "none"}, ("none", 0)),
         ("rpt_sem", {"source": "given", "neighbor_pos": oracle, "k": k}, ("oracle", k)),
+        ("retro_bm25", {"source": "given", "neighbor_pos": bm25_nb, "k": k3}, ("bm25", k3)),
+        ("rpt_lex", {"source": "retriever", "k": k3}, ("retriever", k3)),
     ]:
         model, _ = load_checkpoint(inp[f"train_{variant}"].local_path())
         with torch.no_grad():
@@ -167,6 +179,14 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
         assert got["count"] == len(nll)
         assert got["value"] == pytest.approx(by_hand, rel=1e-5)
     assert any(len(g) >= 2 for g in gold)  # the oracle row did use gold neighbors
+    assert any(len(b) >= k3 for b in bm25_pos)
+    # the number of neighbors reaches the model: K = 2 and 3 (this fixture's evaluate.neighbors) differ
+    for variant, setting in [("rpt_sem", "retriever"), ("retro_bm25", "bm25")]:
+        by_k = [
+            _value(rows, table="perplexity", model=variant, setting=setting, neighbors=n, metric="perplexity")
+            for n in (2, 3)
+        ]
+        assert by_k[0]["value"] != by_k[1]["value"], (variant, by_k)
 
 
 def test_queries_and_rankings_come_from_the_test_split_only(eval_run):
