@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -24,6 +24,21 @@ def _row_group_rows(table: pa.Table) -> int:
         return 1024
     per_row = max(1, table.nbytes // table.num_rows)
     return int(max(1024, TARGET_ROW_GROUP_BYTES // per_row))
+
+
+def coalesce(tables: Iterable[pa.Table], target_bytes: int = TARGET_ROW_GROUP_BYTES) -> Iterator[pa.Table]:
+    """Join consecutive small tables into ones of about `target_bytes` (one row group each), so a
+    stream of small batches still gets the contract's row groups of tens of MB, in bounded memory."""
+    buf: list[pa.Table] = []
+    size = 0
+    for t in tables:
+        buf.append(t)
+        size += t.nbytes
+        if size >= target_bytes:
+            yield pa.concat_tables(buf).combine_chunks()
+            buf, size = [], 0
+    if buf:
+        yield pa.concat_tables(buf).combine_chunks()
 
 
 def write_parquet(

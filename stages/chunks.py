@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.formats import CHUNKS_SCHEMA, DOC_INDEX, DOC_INDEX_SCHEMA, TOKEN_PAD, TOKENS_NPY, load_tokenizer
+from pipeline.parquet import coalesce
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 
 log = logging.getLogger("rpt.chunks")
@@ -150,11 +152,22 @@ class ChunksStage(Stage):
         offset = 0
         with ctx.local_dir("") as root:
             tokens = np.lib.format.open_memmap(root / TOKENS_NPY, mode="w+", dtype=np.int32, shape=(total, L))
-            for r in results:
-                with ctx.fs.open(ctx.path(f"_local/chunks-{r.index:05d}.parquet"), "rb") as f:
-                    t = pq.read_table(f)
-                t = t.set_column(0, "chunk_id", pc.add(t.column("chunk_id"), pa.scalar(offset, pa.int64())))
-                ctx.write_parquet(f"part-{r.index:05d}.parquet", t, schema=SCHEMA)
+
+            def renumbered(local: str, base: int, tokens: np.ndarray = tokens) -> Iterator[pa.Table]:
+                # one row group in memory at a time: shard-local chunk ids 0..n-1 become base..base+n-1
+                nonlocal offset
+                with ctx.fs.open(ctx.path(local), "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    for rg in range(pf.num_row_groups):
+                        t = pf.read_row_group(rg)
+                        t = t.set_column(
+                            0, "chunk_id", pc.add(t.column("chunk_id"), pa.scalar(base, pa.int64()))
+                        )
+                        add_rows(t, tokens)
+                        offset += t.num_rows
+                        yield t
+
+            def add_rows(t: pa.Table, tokens: np.ndarray) -> None:
                 # fixed-width export for training
                 lens = t.column("n_tokens").to_numpy()
                 flat = pc.list_flatten(t.column("tokens")).to_numpy()
@@ -162,20 +175,30 @@ class ChunksStage(Stage):
                 mask = np.arange(L)[None, :] < lens[:, None]
                 block[mask] = flat
                 tokens[offset : offset + t.num_rows] = block
-                # per-document index
+                # per-document index; a document may continue from the previous row group
                 doc = t.column("doc_idx").to_numpy()
-                if len(doc):
-                    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
-                    ends = np.r_[starts[1:], len(doc)]
-                    splits = t.column("split").to_pylist()
-                    csum = np.r_[0, np.cumsum(lens)]
-                    for s, e in zip(starts, ends):
-                        index_rows["doc_idx"].append(int(doc[s]))
-                        index_rows["split"].append(splits[s])
-                        index_rows["first_chunk_id"].append(offset + int(s))
-                        index_rows["n_chunks"].append(int(e - s))
-                        index_rows["n_tokens"].append(int(csum[e] - csum[s]))
-                offset += t.num_rows
+                if not len(doc):
+                    return
+                starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+                ends = np.r_[starts[1:], len(doc)]
+                splits = t.column("split").to_pylist()
+                csum = np.r_[0, np.cumsum(lens)]
+                for s, e in zip(starts, ends):
+                    if s == 0 and index_rows["doc_idx"] and index_rows["doc_idx"][-1] == int(doc[0]):
+                        index_rows["n_chunks"][-1] += int(e)
+                        index_rows["n_tokens"][-1] += int(csum[e])
+                        continue
+                    index_rows["doc_idx"].append(int(doc[s]))
+                    index_rows["split"].append(splits[s])
+                    index_rows["first_chunk_id"].append(offset + int(s))
+                    index_rows["n_chunks"].append(int(e - s))
+                    index_rows["n_tokens"].append(int(csum[e] - csum[s]))
+
+            for r in results:
+                local = f"_local/chunks-{r.index:05d}.parquet"
+                ctx.write_parquet(
+                    f"part-{r.index:05d}.parquet", coalesce(renumbered(local, offset)), schema=SCHEMA
+                )
             tokens.flush()
             del tokens
         ctx.fs.rm(ctx.path("_local"), recursive=True)

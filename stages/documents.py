@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import DOCUMENTS_SCHEMA, SPLITS
+from pipeline.parquet import coalesce
 from pipeline.stage import Shard, ShardResult, Stage, StageContext, merge_stats
 from pipeline.textio import (
     InputFile,
@@ -41,6 +43,8 @@ log = logging.getLogger("rpt.documents")
 SCHEMA = DOCUMENTS_SCHEMA
 # skipped inputs listed by file and line in the manifest stats (the counts are complete)
 MAX_SKIP_EXAMPLES = 50
+# documents are written in batches of about this much text (a row group each): memory stays bounded
+BATCH_CHARS = 32 << 20
 DEFAULT_STDLIB_EXCLUDE = [
     "test",
     "idlelib",
@@ -200,50 +204,66 @@ class DocumentsStage(Stage):
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         listed = {d: s for s, ids in cfg.split_lists.items() for d in ids}
-        cols: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
         skipped: Counter[str] = Counter()
         examples: list[dict[str, Any]] = []
         encodings: Counter[str] = Counter()
         splits: Counter[str] = Counter()
-        dropped_short = dropped_chars = stripped = 0
-        for item in self._docs(cfg, shard.payload["units"]):
-            if isinstance(item, Skip):
-                if cfg.on_error == "raise":
-                    raise item.as_error()
-                log.warning("skipping %s%s: %s", item.path, f", line {item.line}" if item.line else "", item)
-                skipped[item.reason] += 1
-                if len(examples) < MAX_SKIP_EXAMPLES:
-                    examples.append(
-                        {"file": item.path, "line": item.line, "reason": item.reason, "error": str(item)}
-                    )
-                continue
-            doc: RawDoc = item
-            if len(doc.text) < cfg.min_chars:
-                dropped_short += 1
-                dropped_chars += len(doc.text)
-                continue
-            split = assign_split(doc.doc_id, cfg, listed)
-            encodings[doc.encoding] += 1
-            stripped += doc.gutenberg
-            splits[split] += 1
-            cols["doc_id"].append(doc.doc_id)
-            cols["doc_idx"].append(len(cols["doc_idx"]))  # local; made global in finalize
-            cols["split"].append(split)
-            cols["source"].append(doc.source)
-            cols["title"].append(doc.title)
-            cols["text"].append(doc.text)
-            cols["n_chars"].append(len(doc.text))
-        ctx.write_parquet(f"_local/docs-{shard.name}.parquet", pa.table(cols, schema=SCHEMA))
+        totals = {"docs": 0, "chars": 0, "dropped_short": 0, "dropped_short_chars": 0, "stripped": 0}
+
+        def batches() -> Iterator[pa.Table]:
+            # streamed: at most one batch of documents (BATCH_CHARS of text) is in memory at a time,
+            # however large a single input file is
+            cols: dict[str, list[Any]] = {n: [] for n in SCHEMA.names}
+            chars = 0
+            for item in self._docs(cfg, shard.payload["units"]):
+                if isinstance(item, Skip):
+                    if cfg.on_error == "raise":
+                        raise item.as_error()
+                    where = f", line {item.line}" if item.line else ""
+                    log.warning("skipping %s%s: %s", item.path, where, item)
+                    skipped[item.reason] += 1
+                    if len(examples) < MAX_SKIP_EXAMPLES:
+                        examples.append(
+                            {"file": item.path, "line": item.line, "reason": item.reason, "error": str(item)}
+                        )
+                    continue
+                doc: RawDoc = item
+                if len(doc.text) < cfg.min_chars:
+                    totals["dropped_short"] += 1
+                    totals["dropped_short_chars"] += len(doc.text)
+                    continue
+                split = assign_split(doc.doc_id, cfg, listed)
+                encodings[doc.encoding] += 1
+                totals["stripped"] += doc.gutenberg
+                splits[split] += 1
+                cols["doc_id"].append(doc.doc_id)
+                cols["doc_idx"].append(totals["docs"])  # local; made global in finalize
+                cols["split"].append(split)
+                cols["source"].append(doc.source)
+                cols["title"].append(doc.title)
+                cols["text"].append(doc.text)
+                cols["n_chars"].append(len(doc.text))
+                totals["docs"] += 1
+                totals["chars"] += len(doc.text)
+                chars += len(doc.text)
+                if chars >= BATCH_CHARS:
+                    yield pa.table(cols, schema=SCHEMA)
+                    cols = {n: [] for n in SCHEMA.names}
+                    chars = 0
+            if cols["doc_id"] or not totals["docs"]:
+                yield pa.table(cols, schema=SCHEMA)
+
+        ctx.write_parquet(f"_local/docs-{shard.name}.parquet", batches(), schema=SCHEMA)
         return {
-            "docs": len(cols["doc_id"]),
-            "chars": sum(cols["n_chars"]),
-            "dropped_short": dropped_short,
-            "dropped_short_chars": dropped_chars,
+            "docs": totals["docs"],
+            "chars": totals["chars"],
+            "dropped_short": totals["dropped_short"],
+            "dropped_short_chars": totals["dropped_short_chars"],
             "skipped": dict(skipped),
             "skipped_examples": examples,
             "encodings": dict(encodings),
             "splits": dict(splits),
-            "gutenberg_stripped": stripped,
+            "gutenberg_stripped": totals["stripped"],
         }
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
@@ -252,18 +272,27 @@ class DocumentsStage(Stage):
         seen: dict[str, int] = {}
         for r in results:
             local = f"_local/docs-{r.index:05d}.parquet"
-            with ctx.fs.open(ctx.path(local), "rb") as f:
-                t = pq.read_table(f)
-            for i, d in enumerate(t.column("doc_id").to_pylist()):
-                if d in seen:
-                    raise InputError(
-                        f"duplicate doc_id '{d}' (documents {seen[d]} and {offset + i}); "
-                        "doc ids must be unique: set documents.id_field or rename the files"
-                    )
-                seen[d] = offset + i
-            t = t.set_column(1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(offset, pa.int64())))
-            ctx.write_parquet(f"part-{r.index:05d}.parquet", t, schema=SCHEMA)
-            offset += t.num_rows
+
+            def renumbered(local: str = local, base: int = offset) -> Iterator[pa.Table]:
+                # one row group in memory at a time; local doc_idx 0..n-1 become base..base+n-1
+                with ctx.fs.open(ctx.path(local), "rb") as f:
+                    pf = pq.ParquetFile(f)
+                    for rg in range(pf.num_row_groups):
+                        t = pf.read_row_group(rg)
+                        local_idx = t.column("doc_idx").to_pylist()
+                        for i, d in zip(local_idx, t.column("doc_id").to_pylist()):
+                            if d in seen:
+                                raise InputError(
+                                    f"duplicate doc_id '{d}' (documents {seen[d]} and {base + i}); "
+                                    "doc ids must be unique: set documents.id_field or rename the files"
+                                )
+                            seen[d] = base + i
+                        yield t.set_column(
+                            1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(base, pa.int64()))
+                        )
+
+            ctx.write_parquet(f"part-{r.index:05d}.parquet", coalesce(renumbered()), schema=SCHEMA)
+            offset += r.stats["docs"]
         ctx.fs.rm(ctx.path("_local"), recursive=True)
         missing = sorted({d for ids in cfg.split_lists.values() for d in ids} - set(seen))
         if missing:

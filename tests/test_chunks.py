@@ -122,3 +122,26 @@ def test_given_tokenizer_is_adopted_by_content(small_run, tmp_path):
     from pipeline.executor import resolve
 
     assert resolve("tokenizer", run).version != tok_art.version  # content, not path, is the identity
+
+
+def test_documents_spanning_row_groups_are_indexed_whole(tiny_run, tmp_path, monkeypatch):
+    """finalize streams a shard row group by row group; with tiny row groups (documents spread over
+    many of them) the parts, tokens.npy and doc_index.parquet equal those of the default layout."""
+    import pyarrow.parquet as pq
+
+    import pipeline.parquet as pp
+
+    src = ArtifactStore(tiny_run.root())
+    ref = src.resolve("chunks")
+    root = tmp_path / "store"
+    for stage in ("documents", "tokenizer"):
+        shutil.copytree(src.stage_dir(stage), root / stage)
+    monkeypatch.setattr(pp, "_row_group_rows", lambda t: 7)  # every 7 chunks a row group
+    art = build("chunks", tiny_run.model_copy(update={"artifacts_root": str(root)}))
+    assert art.version == ref.version
+    assert pq.ParquetFile(art.parts()[0]).num_row_groups > 10
+    assert art.read().equals(ref.read())
+    assert np.array_equal(np.load(art.local_path("tokens.npy")), np.load(ref.local_path("tokens.npy")))
+    index = pq.read_table(art.local_path("doc_index.parquet"))
+    assert index.equals(pq.read_table(ref.local_path("doc_index.parquet")))
+    assert index.num_rows == len(src.resolve("documents").read())

@@ -283,3 +283,29 @@ def test_error_loses_nothing_already_written(tmp_path, small_corpus):
     store = ArtifactStore(run.root())
     assert store.get_ref("documents", "latest") == good.version and good.verify() == []
     assert [m.version for m in store.versions("documents")] == [good.version]
+
+
+def test_a_large_file_is_streamed_in_batches(tmp_path, monkeypatch):
+    """One big .jsonl is one shard; its documents are written batch by batch (bounded memory) and come
+    out exactly as when written at once, doc_idx dense across the batches."""
+    import stages.documents as sd
+
+    d = tmp_path / "j"
+    d.mkdir()
+    with open(d / "big.jsonl", "w") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"document {i} " + "word " * 50}) + "\n")
+    cfg = {"paths": [str(d)], "min_chars": 10}
+    whole = build("documents", make_config(tmp_path / "a", documents=cfg))
+    monkeypatch.setattr(sd, "BATCH_CHARS", 1000)  # ~4 documents per batch
+    batches: list[int] = []
+    real = sd.coalesce
+
+    def counted(tables):  # the batches that finalize streams into the part (then joins to row groups)
+        return real(batches.append(t.num_rows) or t for t in tables)
+
+    monkeypatch.setattr(sd, "coalesce", counted)
+    streamed = build("documents", make_config(tmp_path / "b", documents=cfg))
+    assert len(batches) >= 50 and max(batches) <= 5 and sum(batches) == 300
+    assert streamed.read().equals(whole.read())
+    assert streamed.read()["doc_idx"].to_pylist() == list(range(300))
