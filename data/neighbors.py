@@ -9,12 +9,13 @@ sequence; it becomes -1 when it lies outside the sequence or breaks the document
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
-from pipeline.formats import NEIGHBOR_PAD, causal_retrievable, read_neighbors
+from pipeline.formats import NEIGHBOR_PAD, causal_retrievable
 from pipeline.store import Artifact
 
 
@@ -33,40 +34,82 @@ class ChunkTable:
         return ChunkTable(self.ids[:, :c], self.values[:, :c])
 
 
-def dense_table(
-    query: np.ndarray, ids: np.ndarray, values: np.ndarray, n_chunks: int, source: str
-) -> ChunkTable:
+def _alloc(n_chunks: int, width: int, cache: Path | None, name: str) -> ChunkTable:
+    """An all-pad table in memory, or (cache given) in two .npy files there, memory-mapped."""
+    if cache is None:
+        return ChunkTable(
+            np.full((n_chunks, width), NEIGHBOR_PAD, dtype=np.int64),
+            np.full((n_chunks, width), np.nan, dtype=np.float32),
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    ids = np.lib.format.open_memmap(cache / f"{name}.ids.npy", "w+", np.int64, (n_chunks, width))
+    vals = np.lib.format.open_memmap(cache / f"{name}.values.npy", "w+", np.float32, (n_chunks, width))
+    ids[:] = NEIGHBOR_PAD
+    vals[:] = np.nan
+    return ChunkTable(ids, vals)
+
+
+def _put(table: ChunkTable, query: np.ndarray, ids: np.ndarray, values: np.ndarray, source: str) -> None:
+    n_chunks = table.ids.shape[0]
     if len(query) and (query.min() < 0 or query.max() >= n_chunks):
         raise InputError(f"{source}: chunk_id out of range [0, {n_chunks}); it was built from other chunks")
-    out_ids = np.full((n_chunks, ids.shape[1]), NEIGHBOR_PAD, dtype=np.int64)
-    out_val = np.full((n_chunks, ids.shape[1]), np.nan, dtype=np.float32)
-    out_ids[query] = ids
-    out_val[query] = np.where(ids == NEIGHBOR_PAD, np.nan, values)
-    return ChunkTable(out_ids, out_val)
+    w = ids.shape[1]
+    table.ids[query, :w] = ids
+    table.values[query, :w] = np.where(ids == NEIGHBOR_PAD, np.nan, values)
 
 
-def neighbor_table(art: Artifact, n_chunks: int) -> ChunkTable:
-    """A bm25/dense neighbor artifact as a ChunkTable (values: the neighbor scores)."""
-    q, ids, sc = read_neighbors(art)
-    return dense_table(q, ids, sc.astype(np.float32), n_chunks, art.ref)
+def _done(table: ChunkTable, cache: Path | None, name: str) -> ChunkTable:
+    if cache is None:
+        return table
+    table.ids.flush()
+    table.values.flush()
+    del table
+    return ChunkTable(
+        np.load(cache / f"{name}.ids.npy", mmap_mode="r"),
+        np.load(cache / f"{name}.values.npy", mmap_mode="r"),
+    )
 
 
-def scores_table(art: Artifact, n_chunks: int) -> ChunkTable:
-    """A scores artifact as a ChunkTable (values: delta = log P(target | candidate) - log P(target | local))."""
-    t = art.read(columns=["chunk_id", "candidate_ids", "delta"])
-    q = t.column("chunk_id").to_numpy()
-    cand = t.column("candidate_ids").combine_chunks()
-    delta = t.column("delta").combine_chunks()
-    lens = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
-    if not np.array_equal(lens, pc.list_value_length(delta).to_numpy(zero_copy_only=False)):
-        raise InputError(f"{art.ref}: candidate_ids and delta differ in length in some rows")
-    width = int(lens.max()) if len(lens) else 1
-    ids = np.full((len(q), width), NEIGHBOR_PAD, dtype=np.int64)
-    val = np.full((len(q), width), np.nan, dtype=np.float32)
-    mask = np.arange(width)[None, :] < lens[:, None]
-    ids[mask] = pc.list_flatten(cand).to_numpy()
-    val[mask] = pc.list_flatten(delta).to_numpy(zero_copy_only=False).astype(np.float32)
-    return dense_table(q, ids, val, n_chunks, art.ref)
+def neighbor_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:
+    """A bm25/dense neighbor artifact as a ChunkTable (values: the neighbor scores). Read batch by batch;
+    with `cache` (a local folder) the table is written there as .npy and returned memory-mapped, so a
+    training process and its loader workers share one copy in the page cache instead of each its own."""
+    k = _fixed_width(art)
+    table = _alloc(n_chunks, k, cache, art.version)
+    for b in art.iter_batches(columns=["chunk_id", "neighbor_ids", "neighbor_scores"]):
+        ids = b.column("neighbor_ids").flatten().to_numpy().reshape(-1, k)
+        sc = b.column("neighbor_scores").flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+        _put(table, b.column("chunk_id").to_numpy(), ids, sc.astype(np.float32), art.ref)
+    return _done(table, cache, art.version)
+
+
+def _fixed_width(art: Artifact) -> int:
+    for b in art.iter_batches(columns=["neighbor_ids"]):
+        return int(b.schema.field("neighbor_ids").type.list_size)
+    return 1
+
+
+def scores_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:
+    """A scores artifact as a ChunkTable (values: delta = log P(target | candidate) - log P(target | local)).
+    Two passes over the batches (the width, then the values); `cache` as in `neighbor_table`."""
+    width = 1
+    for b in art.iter_batches(columns=["candidate_ids"]):
+        lens = pc.list_value_length(b.column("candidate_ids")).to_numpy(zero_copy_only=False)
+        if len(lens):
+            width = max(width, int(lens.max()))
+    table = _alloc(n_chunks, width, cache, art.version)
+    for b in art.iter_batches(columns=["chunk_id", "candidate_ids", "delta"]):
+        cand, delta = b.column("candidate_ids"), b.column("delta")
+        lens = pc.list_value_length(cand).to_numpy(zero_copy_only=False)
+        if not np.array_equal(lens, pc.list_value_length(delta).to_numpy(zero_copy_only=False)):
+            raise InputError(f"{art.ref}: candidate_ids and delta differ in length in some rows")
+        ids = np.full((len(lens), width), NEIGHBOR_PAD, dtype=np.int64)
+        val = np.full((len(lens), width), np.nan, dtype=np.float32)
+        mask = np.arange(width)[None, :] < lens[:, None]
+        ids[mask] = pc.list_flatten(cand).to_numpy()
+        val[mask] = pc.list_flatten(delta).to_numpy(zero_copy_only=False).astype(np.float32)
+        _put(table, b.column("chunk_id").to_numpy(), ids, val, art.ref)
+    return _done(table, cache, art.version)
 
 
 def to_positions(ids: np.ndarray, first_chunk: int, n_chunks: int, exclude_recent: int) -> np.ndarray:

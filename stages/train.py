@@ -513,10 +513,12 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             f"{n_chunks} full chunks ({cfg.seq_len} tokens); lower train.seq_len"
         )
     bm25 = cand = None
+    # memory-mapped .npy copies of the tables (removed with the checkpoints when the artifact is published)
+    tables = root / CKPT_DIR / "tables" / f"rank-{rank}"
     if cfg.variant in ("retro_bm25", "rpt_lex"):  # (rpt_sem takes only exclude_recent from its bm25 input)
-        bm25 = neighbor_table(job.artifact("bm25"), reader.n_chunks)
+        bm25 = neighbor_table(job.artifact("bm25"), reader.n_chunks, cache=tables)
     if cfg.variant == "rpt_sem":
-        cand = scores_table(job.artifact("scores"), reader.n_chunks)
+        cand = scores_table(job.artifact("scores"), reader.n_chunks, cache=tables)
     elif cfg.variant == "rpt_lex":
         cand = bm25  # RPT-Lex: the BM25 (chunk+target) candidates are the positives, their score the target
     ds = TrainSequences(

@@ -28,12 +28,16 @@ def reader(small_run) -> ChunkReader:
 class FakeArtifact:
     """Just enough of pipeline.store.Artifact for the table readers."""
 
-    def __init__(self, table: pa.Table, config: dict | None = None):
-        self.table, self.ref = table, "fake@0"
+    def __init__(self, table: pa.Table, config: dict | None = None, batch_size: int = 1):
+        self.table, self.ref, self.version = table, "fake@0", "0"
         self.manifest = SimpleNamespace(config=config or {})
+        self.batch_size = batch_size  # one row per batch by default: the readers stream
 
     def read(self, columns=None, **_):
         return self.table.select(columns) if columns else self.table
+
+    def iter_batches(self, columns=None, **_):
+        yield from self.read(columns).to_batches(max_chunksize=self.batch_size)
 
 
 def test_sequences_predict_every_full_chunk_token_once(reader: ChunkReader) -> None:
@@ -149,7 +153,7 @@ def test_sampler_is_resumable_and_splits_global_batches() -> None:
     assert [StreamSampler(n, 5, 1, 1).at(g) for g in range(n, 2 * n)] != first_epoch
 
 
-def test_tables_from_artifacts() -> None:
+def test_tables_from_artifacts(tmp_path) -> None:
     q = np.array([3, 1])
     ids = np.array([[0, 2, -1], [0, -1, -1]])
     nt = neighbor_table(FakeArtifact(make_neighbor_table(q, ids, np.ones((2, 3)))), 5)
@@ -170,6 +174,15 @@ def test_tables_from_artifacts() -> None:
     assert st.values[4].tolist() == pytest.approx([0.5, -0.1, 0.2]) and np.isnan(st.values[2, 1])
     with pytest.raises(InputError, match="out of range"):
         scores_table(FakeArtifact(sc), 3)
+    # memory-mapped (training): the same tables, read-only .npy files in the cache folder
+    for read, art in [
+        (neighbor_table, FakeArtifact(make_neighbor_table(q, ids, np.ones((2, 3))))),
+        (scores_table, FakeArtifact(sc)),
+    ]:
+        mem, mapped = read(art, 5), read(art, 5, cache=tmp_path)
+        assert isinstance(mapped.ids, np.memmap) and not mapped.ids.flags.writeable
+        assert np.array_equal(mem.ids, mapped.ids)
+        assert np.array_equal(mem.values, mapped.values, equal_nan=True)
     assert exclude_recent_of(FakeArtifact(sc, {"exclude_recent": 3, "scope": "document-causal"})) == 3
     with pytest.raises(InputError, match="document-causal"):
         exclude_recent_of(FakeArtifact(sc, {"exclude_recent": 3, "scope": "corpus"}))
