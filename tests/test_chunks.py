@@ -145,3 +145,26 @@ def test_documents_spanning_row_groups_are_indexed_whole(tiny_run, tmp_path, mon
     index = pq.read_table(art.local_path("doc_index.parquet"))
     assert index.equals(pq.read_table(ref.local_path("doc_index.parquet")))
     assert index.num_rows == len(src.resolve("documents").read())
+
+
+def test_tokenizer_learns_from_the_train_split_only(tmp_path):
+    """A word that fills the valid and test documents, and never occurs in train, gets no merged token."""
+    import json as _json
+
+    from pipeline.store import ArtifactStore
+
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    (d / "valid.txt").write_text("zyxwvut qponml " * 2000)
+    (d / "test.txt").write_text("zyxwvut qponml " * 2000)
+    run = make_config(
+        tmp_path / "store",
+        documents={"paths": [str(d)], "split_lists": {"valid": ["c/valid.txt"], "test": ["c/test.txt"]}},
+        tokenizer={"vocab_size": 400},
+    )
+    art = build("tokenizer", run, with_deps=True)
+    vocab = _json.loads(art.local_path("tokenizer.json").read_text())["model"]["vocab"]
+    assert any("qu" in t for t in vocab)  # merges were learned, from the train text
+    assert not any(p in t for t in vocab for p in ("yx", "xw", "wv", "qp", "nm"))
+    assert art.stats["vocab_size"] <= 400 and ArtifactStore(run.root()).exists("tokenizer", art.version)
