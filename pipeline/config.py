@@ -113,7 +113,7 @@ def _format_errors(err: ValidationError, source: str | None) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parent = _model_at(model, e["loc"][:-1])
-            allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            allowed = ", ".join(sorted(set(parent.model_fields) - {"source_file"})) if parent else "?"
             lines.append(f"  {loc}: unknown key (valid keys here: {allowed})")
         else:
             got = e.get("input")
@@ -133,6 +133,9 @@ def _model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | N
 
 
 def _validate(data: Mapping[str, Any], source: str | None = None) -> RunConfigBase:
+    if "source_file" in data:  # set by the loader, not a setting
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}source_file: unknown key (it is set from the path given with -c)")
     try:
         cfg = run_config_model().model_validate(dict(data))
     except ValidationError as e:

@@ -72,3 +72,15 @@ def test_shipped_configs_load():
 
     for p in sorted((REPO / "configs").glob("*.yaml")):
         load_config(p)
+
+
+def test_source_file_is_not_a_setting(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("source_file: other.yaml\n")
+    with pytest.raises(ConfigError, match="source_file: unknown key"):
+        load_config(str(p))
+    p.write_text("bogus: 1\n")
+    with pytest.raises(ConfigError, match="unknown key") as e:
+        load_config(str(p))
+    keys = str(e.value).split("valid keys here:")[1]
+    assert "source_file" not in keys and "artifacts_root" in keys
