@@ -207,6 +207,10 @@ class ChunksStage(Stage):
         tok_s = stats.pop("tokenize_s", 0.0)
         stats["tokens_per_s"] = round(stats["tokens"] / tok_s, 1) if tok_s else None
         stats["chunk_len"] = L
+        # token slots of tokens.npy that hold a token (only documents' last chunks are short)
+        stats["fill_rate"] = (
+            round(stats["tokens"] / (stats["chunks"] * L), 6) if stats.get("chunks") else None
+        )
         return stats
 
     def output_schema(self) -> pa.Schema:

@@ -78,6 +78,7 @@ def test_layout_invariants(books_run):
     assert (reader.chunk_pos == t["chunk_idx"].to_numpy()).all()
     assert (reader.chunk_doc == t["doc_idx"].to_numpy()).all()
     assert art.stats["tokens"] == int(t["n_tokens"].to_numpy().sum())
+    assert art.stats["fill_rate"] == pytest.approx(float((np.asarray(tokens) >= 0).mean()), abs=1e-6)
 
 
 def test_multibyte_characters_split_across_chunks(tmp_path):
