@@ -18,6 +18,7 @@ from pipeline.executor import build, open_build, resolve, run_shard
 from pipeline.formats import ChunkReader, causal_retrievable, load_tokenizer, read_neighbors
 from pipeline.store import ArtifactStore
 from stages.bm25 import Params, corpus_index, document_neighbors, plan_groups
+from tests.conftest import make_config
 
 K = 20
 EXCL = 16
@@ -399,3 +400,50 @@ def test_resume_after_partial_build_is_identical(bm25_run, tmp_path):
     q2, ids2, scores2 = read_neighbors(art)
     assert np.array_equal(q, q2) and np.array_equal(ids, ids2)
     np.testing.assert_array_equal(scores, scores2)
+
+
+@pytest.mark.slow
+def test_every_shared_book_through_the_stage(tmp_path, gutenberg_dir):
+    """All 44 books through `documents -> tokenizer -> chunks -> bm25` (the default causal statistics,
+    both query modes and okapi): sampled queries of every book equal the per-query references built over
+    exactly that query's retrievable chunks (plain Lucene formula; rank-bm25's BM25Okapi itself)."""
+    from rank_bm25 import BM25Okapi
+
+    books = sorted(gutenberg_dir.glob("*.txt.gz"))
+    assert len(books) == 44
+    run = make_config(
+        tmp_path / "store",
+        documents={"paths": [str(gutenberg_dir)]},
+        tokenizer={"vocab_size": 2048, "max_train_chars": 2_000_000},
+        runner={"kind": "threads", "workers": 2},
+    )
+    tables = {
+        (q, v): read_neighbors(build("bm25", run.with_section("bm25", {"query": q, "variant": v}), with_deps=True))
+        for q, v in (("chunk", "lucene"), ("chunk+target", "lucene"), ("chunk", "okapi"))
+    }
+    reader = ChunkReader(ArtifactStore(run.root()).resolve("chunks"))
+    tokens = np.asarray(reader.tokens)
+    rng = np.random.default_rng(0)
+    docs = reader.docs()
+    assert len(docs) == 44
+    checked = 0
+    for d in docs:
+        doc = tokens[d.first : d.first + d.n]
+        picks = sorted({EXCL + 1, d.n - 1, *rng.integers(EXCL + 1, d.n, size=2).tolist()})
+        for i in picks:
+            m = i - EXCL
+            cands = np.arange(d.first, d.first + m)
+            for q in ("chunk", "chunk+target"):
+                qids, ids, sc = tables[(q, "lucene")]
+                row = d.first + i
+                assert qids[row] == row
+                check_row(ids[row], sc[row], ref_lucene(doc[:m], query_tokens(doc, i, q)), cands)
+                checked += 1
+        i = picks[len(picks) // 2]
+        m = i - EXCL
+        qids, ids, sc = tables[("chunk", "okapi")]
+        lists = [r[r >= 0].tolist() for r in doc[:m]]
+        ref = BM25Okapi(lists, k1=K1, b=B, epsilon=EPS).get_scores(doc[i][doc[i] >= 0].tolist())
+        check_row(ids[d.first + i], sc[d.first + i], ref, np.arange(d.first, d.first + m))
+        checked += 1
+    assert checked >= 44 * 5
