@@ -418,7 +418,9 @@ def test_every_shared_book_through_the_stage(tmp_path, gutenberg_dir):
         runner={"kind": "threads", "workers": 2},
     )
     tables = {
-        (q, v): read_neighbors(build("bm25", run.with_section("bm25", {"query": q, "variant": v}), with_deps=True))
+        (q, v): read_neighbors(
+            build("bm25", run.with_section("bm25", {"query": q, "variant": v}), with_deps=True)
+        )
         for q, v in (("chunk", "lucene"), ("chunk+target", "lucene"), ("chunk", "okapi"))
     }
     reader = ChunkReader(ArtifactStore(run.root()).resolve("chunks"))
