@@ -63,7 +63,6 @@ def _done(table: ChunkTable, cache: Path | None, name: str) -> ChunkTable:
         return table
     table.ids.flush()
     table.values.flush()
-    del table
     return ChunkTable(
         np.load(cache / f"{name}.ids.npy", mmap_mode="r"),
         np.load(cache / f"{name}.values.npy", mmap_mode="r"),
@@ -74,19 +73,14 @@ def neighbor_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> C
     """A bm25/dense neighbor artifact as a ChunkTable (values: the neighbor scores). Read batch by batch;
     with `cache` (a local folder) the table is written there as .npy and returned memory-mapped, so a
     training process and its loader workers share one copy in the page cache instead of each its own."""
-    k = _fixed_width(art)
-    table = _alloc(n_chunks, k, cache, art.version)
+    table = None
     for b in art.iter_batches(columns=["chunk_id", "neighbor_ids", "neighbor_scores"]):
+        k = int(b.schema.field("neighbor_ids").type.list_size)
+        table = table or _alloc(n_chunks, k, cache, art.version)
         ids = b.column("neighbor_ids").flatten().to_numpy().reshape(-1, k)
         sc = b.column("neighbor_scores").flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
         _put(table, b.column("chunk_id").to_numpy(), ids, sc.astype(np.float32), art.ref)
-    return _done(table, cache, art.version)
-
-
-def _fixed_width(art: Artifact) -> int:
-    for b in art.iter_batches(columns=["neighbor_ids"]):
-        return int(b.schema.field("neighbor_ids").type.list_size)
-    return 1
+    return _done(table or _alloc(n_chunks, 1, cache, art.version), cache, art.version)
 
 
 def scores_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:

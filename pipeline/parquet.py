@@ -26,6 +26,14 @@ def _row_group_rows(table: pa.Table) -> int:
     return int(max(1024, TARGET_ROW_GROUP_BYTES // per_row))
 
 
+def iter_row_groups(path: str, fs: Any) -> Iterator[pa.Table]:
+    """The row groups of one Parquet file, one in memory at a time."""
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg)
+
+
 def coalesce(tables: Iterable[pa.Table], target_bytes: int = TARGET_ROW_GROUP_BYTES) -> Iterator[pa.Table]:
     """Join consecutive small tables into ones of about `target_bytes` (one row group each), so a
     stream of small batches still gets the contract's row groups of tens of MB, in bounded memory."""

@@ -123,20 +123,23 @@ def _has_magic(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def discover(paths: list[str], on_error: str = "raise") -> tuple[list[InputFile], list[str], list[Skip]]:
-    """Expand files, folders (recursively) and globs. Returns (supported files, ignored files, skips).
-    A path that matches nothing is an error naming it. A file found inside a folder or glob that cannot
-    be read (permissions, a broken link) is an error too, or with on_error="skip" a Skip to count."""
+def discover(
+    paths: list[str], on_error: str = "raise"
+) -> tuple[list[InputFile], list[str], list[tuple[InputFile, str]]]:
+    """Expand files, folders (recursively) and globs. Returns (supported files, ignored files,
+    unreadable files with the reason). A path that matches nothing is an error naming it. A file found
+    inside a folder or glob that cannot be read (permissions, a broken link) is an error too, or with
+    on_error="skip" returned among the unreadable ones, to be counted."""
     files: dict[str, InputFile] = {}
     ignored: list[str] = []
-    skips: list[Skip] = []
+    unreadable_files: list[tuple[InputFile, str]] = []
 
-    def unreadable(message: str, path: str) -> None:
+    def unreadable(message: str, f: InputFile) -> None:
         if on_error != "skip":
             raise InputError(
-                message + " (set documents.on_error=skip to skip and count such input)", path=path
+                message + " (set documents.on_error=skip to skip and count such input)", path=f.path
             )
-        skips.append(Skip("unreadable", message, path))
+        unreadable_files.append((f, message))
 
     for raw in paths:
         spec = os.path.expanduser(raw)
@@ -165,16 +168,16 @@ def discover(paths: list[str], on_error: str = "raise") -> tuple[list[InputFile]
         for p, rel in cands:
             if p.is_dir():
                 continue
-            if not p.exists():
-                unreadable("cannot read: broken symbolic link or vanished file", str(p))
-                continue
             name = f"{prefix}/{rel.as_posix()}" if prefix else rel.as_posix()
             f = InputFile(str(p), name)
+            if not p.exists():
+                unreadable("cannot read: broken symbolic link or vanished file", f)
+                continue
             if not f.kind:
                 ignored.append(str(p))
                 continue
             if not os.access(p, os.R_OK):
-                unreadable("file is not readable (permissions)", str(p))
+                unreadable("file is not readable (permissions)", f)
                 continue
             prev = files.get(name)
             if prev is not None and prev.path != f.path:
@@ -184,7 +187,7 @@ def discover(paths: list[str], on_error: str = "raise") -> tuple[list[InputFile]
                     path=str(p),
                 )
             files[name] = f
-    return sorted(files.values(), key=lambda f: f.rel), ignored, skips
+    return sorted(files.values(), key=lambda f: f.rel), ignored, unreadable_files
 
 
 # ------------------------------------------------------------------------------------------ readers

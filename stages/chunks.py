@@ -22,7 +22,7 @@ from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.formats import CHUNKS_SCHEMA, DOC_INDEX, DOC_INDEX_SCHEMA, TOKEN_PAD, TOKENS_NPY, load_tokenizer
-from pipeline.parquet import coalesce
+from pipeline.parquet import coalesce, iter_row_groups
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 
 log = logging.getLogger("rpt.chunks")
@@ -156,16 +156,11 @@ class ChunksStage(Stage):
             def renumbered(local: str, base: int, tokens: np.ndarray = tokens) -> Iterator[pa.Table]:
                 # one row group in memory at a time: shard-local chunk ids 0..n-1 become base..base+n-1
                 nonlocal offset
-                with ctx.fs.open(ctx.path(local), "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    for rg in range(pf.num_row_groups):
-                        t = pf.read_row_group(rg)
-                        t = t.set_column(
-                            0, "chunk_id", pc.add(t.column("chunk_id"), pa.scalar(base, pa.int64()))
-                        )
-                        add_rows(t, tokens)
-                        offset += t.num_rows
-                        yield t
+                for t in iter_row_groups(ctx.path(local), ctx.fs):
+                    t = t.set_column(0, "chunk_id", pc.add(t.column("chunk_id"), pa.scalar(base, pa.int64())))
+                    add_rows(t, tokens)
+                    offset += t.num_rows
+                    yield t
 
             def add_rows(t: pa.Table, tokens: np.ndarray) -> None:
                 # fixed-width export for training

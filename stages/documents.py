@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import DOCUMENTS_SCHEMA, SPLITS
-from pipeline.parquet import coalesce
+from pipeline.parquet import coalesce, iter_row_groups
 from pipeline.stage import Shard, ShardResult, Stage, StageContext, merge_stats
 from pipeline.textio import (
     InputFile,
@@ -136,7 +135,7 @@ class DocumentsStage(Stage):
                     "documents: the embedded stdlib corpus is empty with this stdlib_include/stdlib_exclude"
                 )
             return [{"stdlib": name, "bytes": stdlib_doc_bytes(files)} for name, files in units]
-        files, ignored, skips = discover(cfg.paths, cfg.on_error)
+        files, ignored, unreadable = discover(cfg.paths, cfg.on_error)
         if ignored:
             log.info("documents: ignoring %d files of unsupported types (e.g. %s)", len(ignored), ignored[0])
         if not files:
@@ -145,7 +144,7 @@ class DocumentsStage(Stage):
             )
         units = [{"path": f.path, "rel": f.rel, "bytes": os.path.getsize(f.path)} for f in files]
         # unreadable files (on_error=skip) travel as units so that a shard counts them in the stats
-        units += [{"skip": str(k), "path": k.path, "rel": k.path, "bytes": 0} for k in skips]
+        units += [{"skip": why, "path": f.path, "rel": f.rel, "bytes": 0} for f, why in unreadable]
         return units
 
     def fingerprint(self, cfg: Config) -> Any:
@@ -250,7 +249,7 @@ class DocumentsStage(Stage):
                     yield pa.table(cols, schema=SCHEMA)
                     cols = {n: [] for n in SCHEMA.names}
                     chars = 0
-            if cols["doc_id"] or not totals["docs"]:
+            if cols["doc_id"]:  # (no documents at all: write_parquet writes the schema alone)
                 yield pa.table(cols, schema=SCHEMA)
 
         ctx.write_parquet(f"_local/docs-{shard.name}.parquet", batches(), schema=SCHEMA)
@@ -275,21 +274,15 @@ class DocumentsStage(Stage):
 
             def renumbered(local: str = local, base: int = offset) -> Iterator[pa.Table]:
                 # one row group in memory at a time; local doc_idx 0..n-1 become base..base+n-1
-                with ctx.fs.open(ctx.path(local), "rb") as f:
-                    pf = pq.ParquetFile(f)
-                    for rg in range(pf.num_row_groups):
-                        t = pf.read_row_group(rg)
-                        local_idx = t.column("doc_idx").to_pylist()
-                        for i, d in zip(local_idx, t.column("doc_id").to_pylist()):
-                            if d in seen:
-                                raise InputError(
-                                    f"duplicate doc_id '{d}' (documents {seen[d]} and {base + i}); "
-                                    "doc ids must be unique: set documents.id_field or rename the files"
-                                )
-                            seen[d] = base + i
-                        yield t.set_column(
-                            1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(base, pa.int64()))
-                        )
+                for t in iter_row_groups(ctx.path(local), ctx.fs):
+                    for i, d in zip(t.column("doc_idx").to_pylist(), t.column("doc_id").to_pylist()):
+                        if d in seen:
+                            raise InputError(
+                                f"duplicate doc_id '{d}' (documents {seen[d]} and {base + i}); "
+                                "doc ids must be unique: set documents.id_field or rename the files"
+                            )
+                        seen[d] = base + i
+                    yield t.set_column(1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(base, pa.int64())))
 
             ctx.write_parquet(f"part-{r.index:05d}.parquet", coalesce(renumbered()), schema=SCHEMA)
             offset += r.stats["docs"]

@@ -53,6 +53,19 @@ def make_config(root: Path, **sections: dict):
     return config_from_dict({"artifacts_root": str(root), **sections})
 
 
+def copy_stages(run, root: Path, stages: tuple[str, ...]):
+    """The same run config rooted at `root`, holding copies of `stages`' artifacts from run's store: a
+    private store for tests that rebuild, kill or corrupt downstream artifacts."""
+    import shutil
+
+    from pipeline.store import ArtifactStore
+
+    src = ArtifactStore(run.root())
+    for stage in stages:
+        shutil.copytree(src.stage_dir(stage), root / stage)
+    return run.model_copy(update={"artifacts_root": str(root)})
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory, gutenberg_dir: Path) -> Path:
     """A folder holding four short Gutenberg books (as gz, like users have them)."""

@@ -11,7 +11,7 @@ import pytest
 from pipeline.executor import build
 from pipeline.formats import ChunkReader, load_tokenizer
 from pipeline.store import ArtifactStore
-from tests.conftest import make_config
+from tests.conftest import copy_stages, make_config
 
 # Latin-1 books (pg105, pg1661), UTF-8 books with a BOM, curly quotes and accents
 ROUND_TRIP_BOOKS = ["pg105", "pg1661", "pg11", "pg5200", "pg46", "pg1232"]
@@ -134,11 +134,9 @@ def test_documents_spanning_row_groups_are_indexed_whole(tiny_run, tmp_path, mon
 
     src = ArtifactStore(tiny_run.root())
     ref = src.resolve("chunks")
-    root = tmp_path / "store"
-    for stage in ("documents", "tokenizer"):
-        shutil.copytree(src.stage_dir(stage), root / stage)
+    run = copy_stages(tiny_run, tmp_path / "store", ("documents", "tokenizer"))
     monkeypatch.setattr(pp, "_row_group_rows", lambda t: 7)  # every 7 chunks a row group
-    art = build("chunks", tiny_run.model_copy(update={"artifacts_root": str(root)}))
+    art = build("chunks", run)
     assert art.version == ref.version
     assert pq.ParquetFile(art.parts()[0]).num_row_groups > 10
     assert art.read().equals(ref.read())

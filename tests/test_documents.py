@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.executor import build
+from pipeline.executor import build, resolve
 from pipeline.store import ArtifactStore
 from pipeline.textio import decode, strip_gutenberg
 from tests.conftest import make_config
@@ -272,6 +272,12 @@ def test_unreadable_paths(tmp_path):
     art = build("documents", make_config(tmp_path, documents={"paths": [str(d)], "on_error": "skip"}))
     assert art.stats["skipped"] == {"unreadable": 1} and art.stats["docs"] == 1
     assert art.stats["skipped_examples"][0]["file"].endswith("dangling.txt")
+    # the skipped file enters the version by its name in the corpus, never by where the folder lies
+    moved = tmp_path / "elsewhere" / "links"
+    moved.parent.mkdir()
+    d.rename(moved)
+    run = make_config(tmp_path / "s3", documents={"paths": [str(moved)], "on_error": "skip"})
+    assert resolve("documents", run).version == art.version
 
 
 def test_error_loses_nothing_already_written(tmp_path, small_corpus):

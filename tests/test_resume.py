@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.executor import build, resolve
 from pipeline.store import ArtifactStore
-from tests.conftest import REPO, make_config
+from tests.conftest import REPO, copy_stages, make_config
 
 BOOKS = [
     "pg105",
@@ -100,11 +100,7 @@ def test_rerun_with_fewer_shards_publishes_no_stale_parts(tiny_run, tmp_path):
     parts of the old plan must not be published beside the new ones (they would duplicate rows)."""
     from pipeline.executor import open_build, pending_shards, run_shard
 
-    root = tmp_path / "store"
-    src = ArtifactStore(tiny_run.root())
-    for stage in ("documents", "tokenizer", "chunks"):
-        shutil.copytree(src.stage_dir(stage), root / stage)
-    run = tiny_run.model_copy(update={"artifacts_root": str(root)})
+    run = copy_stages(tiny_run, tmp_path / "store", ("documents", "tokenizer", "chunks"))
     many = run.with_section("bm25", {"shard_chunks": 10, "exclude_recent": 2, "k": 4})
     one = run.with_section("bm25", {"shard_chunks": 1_000_000, "exclude_recent": 2, "k": 4})
     node = resolve("bm25", many)

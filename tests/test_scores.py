@@ -15,7 +15,9 @@ from pipeline.errors import ConfigError
 from pipeline.executor import build, resolve
 from pipeline.formats import REFERENCE_MODEL_DIR, SCORES_SCHEMA, TOKENIZER_FILE, ChunkReader, load_tokenizer
 from pipeline.store import ArtifactStore
-from tests.conftest import TINY_REFERENCE, make_config, one_thread
+from tests.conftest import TINY_REFERENCE, copy_stages, make_config, one_thread
+
+UPSTREAM = ("documents", "tokenizer", "chunks", "reference", "bm25")
 
 
 def tiny_config(root: Path, corpus: Path, **sections):
@@ -172,12 +174,8 @@ def test_failed_shard_resumes_to_identical_output(scored, tmp_path, monkeypatch)
     import stages.scores as sc
 
     run, clean = scored
-    store = ArtifactStore(run.root())
-    # same upstream artifacts in a fresh store
     root = tmp_path / "store"
-    for stage in ("documents", "tokenizer", "chunks", "reference", "bm25"):
-        shutil.copytree(store.stage_dir(stage), root / stage)
-    run2 = run.model_copy(update={"artifacts_root": str(root)})
+    run2 = copy_stages(run, root, UPSTREAM)  # same upstream artifacts in a fresh store
     real = sc.score_queries
     state = {"calls": 0, "fail_at": 2}
 
@@ -218,11 +216,8 @@ def test_killed_scoring_process_resumes_to_identical_output(scored, tmp_path):
     from tests.conftest import REPO
 
     run, clean = scored
-    store = ArtifactStore(run.root())
     root = tmp_path / "store"
-    for stage in ("documents", "tokenizer", "chunks", "reference", "bm25"):
-        shutil.copytree(store.stage_dir(stage), root / stage)
-    run2 = run.model_copy(update={"artifacts_root": str(root)})
+    run2 = copy_stages(run, root, UPSTREAM)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps(run2.model_dump(mode="json")))
     # the worker stalls in its second shard, so the kill lands mid-shard whatever the machine's speed
