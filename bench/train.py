@@ -131,8 +131,8 @@ def meta_flops(variant: str, args: argparse.Namespace) -> tuple[int, int]:
     if args.vocab:
         overrides["vocab_size"] = args.vocab
     cfg = preset(args.preset, **overrides)
-    recall, layers.EXPLICIT_MASKS = rpt_module.retrieval_recall, True
-    rpt_module.retrieval_recall = lambda *a, **k: {}  # data-dependent shapes; no FLOPs worth counting
+    recall, layers.EXPLICIT_MASKS = rpt_module.retrieval_metrics, True
+    rpt_module.retrieval_metrics = lambda *a, **k: {}  # data-dependent shapes; no FLOPs worth counting
     try:
         with torch.device("meta"):
             model = RPT(cfg)
@@ -147,7 +147,7 @@ def meta_flops(variant: str, args: argparse.Namespace) -> tuple[int, int]:
                 )
                 (out.lm_loss + (out.ret_loss if out.ret_loss is not None else 0)).backward()
     finally:
-        rpt_module.retrieval_recall, layers.EXPLICIT_MASKS = recall, False
+        rpt_module.retrieval_metrics, layers.EXPLICIT_MASKS = recall, False
     return fc.get_total_flops(), model.num_params()
 
 

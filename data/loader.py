@@ -1,7 +1,7 @@
 """Torch Dataset and a resumable, DDP-aware sampler over training sequences.
 
-An example holds, for one sequence of l chunks of m tokens:
-  tokens [l*m] int64, labels [l*m] (next token; -100 where there is none or it was already trained on),
+An example holds, for one training example of l chunks of m tokens (data.sequences):
+  tokens [l*m] int64, labels [l*m] (next token; -100 where there is none: padding),
   neighbor_pos [l, K] (BM25 neighbors as in-sequence positions, -1 none)           when bm25 is given,
   cand_pos [l, C], cand_target [l, C] (supervision candidates and their targets)   when cand is given.
 Tokens come from the chunks artifact's memory-mapped tokens.npy (opened lazily in each worker).
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.neighbors import ChunkTable, compact, to_positions
-from data.sequences import SequencePlan
+from data.sequences import SequencePlan, example_tokens
 
 IGNORE = -100
 
@@ -57,25 +57,26 @@ class TrainSequences(Dataset):
         return len(self.plan)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        p, m = self.plan, self.m
-        f, n = int(p.first_chunk[i]), p.n_chunks
-        tok = np.asarray(self.tokens[f : f + n], dtype=np.int64).reshape(-1)
-        labels = np.empty_like(tok)
-        labels[:-1] = tok[1:]
-        nxt = int(p.next_token_chunk[i])
-        nt = int(self.tokens[nxt, 0]) if nxt >= 0 else -1
-        labels[-1] = nt if nt >= 0 else IGNORE
-        labels[: int(p.loss_from[i]) * m] = IGNORE
+        p = self.plan
+        f, n, l_ = int(p.first_chunk[i]), int(p.n_real[i]), p.n_chunks
+        tok, labels = example_tokens(self.tokens, p, i)
         item = {"tokens": torch.from_numpy(tok), "labels": torch.from_numpy(labels)}
         if self.bm25 is not None:
             pos = to_positions(self.bm25.ids[f : f + n], f, n, self.exclude_recent)
-            item["neighbor_pos"] = torch.from_numpy(compact(pos, None, self.k)[0])
+            item["neighbor_pos"] = torch.from_numpy(_pad_rows(compact(pos, None, self.k)[0], l_, -1))
         if self.cand is not None:
             pos = to_positions(self.cand.ids[f : f + n], f, n, self.exclude_recent)
             cp, cv = compact(pos, self.cand.values[f : f + n], self.cand.width)
-            item["cand_pos"] = torch.from_numpy(cp)
-            item["cand_target"] = torch.from_numpy(cv.astype(np.float32))
+            item["cand_pos"] = torch.from_numpy(_pad_rows(cp, l_, -1))
+            item["cand_target"] = torch.from_numpy(_pad_rows(cv.astype(np.float32), l_, np.nan))
         return item
+
+
+def _pad_rows(a: np.ndarray, rows: int, value: float) -> np.ndarray:
+    """a [n, C] padded with rows of `value` to [rows, C] (the padding chunks of a short example)."""
+    if a.shape[0] == rows:
+        return a
+    return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), value, a.dtype)])
 
 
 class StreamSampler(Sampler[int]):

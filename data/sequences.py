@@ -1,13 +1,15 @@
-"""Cut documents into training sequences of L = n_chunks * chunk_len tokens at chunk boundaries.
+"""Cut documents into training examples of l chunks (L = l * chunk_len tokens).
 
-Conventions (the paper's official code keeps only documents of >= 0.9 L tokens; we keep every
-document with at least L tokens of full chunks and lose nothing else of them):
-- Only full chunks enter a sequence: a document's final chunk, usually shorter than chunk_len, is
-  never part of a sequence (but its first token is the label of the last full chunk's last token).
-- A document with f full chunks gives floor(f / l) non-overlapping sequences; when f is not a
-  multiple of l, one more sequence holds the document's last l full chunks, and the tokens that the
-  previous sequence already predicted keep their context role but get no loss (`loss_from`).
-- Documents with fewer than l full chunks are skipped (counted in the stats): there is no padding.
+An example is the unit that training and its supervision share (pipeline.supervision): a document is
+cut into consecutive examples of l chunks from its first chunk on, the same cut the bm25 stage uses to
+bound the supervision table's candidates (`example_chunks`), so every scored candidate of a chunk lies
+inside the chunk's example and the retriever in training ranks all earlier chunks of it.
+
+Every token of a document is predicted exactly once, from its own example: the last example of a
+document (and a document shorter than l chunks) is shorter and padded at the end; padding comes after
+every real token, so it changes no real prediction, and its labels are ignored. A document's final
+chunk may be short (its padding is treated the same way). The label of an example's last token is the
+first token of the next example of the document, when there is one.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pipeline.formats import TOKEN_PAD, ChunkReader
 
 @dataclass
 class SequencePlan:
-    first_chunk: np.ndarray  # int64 [N] chunk_id of each sequence's first chunk
-    loss_from: np.ndarray  # int32 [N] chunk offset in the sequence from which targets are new
-    next_token_chunk: np.ndarray  # int64 [N] chunk holding the token after the sequence (-1: none)
-    n_chunks: int  # l, chunks per sequence
+    first_chunk: np.ndarray  # int64 [N] chunk_id of each example's first chunk
+    n_real: np.ndarray  # int32 [N] chunks of the document in the example (<= n_chunks; the rest is padding)
+    next_token_chunk: np.ndarray  # int64 [N] chunk holding the token after the example (-1: none)
+    n_chunks: int  # l, chunks per example (the padded length)
     stats: dict
 
     def __len__(self) -> int:
@@ -32,44 +34,46 @@ class SequencePlan:
 
 
 def plan_sequences(reader: ChunkReader, split: str, n_chunks: int) -> SequencePlan:
+    """The examples of every document of `split`, in document order."""
     docs = reader.docs(split)
-    if not docs:
-        return SequencePlan(
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int32),
-            np.zeros(0, np.int64),
-            n_chunks,
-            {"docs": 0, "sequences": 0, "docs_too_short": 0},
-        )
-    first = np.array([d.first for d in docs], dtype=np.int64)
-    n = np.array([d.n for d in docs], dtype=np.int64)
-    last = first + n - 1
-    last_full = reader.tokens[last, -1] != TOKEN_PAD  # is the final chunk full?
-    full = n - (~last_full).astype(np.int64)
-    starts, loss_from, nxt = [], [], []
-    too_short = 0
-    for f0, f, nn in zip(first.tolist(), full.tolist(), n.tolist()):
-        if f < n_chunks:
-            too_short += 1
+    starts, n_real, nxt = [], [], []
+    tokens = 0
+    for d in docs:
+        n_tok = int(reader.lengths(np.arange(d.first, d.first + d.n)).sum()) if d.n else 0
+        if n_tok < 2:
             continue
-        k = f // n_chunks
-        s = list(range(0, k * n_chunks, n_chunks))
-        lf = [0] * k
-        if f % n_chunks:
-            s.append(f - n_chunks)
-            lf.append(k * n_chunks - (f - n_chunks))
-        for st in s:
-            starts.append(f0 + st)
-            end = st + n_chunks  # chunk index after the sequence, within the document
-            nxt.append(f0 + end if end < nn else -1)
-        loss_from.extend(lf)
+        tokens += n_tok
+        for e0 in range(0, d.n, n_chunks):
+            e1 = min(d.n, e0 + n_chunks)
+            starts.append(d.first + e0)
+            n_real.append(e1 - e0)
+            nxt.append(d.first + e1 if e1 < d.n else -1)
     plan = SequencePlan(
-        np.asarray(starts, np.int64), np.asarray(loss_from, np.int32), np.asarray(nxt, np.int64), n_chunks, {}
+        np.asarray(starts, np.int64), np.asarray(n_real, np.int32), np.asarray(nxt, np.int64), n_chunks, {}
     )
+    slots = len(plan) * n_chunks
     plan.stats = {
         "docs": len(docs),
-        "docs_too_short": too_short,
-        "sequences": len(plan),
-        "tokens": int(len(plan) * n_chunks * reader.chunk_len),
+        "examples": len(plan),
+        "example_chunks": n_chunks,
+        "tokens": tokens,
+        "padding_share": round(1 - int(plan.n_real.sum()) / slots, 4) if slots else None,
     }
     return plan
+
+
+def example_tokens(reader_tokens: np.ndarray, plan: SequencePlan, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [l*m] int64 with padding as 0, labels [l*m] int64 with -100 where nothing is predicted)."""
+    f, n, l_ = int(plan.first_chunk[i]), int(plan.n_real[i]), plan.n_chunks
+    m = reader_tokens.shape[1]
+    raw = np.full((l_, m), TOKEN_PAD, np.int64)
+    raw[:n] = reader_tokens[f : f + n]
+    flat = raw.reshape(-1)
+    labels = np.full_like(flat, -100)
+    labels[:-1] = flat[1:]
+    nxt = int(plan.next_token_chunk[i])
+    if nxt >= 0:  # the chunk before a next chunk is full, so the example's last real token is at n*m-1
+        labels[n * m - 1] = int(reader_tokens[nxt, 0])
+    labels[labels == TOKEN_PAD] = -100
+    labels[flat == TOKEN_PAD] = -100
+    return np.where(flat == TOKEN_PAD, 0, flat), labels

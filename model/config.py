@@ -38,7 +38,12 @@ class RPTConfig(BaseModel):
     exclude_recent: int = Field(
         0, ge=0, description="chunk i may retrieve j <= i-1-exclude_recent (taken from the bm25 input)"
     )
-    gate_eta: float = Field(0.1, ge=0.0, le=1.0, description="neighbor gate floor: max(eta, sigmoid(.))")
+    gate_eta: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="neighbor gate: eta + (1 - eta) sigmoid(.) (floor eta, a gradient everywhere)",
+    )
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-6, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

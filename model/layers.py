@@ -20,7 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        xf = x.float()  # lower precision: statistics in float32
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
@@ -48,11 +50,15 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x [..., L, H, dh]; cos/sin [L, dh/2] (broadcast over heads)."""
+    """Rotate-half RoPE. x [..., L, H, dh]; cos/sin [L, dh/2] (broadcast over heads).
+    (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), as x * [cos, cos] + (x2, x1) * [-sin, sin]:
+    two products instead of four over the activations, computed in float32."""
     h = x.shape[-1] // 2
-    x1, x2 = x[..., :h].float(), x[..., h:].float()
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).to(x.dtype)
+    c = torch.cat([cos, cos], dim=-1).unsqueeze(-2)
+    s = torch.cat([-sin, sin], dim=-1).unsqueeze(-2)
+    xf = x.float()
+    swapped = torch.cat([xf[..., h:], xf[..., :h]], dim=-1)
+    return torch.addcmul(xf * c, swapped, s).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -89,14 +95,18 @@ class Attention(nn.Module):
         k_pos: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        value_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [N, Lq, d], kv [N, Lk, d]; key_mask [N, Lk] (True: may attend); attn_mask [Lq, Lk] or
-        [N, Lq, Lk] (True: may attend). Returns [N, Lq, d]."""
+        [N, Lq, Lk] (True: may attend); value_scale [N, Lk] multiplies each key's value (not its key).
+        Returns [N, Lq, d]."""
         src = x if kv is None else kv
         k_pos = q_pos if k_pos is None else k_pos
         q = apply_rope(self._heads(self.wq(x)), *rope_cos_sin(q_pos, self.head_dim, self.theta))
         k = apply_rope(self._heads(self.wk(src)), *rope_cos_sin(k_pos, self.head_dim, self.theta))
         v = self._heads(self.wv(src))
+        if value_scale is not None:
+            v = v * value_scale[..., None, None].to(v.dtype)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, L, dh]
         mask = None
         if attn_mask is not None:

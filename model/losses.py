@@ -8,11 +8,16 @@ with target(l) > target(j), the pair loss is
 
     lambda_lj * max(0, tau - (s(l) - s(j)))
 
-with lambda the LambdaRank weight |G_l - G_j| * |D(r_l) - D(r_j)| / IDCG, G = 2^t - 1 for positives
-(0 otherwise), D(r) = 1 / log2(r + 2) at the 0-based rank r by the retriever's current scores. The
-loss is the weighted sum over valid pairs divided by their number (official code). The official code
-uses the difference of log2(r + 2) instead of the discount difference; we use the standard
-LambdaRank form the paper cites. Pairs are formed only from positive candidates ([B, l, C, l]).
+with lambda the official code's LambdaRank weight |G_l - G_j| * |log2(r_l + 2) - log2(r_j + 2)| / IDCG,
+G = 2^t - 1 for positives (0 otherwise), r the 0-based rank by the retriever's current scores. (The
+textbook weight uses the discount difference |1/log2(r_l + 2) - 1/log2(r_j + 2)|, which vanishes for
+pairs ranked far down, exactly where a retriever that starts at chance has all its positives; the
+log-rank difference keeps them trained.) The loss is the weighted sum over valid pairs divided by their
+number (official code). Pairs are formed only from positive candidates ([B, l, C, l]).
+
+Targets per variant (see data.supervision): rpt_sem, the scoring LM's delta (positives delta > 0);
+rpt_lex, 1 for each of the top-k BM25 (chunk+target) candidates (the paper's R^pos), so all its
+positives weigh the same.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def lambdarank_loss(
     pos_mask = (t > 0) & retr
     with torch.no_grad():
         gain = torch.where(pos_mask, torch.exp2(t.clamp(max=100.0)) - 1.0, torch.zeros_like(t))
-        disc = 1.0 / torch.log2(_ranks(scores).float() + 2.0)
+        disc = torch.log2(_ranks(scores).float() + 2.0)
         ideal = gain.sort(dim=-1, descending=True).values
         idcg = (ideal / torch.log2(torch.arange(ideal.shape[-1], device=t.device).float() + 2.0)).sum(-1)
 
@@ -101,15 +106,42 @@ def retrieval_recall(
 ) -> dict[int, torch.Tensor]:
     """recall@k of the retriever's ranking against the gold positives, averaged over query chunks
     that have at least one positive: |top-k ∩ positives| / |positives|."""
+    return {
+        k: v for k, v in retrieval_metrics(scores, cand_pos, cand_target, ks).items() if isinstance(k, int)
+    }
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    scores: torch.Tensor, cand_pos: torch.Tensor, cand_target: torch.Tensor, ks: tuple[int, ...] = RECALL_AT
+) -> dict[int | str, torch.Tensor]:
+    """Against the gold positives, over the whole universe the retriever ranks (every retrievable chunk
+    of the example), as 0-d tensors (no host sync; NaN where undefined):
+      k (int)           recall@k, averaged over query chunks with at least one positive
+      "p@2"             precision@2 (Table 3's P@2) over the same queries
+      "positive_share"  share of the query chunks with a retrievable chunk that have a positive
+      "universe"        retrievable chunks per such query chunk
+    """
     t = dense_targets(scores, cand_pos, cand_target)
-    pos = (t > 0) & torch.isfinite(scores)
+    retr = torch.isfinite(scores)
+    pos = (t > 0) & retr
     n_pos = pos.sum(-1)
     has = n_pos > 0
     ranks = _ranks(scores.float())
-    out = {}
+    out: dict[int | str, torch.Tensor] = {}
     n_has = has.sum()
-    for k in ks:  # no host sync: NaN when no query has a positive
+    nan = torch.tensor(float("nan"), device=scores.device)
+
+    def mean_over_has(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(n_has > 0, torch.where(has, v, 0.0).sum() / n_has.clamp(min=1), nan)
+
+    for k in ks:
         hit = (pos & (ranks < k)).sum(-1).float()
-        r = torch.where(has, hit / n_pos.clamp(min=1), 0.0).sum() / n_has
-        out[k] = torch.where(n_has > 0, r, float("nan"))
+        out[k] = mean_over_has(hit / n_pos.clamp(min=1))
+    out["p@2"] = mean_over_has((pos & (ranks < 2)).sum(-1).float() / 2.0)
+    n_retr = retr.sum(-1)
+    askers = n_retr > 0
+    n_ask = askers.sum()
+    out["positive_share"] = torch.where(n_ask > 0, has.sum().float() / n_ask.clamp(min=1), nan)
+    out["universe"] = torch.where(n_ask > 0, n_retr.sum().float() / n_ask.clamp(min=1), nan)
     return out

@@ -7,9 +7,15 @@ NeighborAugmentor and CrossNeighborAugmentor).
 3. Augmentation: the neighbor's tokens cross-attend to the tokens of the query chunk i.
 4. Gating: each neighbor is mean-pooled; a causal attention runs over the sequence of pooled
    neighbors in (chunk, rank) order, so a neighbor sees the neighbors of earlier chunks and the
-   higher-ranked neighbors of its own chunk; then g = max(eta, sigmoid(w . pooled + b)) scales the
-   neighbor's states. That attention spans the chunks of one attention window (window/m chunks),
-   so training and evaluation on long documents see the same span.
+   higher-ranked neighbors of its own chunk; then g = eta + (1 - eta) sigmoid(w . pooled + b). That
+   attention spans the chunks of one attention window (window/m chunks), so training and evaluation
+   on long documents see the same span. The gate is returned, not applied: each CCA layer normalises
+   the neighbor states first and scales them by g after (model.cca).
+
+Why the smooth gate: the paper writes g = max(eta, sigmoid(.)), whose gradient is zero wherever
+sigmoid < eta, so a gate pushed below the floor by noisy neighbors early in training never comes back
+(measured: every gate at 0.1 by step 150, for good). The official code uses 0.1 + 0.9 sigmoid(s), the
+same range [eta, 1] with a gradient everywhere; we do the same.
 
 Any neighbor source is held to j <= i - 1 here (then j + 1 <= i), which is what keeps CCA causal.
 """
@@ -76,10 +82,7 @@ class NeighborEncoder(nn.Module):
         mask = allowed[None] & valid.reshape(B, 1, n * K)
         mask = mask | torch.eye(n * K, dtype=torch.bool, device=dev)[None]  # never an empty row
         x = pooled + self.x_attn(self.x_norm1(pooled), q_pos=idx, attn_mask=mask)
-        gate = (
-            torch.sigmoid(self.gate(self.x_norm2(x)).squeeze(-1).float()).clamp(min=self.eta).reshape(B, n, K)
-        )
-
-        gated = (nb * gate[..., None, None].to(nb.dtype)).reshape(B, n, K * 2 * m, d)
+        s = self.gate(self.x_norm2(x)).squeeze(-1).float()
+        gate = (self.eta + (1.0 - self.eta) * torch.sigmoid(s)).reshape(B, n, K)
         kv_mask = valid[..., None].expand(B, n, K, 2 * m).reshape(B, n, K * 2 * m)
-        return NeighborMemory(gated, kv_mask, gate, pos)
+        return NeighborMemory(nb.reshape(B, n, K * 2 * m, d), kv_mask, gate, pos)

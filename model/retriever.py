@@ -39,14 +39,20 @@ class Retriever(nn.Module):
         self.q_proj = nn.Linear(d, d, bias=True)
         self.k_proj = nn.Linear(d, d, bias=True)
 
-    def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, T, d] lower-decoder states -> (encoded states [B, T, d], queries [B, l, d], keys [B, l, d])."""
+    def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [B, T, d] lower-decoder states -> (queries [B, l, d], keys [B, l, d]).
+
+        The bidirectional layer serves the pooled chunk representation only; CCA reads the lower
+        decoder's own token states (model.rpt). The official code feeds CCA the encoded states, but
+        then the ranking loss, which wants chunk-level (pooled) features, shapes the very token states
+        CCA must match token by token: on the end-to-end mechanism test (tests/test_mechanism.py)
+        rpt_sem's CCA learned nothing in 500 steps that way, and copied (NLL 0.7) with the lower states."""
         B, T, d = h.shape
         x = h.reshape(B * (T // self.m), self.m, d)
         pos = torch.arange(self.m, device=h.device)
         enc = x + self.attn(self.norm(x), q_pos=pos)
         pooled = enc.mean(dim=1).reshape(B, T // self.m, d)
-        return enc.reshape(B, T, d), self.q_proj(self.q_norm(pooled)), self.k_proj(self.k_norm(pooled))
+        return self.q_proj(self.q_norm(pooled)), self.k_proj(self.k_norm(pooled))
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """[B, l, l] float32 scores; -inf where the chunk is not retrievable."""

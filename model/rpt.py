@@ -28,7 +28,7 @@ from torch import nn
 from model.cca import ChunkedCrossAttention, NeighborMemory
 from model.config import RPTConfig
 from model.layers import RMSNorm, SwiGLU, WindowSelfAttention
-from model.losses import IGNORE, gold_positions, lambdarank_loss, lm_loss, retrieval_recall
+from model.losses import IGNORE, gold_positions, lambdarank_loss, lm_loss, retrieval_metrics
 from model.neighbors import NeighborEncoder
 from model.retriever import Retriever, retrievable_mask, topk_positions
 
@@ -48,7 +48,8 @@ class RPTOutput:
     ret_topk: torch.Tensor | None = None  # [B, l, K] retriever's top-K positions (-1 none)
     neighbor_pos: torch.Tensor | None = None  # [B, l, K] neighbors actually fed to CCA
     gate: torch.Tensor | None = None  # [B, l, K]
-    recall: dict[int, torch.Tensor] = field(default_factory=dict)
+    cca_ratio: list[torch.Tensor] = field(default_factory=list)  # per CCA layer: |CCA out| / |residual|
+    retrieval: dict[int | str, torch.Tensor] = field(default_factory=dict)  # losses.retrieval_metrics
 
 
 class DecoderLayer(nn.Module):
@@ -63,10 +64,16 @@ class DecoderLayer(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(d, cfg.norm_eps), SwiGLU(d, cfg.ffn_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: torch.Tensor, mem: NeighborMemory | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, mem: NeighborMemory | None = None, ratios: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         h = h + self.drop(self.attn(self.attn_norm(h)))
         if self.cca is not None and mem is not None:
-            h = h + self.drop(self.cca(self.cca_norm(h), mem))
+            c = self.cca(self.cca_norm(h), mem)
+            if ratios is not None:  # how much CCA writes into the residual stream (a use diagnostic)
+                with torch.no_grad():
+                    ratios.append(c.float().norm() / h.float().norm().clamp(min=1e-12))
+            h = h + self.drop(c)
         return h + self.drop(self.ffn(self.ffn_norm(h)))
 
 
@@ -145,13 +152,13 @@ class RPT(nn.Module):
         nb_states = low
         scores = None
         if self.retriever is not None and (source != "none" or supervised):
-            nb_states, q, kk = self.retriever.encode(low)
+            q, kk = self.retriever.encode(low)
             scores = self.retriever.scores(q, kk)
             out.ret_scores = scores
             out.ret_topk = topk_positions(scores.detach(), k)
             if supervised:
                 out.ret_loss, out.n_pairs = lambdarank_loss(scores, cand_pos, cand_target, tau)
-                out.recall = retrieval_recall(scores.detach(), cand_pos, cand_target)
+                out.retrieval = retrieval_metrics(scores.detach(), cand_pos, cand_target)
 
         positions = None
         if source == "given":
@@ -170,7 +177,7 @@ class RPT(nn.Module):
             mem = self.neighbors(nb_states, low, positions)
             out.neighbor_pos, out.gate = mem.positions, mem.gate
         for layer in self.upper:
-            h = layer(h, mem)
+            h = layer(h, mem, out.cca_ratio)
         h = self.norm(h)
         if return_logits:
             out.logits = self.lm_head(h)

@@ -184,11 +184,18 @@ def read_neighbors(art: Artifact) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, ids, sc
 
 
-def causal_retrievable(query_pos: int | np.ndarray, cand_pos: int | np.ndarray, exclude_recent: int) -> Any:
+def causal_retrievable(
+    query_pos: int | np.ndarray, cand_pos: int | np.ndarray, exclude_recent: int, example_chunks: int = 0
+) -> Any:
     """The document-causal rule shared by bm25, dense, the model's retriever and the data layer:
     chunk i (position in its document) may retrieve chunk j of the same document iff
-    j <= i - 1 - exclude_recent (the chunks it already sees through attention are not retrievable)."""
-    return np.asarray(cand_pos) <= np.asarray(query_pos) - 1 - exclude_recent
+    j <= i - 1 - exclude_recent (the chunks it already sees through attention are not retrievable),
+    and, with example_chunks = L > 0, j lies in i's example: j // L == i // L (pipeline.supervision)."""
+    q, c = np.asarray(query_pos), np.asarray(cand_pos)
+    ok = c <= q - 1 - exclude_recent
+    if example_chunks > 0:
+        ok = ok & (c // example_chunks == q // example_chunks)
+    return ok
 
 
 # ------------------------------------------------------------------------------ embeddings

@@ -8,6 +8,11 @@ Scopes:
 - `corpus`: the database is every train-split chunk, the queries are all chunks; the query's own
   document is excluded by id. Statistics come from the database.
 
+Training examples (`example_chunks` L > 0, for the documents of `example_splits`): a document is cut
+into examples of L chunks from its first chunk, and chunk i retrieves only chunks of its own example
+(pipeline.supervision: the supervision table's candidates lie inside the training example). Each
+example is scored as a document of its own, statistics included.
+
 Query `chunk` is c_i; `chunk+target` is c_i followed by c_{i+1} (a document's last chunk has no
 target, so its query is c_i alone). A repeated query token counts each time. Variants: `lucene`
 (IDF ln(1 + (N - n + .5)/(n + .5)), TF tf/(tf + k1(1 - b + b dl/avgdl)), as bm25s "lucene") and
@@ -69,6 +74,15 @@ class Config(StageConfig):
     exclude_recent: int = Field(
         16, ge=0, description="document-causal: chunk i retrieves only j <= i - 1 - exclude_recent"
     )
+    example_chunks: int = Field(
+        0,
+        ge=0,
+        description="document-causal: > 0 cuts documents of example_splits into training examples of "
+        "this many chunks; a chunk retrieves only within its example (pipeline.supervision)",
+    )
+    example_splits: list[str] = Field(
+        default_factory=lambda: ["train"], description="splits whose documents example_chunks bounds"
+    )
     variant: Literal["lucene", "okapi"] = Field(
         "lucene", description="lucene: positive IDF (bm25s 'lucene'); okapi: exactly rank-bm25 BM25Okapi"
     )
@@ -104,8 +118,12 @@ class Config(StageConfig):
         if self.scope == "corpus":
             d.pop("exclude_recent")
             d.pop("stats")
+            d.pop("example_chunks")
         else:
             d.pop("overfetch")
+        if not d.get("example_chunks"):
+            d.pop("example_chunks", None)
+            d.pop("example_splits")
         return d
 
 
@@ -519,6 +537,22 @@ def document_neighbors(tokens: np.ndarray, p: Params) -> tuple[np.ndarray, np.nd
     return pos, scores
 
 
+def example_neighbors(tokens: np.ndarray, p: Params, example_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """`document_neighbors` with every example of `example_chunks` chunks scored as a document of its
+    own (0: the whole document is one example). Positions are within the document."""
+    n = tokens.shape[0]
+    if example_chunks <= 0 or n <= example_chunks:
+        return document_neighbors(tokens, p)
+    pos = np.empty((n, p.k), np.int64)
+    scores = np.empty((n, p.k), np.float64)
+    for e0 in range(0, n, example_chunks):
+        e1 = min(n, e0 + example_chunks)
+        ep, es = document_neighbors(tokens[e0:e1], p)
+        pos[e0:e1] = np.where(ep >= 0, ep + e0, -1)
+        scores[e0:e1] = es
+    return pos, scores
+
+
 @dataclass
 class CorpusIndex:
     """BM25 weights of the database (train-split chunks): postings per term (rows ascending) and,
@@ -743,7 +777,8 @@ class BM25Stage(Stage):
         tokens = np.asarray(reader.tokens[d.first : d.first + d.n])
         t0 = time.perf_counter()
         if index is None:
-            pos, scores = document_neighbors(tokens, p)
+            L = cfg.example_chunks if d.split in cfg.example_splits else 0
+            pos, scores = example_neighbors(tokens, p, L)
             ids = np.where(pos >= 0, pos + d.first, -1)
         else:
             own = own_rows.get(d.doc_idx, (0, 0)) if own_rows else (0, 0)
@@ -776,6 +811,8 @@ class BM25Stage(Stage):
             "variant": cfg.variant,
             "stats": cfg.stats if causal else "database",
             "exclude_recent": cfg.exclude_recent if causal else None,
+            "example_chunks": cfg.example_chunks if causal and cfg.example_chunks else None,
+            "example_splits": list(cfg.example_splits) if causal and cfg.example_chunks else None,
             "k": cfg.k,
             "k1": cfg.k1,
             "b": cfg.b,

@@ -1,7 +1,8 @@
 """Stage `scores`: retriever supervision from the reference LM (RPT section 3.2).
 
-For a query chunk c_q = c_i with target c_t = c_{i+1}, each bm25 candidate c_j (table built with scope
-`document-causal`, query `chunk+target`) gets
+For a query chunk c_q = c_i with target c_t = c_{i+1}, each candidate c_j of the supervision table
+(`pipeline.supervision`: bm25 document-causal, query chunk+target, train chunks bounded to their
+training example) gets
     s = log P(c_t | c_j, c_{j+1}, c_q) - log P(c_t | c_{i-2}, c_{i-1}, c_q),
 log-probabilities summed over the target's tokens; positives are s > 0.
 
@@ -46,6 +47,7 @@ from pipeline.formats import (
 )
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
+from pipeline.supervision import supervision_bm25
 
 log = logging.getLogger("rpt.scores")
 
@@ -471,11 +473,10 @@ class ScoresStage(Stage):
     uses_gpu = True
 
     def inputs(self, run: RunConfigBase) -> dict[str, InputRef]:
-        k = run.section("scores").candidates
         return {
             "chunks": InputRef("chunks"),
             "reference": InputRef("reference"),
-            "bm25": InputRef("bm25", {"scope": "document-causal", "query": "chunk+target", "k": k}),
+            "bm25": InputRef("bm25", supervision_bm25(run)),
         }
 
     def plan(self, ctx: StageContext) -> list[Shard]:

@@ -2,10 +2,12 @@
 
 Inputs by variant (each variant is its own artifact version):
   baseline     chunks, tokenizer
-  retro_bm25   + bm25 (scope=document-causal, query=chunk+target, k=bm25_candidates): neighbors for CCA
-  rpt_lex      + bm25 (same): its candidates are the positives, their BM25 score the target
-  rpt_sem      + bm25 (k=scores.candidates: the scored table) and scores: positives have delta > 0
-The model's exclude_recent is the bm25 artifact's.
+  retro_bm25   + the supervision table (pipeline.supervision: bm25 chunk+target, top scores.candidates,
+               bounded to the training example): its top-K are the CCA neighbors
+  rpt_lex      + the same table: its candidates are the positives (target 1)
+  rpt_sem      + the same table and the scores built on it: positives have delta > 0
+The model's exclude_recent is the table's. Training examples are train.seq_len tokens, cut from each
+document as the table's examples are (data.sequences), so every candidate lies inside its example.
 
 The artifact: model.safetensors + config.json (`model.checkpoint.load_checkpoint`), the optimizer and
 RNG state (optimizer.safetensors, train_state.json) and metrics.parquet. While it runs, checkpoints
@@ -42,10 +44,10 @@ from pipeline.config import RunConfigBase, StageConfig
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
+from pipeline.supervision import supervision_bm25
 
 log = logging.getLogger("rpt.train")
 
-BM25_FOR_TRAINING = {"scope": "document-causal", "query": "chunk+target"}
 # model fields the stage sets from its inputs or its own keys
 DERIVED_MODEL_FIELDS = {"variant", "chunk_len", "vocab_size", "exclude_recent", "n_neighbors"}
 FINAL_FILES = (
@@ -69,6 +71,11 @@ METRICS_SCHEMA = pa.schema(
         ("recall_at_5", pa.float64()),
         ("recall_at_10", pa.float64()),
         ("recall_at_20", pa.float64()),
+        ("p_at_2", pa.float64()),
+        ("positive_share", pa.float64()),
+        ("universe", pa.float64()),
+        ("gate_mean", pa.float64()),
+        ("cca_ratio", pa.list_(pa.float64())),
         ("n_pairs", pa.int64()),
         ("lr", pa.float64()),
         ("alpha_ret", pa.float64()),
@@ -89,7 +96,12 @@ class Config(StageConfig):
     )
     split: str = Field("train", description="documents split to train on")
     steps: int = Field(1000, ge=1)
-    seq_len: int = Field(2048, ge=1, description="tokens per training sequence (a multiple of chunk_len)")
+    seq_len: int = Field(
+        4096,
+        ge=1,
+        description="tokens per training example (a multiple of chunk_len; the paper: 16,384); it also "
+        "bounds the supervision table's candidates (pipeline.supervision)",
+    )
     batch_size: int = Field(8, ge=1, description="global batch in sequences per optimizer step")
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -105,12 +117,6 @@ class Config(StageConfig):
     tau_ramp_steps: int | None = Field(None, ge=0, description="linear 1 -> tau_max; None: 90% of steps")
     ss_fraction: float = Field(0.9, ge=0, le=1, description="scheduled sampling: P(gold) 1 -> 0 by then")
     n_neighbors: int = Field(2, ge=1, description="K neighbors per chunk")
-    bm25_candidates: int = Field(
-        20,
-        ge=1,
-        description="k of the bm25 (chunk+target) input: rpt_lex positives, retro_bm25 neighbor pool "
-        "(rpt_sem shares the scores stage's bm25: k = scores.candidates)",
-    )
     seed: int = 0
     # how, not what
     micro_batch: int | None = Field(
@@ -206,11 +212,10 @@ class TrainStage(Stage):
     def inputs(self, run: RunConfigBase) -> dict[str, InputRef]:
         cfg: Config = run.section("train")
         refs = {"chunks": InputRef("chunks"), "tokenizer": InputRef("tokenizer")}
-        if cfg.variant == "rpt_sem":  # the very bm25 artifact the scores stage scored
-            refs["bm25"] = InputRef("bm25", {**BM25_FOR_TRAINING, "k": run.section("scores").candidates})
+        if cfg.variant != "baseline":  # the supervision table: the very bm25 artifact the scores stage scored
+            refs["bm25"] = InputRef("bm25", supervision_bm25(run))
+        if cfg.variant == "rpt_sem":
             refs["scores"] = InputRef("scores")
-        elif cfg.variant != "baseline":
-            refs["bm25"] = InputRef("bm25", {**BM25_FOR_TRAINING, "k": cfg.bm25_candidates})
         return refs
 
     def _model_config(self, ctx: StageContext) -> RPTConfig:
@@ -226,6 +231,17 @@ class TrainStage(Stage):
             raise ConfigError(
                 f"train.seq_len={cfg.seq_len} must be a multiple of chunks.chunk_len={chunk_len}"
             )
+        if "bm25" in ctx.inputs:
+            bcfg = ctx.inputs["bm25"].manifest.config
+            if int(bcfg.get("example_chunks") or 0) != cfg.seq_len // chunk_len or cfg.split not in (
+                bcfg.get("example_splits") or []
+            ):
+                raise InputError(
+                    f"{ctx.inputs['bm25'].ref} bounds candidates to examples of {bcfg.get('example_chunks')} "
+                    f"chunks of {bcfg.get('example_splits')}, but training examples are "
+                    f"{cfg.seq_len // chunk_len} chunks of {cfg.split!r}; build it from this run's config "
+                    "(pipeline.supervision)"
+                )
         always_seen = (mcfg.window - mcfg.stride) // chunk_len
         if "bm25" in ctx.inputs and w != always_seen:
             log.info(
@@ -440,25 +456,6 @@ def _restore(
     return int(state["step"]), rows
 
 
-def _metrics_row(window: torch.Tensor, micro_per_step: int, has_ret: bool) -> dict[str, Any]:
-    """Means over the steps of a logging window. `window` holds the sums of the per-step vectors
-    [loss, lm, ret, gold, n_pairs, recall@2 sum, count, @5, count, @10, count, @20, count] (each summed
-    over micro-batches and processes), then grad_norm and the number of steps."""
-    w = window.tolist()
-    n_steps, n_micro = w[14], w[14] * micro_per_step
-    row = {
-        "loss": w[0] / n_micro,
-        "lm_loss": w[1] / n_micro,
-        "ret_loss": w[2] / n_micro if has_ret else float("nan"),
-        "used_gold": w[3] / n_micro,
-        "n_pairs": round(w[4] / n_steps),
-        "grad_norm": w[13] / n_steps,
-    }
-    for i, k in enumerate((2, 5, 10, 20)):
-        row[f"recall_at_{k}"] = w[5 + 2 * i] / w[6 + 2 * i] if w[6 + 2 * i] else float("nan")
-    return row
-
-
 def _tensorboard(root: Path, rank: int) -> Any:
     """A SummaryWriter into the artifact's `tensorboard/` folder when tensorboard is installed (rank 0)."""
     if rank:
@@ -479,10 +476,10 @@ def _gold_draw(seed: int, step: int, micro: int, p: float) -> bool:
 def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
     """The training loop (one process of `world`). Rank 0 writes checkpoints and the final files."""
     from data.loader import StreamSampler, TrainSequences, close_batches, make_loader
-    from data.neighbors import neighbor_table, scores_table
+    from data.neighbors import lex_targets, neighbor_table, scores_table, supervision_stats
     from data.sequences import plan_sequences
-    from model import schedules as sch
     from model.rpt import RPT
+    from model.training import Schedule, StepMetrics, forward_loss, metrics_row
     from pipeline.formats import TOKENS_NPY, ChunkReader
     from pipeline.progress import progress
 
@@ -509,26 +506,32 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     plan = plan_sequences(reader, cfg.split, n_chunks)
     if len(plan) == 0:
         raise InputError(
-            f"no training sequences: every {cfg.split!r} document of {chunks.ref} has fewer than "
-            f"{n_chunks} full chunks ({cfg.seq_len} tokens); lower train.seq_len"
+            f"no training examples: {chunks.ref} has no {cfg.split!r} document with 2 or more tokens"
         )
     bm25 = cand = None
     # memory-mapped .npy copies of the tables (removed with the checkpoints when the artifact is published)
     tables = root / CKPT_DIR / "tables" / f"rank-{rank}"
-    if cfg.variant in ("retro_bm25", "rpt_lex"):  # (rpt_sem takes only exclude_recent from its bm25 input)
-        bm25 = neighbor_table(job.artifact("bm25"), reader.n_chunks, cache=tables)
-    if cfg.variant == "rpt_sem":
-        cand = scores_table(job.artifact("scores"), reader.n_chunks, cache=tables)
-    elif cfg.variant == "rpt_lex":
-        cand = bm25  # RPT-Lex: the BM25 (chunk+target) candidates are the positives, their score the target
+    if cfg.variant != "baseline":
+        table = neighbor_table(job.artifact("bm25"), reader.n_chunks, cache=tables)
+        if cfg.variant == "retro_bm25":
+            bm25 = table
+        elif cfg.variant == "rpt_lex":
+            cand = lex_targets(table)
+        else:
+            cand = scores_table(job.artifact("scores"), reader.n_chunks, cache=tables)
     ds = TrainSequences(
         str(chunks.local_path(TOKENS_NPY)),
         plan,
         mcfg.chunk_len,
         exclude_recent=mcfg.exclude_recent,
-        bm25=bm25 if cfg.variant == "retro_bm25" else None,
+        bm25=bm25,
         n_neighbors=cfg.n_neighbors,
         cand=cand,
+    )
+    sup_stats = (
+        supervision_stats(plan, cand if cand is not None else bm25, mcfg.exclude_recent)
+        if (cand is not None or bm25 is not None)
+        else {}
     )
 
     # ---- model, optimizer, resume
@@ -564,14 +567,24 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     sampler = StreamSampler(len(ds), cfg.seed, micro, accum, rank, world, start, cfg.steps)
     loader = make_loader(ds, sampler, workers=cfg.workers, pin_memory=device.type == "cuda")
     batches = iter(loader)
-    alpha_ramp = cfg.alpha_ret_ramp_steps if cfg.alpha_ret_ramp_steps is not None else int(0.2 * cfg.steps)
-    tau_ramp = cfg.tau_ramp_steps if cfg.tau_ramp_steps is not None else int(0.9 * cfg.steps)
+    schedule = Schedule(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        alpha_ret=cfg.alpha_ret,
+        alpha_ramp=cfg.alpha_ret_ramp_steps if cfg.alpha_ret_ramp_steps is not None else int(0.2 * cfg.steps),
+        tau_max=cfg.tau_max,
+        tau_ramp=cfg.tau_ramp_steps if cfg.tau_ramp_steps is not None else int(0.9 * cfg.steps),
+        ss_fraction=cfg.ss_fraction,
+    )
     has_ret = mcfg.has_retriever
+    n_cca = len(mcfg.upper_cca)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     stats = {
         "params": model.num_params(),
-        "sequences": len(plan),
-        "docs_too_short": plan.stats["docs_too_short"],
+        **{k: plan.stats[k] for k in ("examples", "example_chunks", "padding_share")},
+        **{f"supervision_{k}": v for k, v in sup_stats.items()},
         "exclude_recent": mcfg.exclude_recent,
         "world": world,
         "micro_batch": micro,
@@ -588,51 +601,28 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     t_start = time.perf_counter()
     elapsed0 = rows[-1]["elapsed_s"] if rows else 0.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    window = torch.zeros(15, dtype=torch.float64)  # sums since the last metrics row (see _metrics_row)
+    window = None  # sums of the StepMetrics vectors since the last metrics row
+    grad_sum, window_steps = 0.0, 0
     tb = _tensorboard(root, rank)
     model.train()
     for step in range(start, cfg.steps):
-        lr = sch.learning_rate(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+        at = schedule.at(step, has_ret)
+        lr, alpha, tau, pg = at["lr"], at["alpha_ret"], at["tau"], at["p_gold"]
         for g in opt.param_groups:
             g["lr"] = lr
-        alpha = sch.alpha_ret(step, alpha_ramp, cfg.alpha_ret) if has_ret else 0.0
-        tau = sch.margin(step, tau_ramp, cfg.tau_max)
-        pg = sch.p_gold(step, cfg.steps, cfg.ss_fraction) if has_ret else 0.0
-        # sums over this rank's micro-batches (kept on the device: one sync per step):
-        # loss, lm, ret, gold, n_pairs, then recall@{2,5,10,20} and their counts
-        acc = torch.zeros(13, dtype=torch.float32, device=device)
+        sums = StepMetrics(n_cca, device)
         for a in range(accum):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             gold = has_ret and _gold_draw(cfg.seed, step, a * world + rank, pg)
-            source = "gold" if gold else None
             sync = a == accum - 1 or world == 1
             ctx_sync = nullcontext() if sync else net.no_sync()
             with ctx_sync, autocast:
-                out = net(
-                    batch["tokens"],
-                    batch["labels"],
-                    source=source,
-                    neighbor_pos=batch.get("neighbor_pos"),
-                    cand_pos=batch.get("cand_pos"),
-                    cand_target=batch.get("cand_target"),
-                    tau=tau,
-                )
-                loss = out.lm_loss + alpha * out.ret_loss if out.ret_loss is not None else out.lm_loss
+                loss, out = forward_loss(net, batch, alpha=alpha, tau=tau, gold=gold)
             with ctx_sync:
                 (loss / accum).backward()
-            acc[0] += loss.detach().float()
-            acc[1] += out.lm_loss.detach().float()
-            acc[3] += float(gold)
-            if out.ret_loss is not None:
-                acc[2] += out.ret_loss.detach().float()
-                acc[4] += out.n_pairs.float()
-                for i, kk in enumerate((2, 5, 10, 20)):
-                    r = out.recall[kk].float()
-                    ok = ~torch.isnan(r)
-                    acc[5 + 2 * i] += torch.where(ok, r, 0.0)
-                    acc[6 + 2 * i] += ok.float()
-        acc = dist.all_reduce(acc).double().cpu()
-        step_loss = acc[0].item() / (accum * world)
+            sums.add(loss, out, gold)
+        vec = dist.all_reduce(sums.vec).cpu()
+        step_loss = vec[0].item() / (accum * world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             close_batches(batches)
@@ -647,7 +637,8 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
         opt.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
-        window += torch.cat([acc, torch.tensor([grad_norm, 1.0], dtype=torch.float64)])
+        window = vec if window is None else window + vec
+        grad_sum, window_steps = grad_sum + grad_norm, window_steps + 1
         if done % cfg.log_every == 0 or done == cfg.steps or done % cfg.checkpoint_every == 0:
             # a row holds means over the steps since the previous row (rows fall on checkpoints too,
             # so a resumed run rebuilds the same rows)
@@ -655,8 +646,9 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
             tok = (done - start) * tokens_per_step
             tps = (tok - tok_last) / max(now - t_last, 1e-9)
             t_last, tok_last = now, tok
-            row = _metrics_row(window, accum * world, has_ret)
+            row = metrics_row(window, accum * world, window_steps, has_ret, n_cca)
             row.update(
+                grad_norm=grad_sum / window_steps,
                 step=done,
                 p_gold=pg,
                 lr=lr,
@@ -666,24 +658,31 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
                 tokens_per_s=tps,
                 elapsed_s=elapsed0 + now - t_start,
             )
-            window.zero_()
+            window, grad_sum, window_steps = None, 0.0, 0
             rows.append(row)
             if tb is not None:
                 for key, val in row.items():
-                    if key != "step" and math.isfinite(val):
-                        tb.add_scalar(f"train/{key}", val, done)
+                    vals = val if isinstance(val, list) else [val]
+                    for i, v in enumerate(vals):
+                        if key != "step" and math.isfinite(v):
+                            tb.add_scalar(
+                                f"train/{key}" + (f"/{i}" if isinstance(val, list) else ""), v, done
+                            )
             if rank == 0:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}")
                 if done % cfg.log_every == 0:
                     log.info(
-                        "step %d/%d loss %.4f lm %.4f ret %.4f r@2 %.2f r@10 %.2f lr %.2e %.0f tok/s",
+                        "step %d/%d loss %.4f lm %.4f ret %.4f p@2 %.2f r@10 %.2f gate %.2f cca %s lr %.2e "
+                        "%.0f tok/s",
                         done,
                         cfg.steps,
                         row["loss"],
                         row["lm_loss"],
                         row["ret_loss"],
-                        row["recall_at_2"],
+                        row["p_at_2"],
                         row["recall_at_10"],
+                        row["gate_mean"],
+                        "/".join(f"{r:.2f}" for r in row["cca_ratio"]),
                         lr,
                         tps,
                     )

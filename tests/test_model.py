@@ -292,7 +292,7 @@ def test_tiny_model_overfits_small_batch() -> None:
         opt.step()
     assert first > 4.0
     assert out.lm_loss.item() < 0.5, f"did not overfit: {first:.2f} -> {out.lm_loss.item():.2f}"
-    assert float(out.recall[2]) > 0.5
+    assert float(out.retrieval[2]) > 0.5
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
