@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from pipeline.executor import Node, open_build, pending_shards, publish, resolve
 from pipeline.registry import STAGES
 from pipeline.stage import Shard, ShardResult, StageContext
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.supervision import supervision_bm25
 
 log = logging.getLogger("rpt.flows")
 
@@ -65,12 +66,18 @@ CACHE_DIR = ".prefect-cache"  # inside the artifact store root; dot-folders are 
 
 @dataclass(frozen=True)
 class Target:
-    """An artifact a flow must produce: a stage with changes to its config section (e.g. a bm25 query mode)."""
+    """An artifact a flow must produce: a stage with changes to its config section (e.g. a bm25 query
+    mode), or with changes that depend on the run (a function of it: the supervision table)."""
 
     stage: str
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    overrides: Mapping[str, Any] | Callable[[RunConfigBase], Mapping[str, Any]] = field(default_factory=dict)
+
+    def overrides_for(self, run: RunConfigBase) -> Mapping[str, Any]:
+        return self.overrides(run) if callable(self.overrides) else self.overrides
 
     def __str__(self) -> str:
+        if callable(self.overrides):
+            return f"{self.stage}[{getattr(self.overrides, '__name__', 'derived')}]"
         sets = ",".join(f"{k}={v}" for k, v in self.overrides.items())
         return f"{self.stage}[{sets}]" if sets else self.stage
 
@@ -81,7 +88,7 @@ def flow_targets(
     """What each flow builds (everything upstream of these comes with them)."""
     neighbors = [
         Target("bm25", {"query": "chunk"}),
-        Target("bm25", {"query": "chunk+target"}),
+        Target("bm25", supervision_bm25),  # the supervision table (pipeline.supervision)
         Target("dense"),
     ]
     supervision = [Target("scores")]
@@ -114,7 +121,7 @@ def resolve_targets(run: RunConfigBase, targets: list[Target]) -> tuple[list[Nod
     roots, nodes = [], {}
     for t in targets:
         try:
-            node = resolve(t.stage, run.with_section(t.stage, t.overrides), memo)
+            node = resolve(t.stage, run.with_section(t.stage, t.overrides_for(run)), memo)
         except ConfigError as e:
             raise ConfigError(f"cannot resolve {t}: {e}") from None
         roots.append(node)

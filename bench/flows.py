@@ -61,7 +61,7 @@ def main() -> None:
 
                 def executor(run: Any) -> None:
                     for t in targets:
-                        build(t.stage, run.with_section(t.stage, t.overrides), with_deps=True)
+                        build(t.stage, run.with_section(t.stage, t.overrides_for(run)), with_deps=True)
 
                 def flow(sets: list[str]) -> list[dict[str, Any]]:
                     if stages:

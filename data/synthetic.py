@@ -120,7 +120,9 @@ def retrievable_copies(doc: CopyDoc, exclude_recent: int) -> np.ndarray:
     m = doc.chunk_len
     full = [bool((doc.source[u * m : (u + 1) * m] >= 0).all()) for u in range(doc.n_chunks)]
     src = true_chunks(doc)
-    ok_chunk = [full[u] and bool(src[u]) and min(src[u]) <= u - 1 - exclude_recent for u in range(doc.n_chunks)]
+    ok_chunk = [
+        full[u] and bool(src[u]) and min(src[u]) <= u - 1 - exclude_recent for u in range(doc.n_chunks)
+    ]
     out = predictable(doc)
     for p in range(len(out)):
         u = (p + 1) // m - 1

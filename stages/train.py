@@ -583,7 +583,7 @@ def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int =
     tokens_per_step = cfg.batch_size * cfg.seq_len
     stats = {
         "params": model.num_params(),
-        **{k: plan.stats[k] for k in ("examples", "example_chunks", "padding_share")},
+        **{k: plan.stats[k] for k in ("docs", "examples", "example_chunks", "padding_share")},
         **{f"supervision_{k}": v for k, v in sup_stats.items()},
         "exclude_recent": mcfg.exclude_recent,
         "world": world,

@@ -278,6 +278,39 @@ def test_causal_rule_and_tail_padding(bm25_run, chunks):
     assert (np.diff(scores, axis=1)[valid[:, 1:]] <= 0).all()  # sorted by score
 
 
+def test_example_bound_keeps_train_candidates_inside_their_example(bm25_run, chunks):
+    """example_chunks L: a train chunk's neighbors are the top-k of its own example of L chunks (the
+    example scored as a document of its own); other splits keep whole-document neighbors."""
+    reader, tokens = chunks
+    L = 24
+    art, q, ids, scores = table(bm25_run, query="chunk+target", example_chunks=L)
+    _, q0, ids0, _ = table(bm25_run, query="chunk+target")
+    assert art.meta["example_chunks"] == L and art.meta["example_splits"] == ["train"]
+    split_of = {d.doc_idx: d.split for d in reader.docs()}
+    assert set(split_of.values()) > {"train"}  # the small books have other splits too
+    doc_of, pos_of = reader.chunk_doc, reader.chunk_pos
+    row = {int(c): r for r, c in enumerate(q)}
+    for d in reader.docs():
+        rows = [row[c] for c in d.chunk_ids.tolist()]
+        if d.split != "train":
+            assert np.array_equal(
+                ids[rows], ids0[[{int(c): r for r, c in enumerate(q0)}[c] for c in d.chunk_ids]]
+            )
+            continue
+        doc = tokens[d.first : d.first + d.n]
+        for e0 in range(0, d.n, L):
+            ex = doc[e0 : e0 + L]
+            want, want_sc = document_neighbors(ex, Params(k=K, query="chunk+target", exclude_recent=EXCL))
+            got = ids[rows[e0 : e0 + L]]
+            assert np.array_equal(got, np.where(want >= 0, want + d.first + e0, -1))
+            np.testing.assert_allclose(scores[rows[e0 : e0 + L]], want_sc, rtol=1e-6)
+    r, c = np.nonzero(ids >= 0)
+    nb = ids[r, c]
+    train = np.array([split_of[int(x)] == "train" for x in doc_of[q[r]]])
+    assert causal_retrievable(pos_of[q[r]][train], pos_of[nb][train], EXCL, example_chunks=L).all()
+    assert not causal_retrievable(pos_of[q[r]][~train], pos_of[nb][~train], EXCL, example_chunks=L).all()
+
+
 def test_ties_prefer_recent_chunks_and_zero_scores_are_eligible():
     doc = np.tile(np.arange(64, dtype=np.int32), (30, 1))  # identical chunks: every score ties
     doc[25] = np.arange(1000, 1064)  # shares no term with the prefix: all scores are zero

@@ -21,6 +21,7 @@ from pipeline.errors import ConfigError
 from pipeline.executor import build, resolve
 from pipeline.registry import STAGES, get_stage
 from pipeline.store import ArtifactStore
+from pipeline.supervision import supervision_bm25
 from tests.conftest import TINY_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,8 +172,8 @@ def test_neighbors_flow_builds_what_the_executor_builds(
     # versions and the same bytes
     run = load_config(write_config(tmp_path, runner={"kind": "threads"}))
     built = [
-        build("bm25", run.with_section("bm25", {"query": q}), with_deps=True)
-        for q in ("chunk", "chunk+target")
+        build("bm25", run.with_section("bm25", {"query": "chunk"}), with_deps=True),
+        build("bm25", run.with_section("bm25", supervision_bm25(run)), with_deps=True),
     ]
     built.append(build("dense", run, with_deps=True))
     built += [build(s, run) for s in ("documents", "tokenizer", "chunks", "embeddings")]
@@ -280,7 +281,7 @@ def test_failed_shard_resumes_on_rerun(
         calls.append((ctx.version, shard.index))
         return real(ctx, shard)
 
-    sets = ["bm25.k=3"]
+    sets = ["bm25.k1=1.2"]  # changes both tables (bm25.k would not: the supervision table's k is scores')
     monkeypatch.setattr(bm25, "run_shard", failing)
     with pytest.raises(Exception, match="shard 1 died"):
         flows.neighbors(thread_run["cfg"], sets)
@@ -290,7 +291,7 @@ def test_failed_shard_resumes_on_rerun(
     report = flows.neighbors(thread_run["cfg"], sets)
     assert [s for s in statuses(report) if s[0] == "bm25"] == [("bm25", "built")] * 2
     assert sorted(i for _, i in calls) == [1, 1]  # the finished shards resumed from their sidecars
-    run = load_config(write_config(tmp_path, bm25={"k": 3}, runner={"kind": "threads"}))
+    run = load_config(write_config(tmp_path, bm25={"k1": 1.2}, runner={"kind": "threads"}))
     art = build("bm25", run.with_section("bm25", {"query": "chunk"}), with_deps=True)
     assert file_digests(tmp_path / "store", art.ref) == file_digests(thread_run["root"], art.ref)
 

@@ -29,7 +29,7 @@ VOLATILE = ("tokens_per_s", "elapsed_s")  # wall-clock columns
 TRAIN = {
     "variant": "baseline",
     "steps": 8,
-    "seq_len": 256,
+    "seq_len": 512,  # 8 chunks: room to retrieve; also the examples of the supervision table
     "batch_size": 4,
     "micro_batch": 2,
     "lr": 3e-3,
@@ -104,7 +104,7 @@ def test_train_baseline_end_to_end(stores, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("variant", ["retro_bm25", "rpt_lex", "rpt_sem"])
 def test_retrieval_variants_train(stores, tmp_path: Path, variant: str) -> None:
-    run = stores(tmp_path, variant=variant, steps=3, seq_len=512)  # 8 chunks: room to retrieve
+    run = stores(tmp_path, variant=variant, steps=3)
     art = build("train", run)
     assert "bm25" in art.manifest.inputs and ("scores" in art.manifest.inputs) == (variant == "rpt_sem")
     m = metrics(art)
@@ -117,6 +117,13 @@ def test_retrieval_variants_train(stores, tmp_path: Path, variant: str) -> None:
         assert m["ret_loss"].is_finite().all() and m["n_pairs"].sum() > 0
         rec = m["recall_at_2"].drop_nans()
         assert len(rec) > 0 and rec.is_between(0, 1).all()
+        assert m["p_at_2"].drop_nans().is_between(0, 1).all() and m["positive_share"].drop_nans().len() > 0
+        assert m["universe"].drop_nans().is_between(0, 8 - 2).all()  # at most l - 1 - exclude_recent
+    assert m["gate_mean"].drop_nans().is_between(0.1, 1.0).all() and m["gate_mean"].drop_nans().len() > 0
+    assert all(len(r) == len(cfg.upper_cca) and all(x > 0 for x in r) for r in m["cca_ratio"].to_list())
+    st = art.manifest.stats
+    assert st["supervision_candidate_share_in_example"] == 1.0  # the table is bounded to the examples
+    assert 0 < st["supervision_positive_share"] <= 1 and 0 < st["supervision_universe"] <= 8 - 2
 
 
 def test_kill_and_resume_gives_the_same_losses(stores, tmp_path: Path, caplog) -> None:
@@ -198,5 +205,7 @@ def test_config_errors(stores, tmp_path: Path) -> None:
         config_from_dict({"train": {"model": {"chunk_len": 32}}})
     with pytest.raises(ConfigError, match=r"multiple of chunks\.chunk_len"):
         build("train", stores(tmp_path / "a", seq_len=100))
-    with pytest.raises(RptError, match=r"lower train\.seq_len"):
-        build("train", stores(tmp_path / "b", seq_len=64 * 100000))
+    # longer than any document: one padded example per document, nothing dropped
+    art = build("train", stores(tmp_path / "b", seq_len=64 * 512, steps=1, batch_size=2, micro_batch=2))
+    st = art.manifest.stats
+    assert st["examples"] >= st["docs"] and st["padding_share"] > 0
