@@ -273,6 +273,63 @@ def training_table(m: Metrics) -> Table:
     )
 
 
+def use_table(m: Metrics) -> Table:
+    """Does each variant use what it retrieves? Test NLL with its own neighbors minus with none (the
+    `empty` ablation) and minus the baseline, with 95% bootstrap intervals, beside the diagnostics at
+    the end of training (means over the last quarter of the logged steps)."""
+    rows = []
+    for model in m.models("use"):
+        ks = sorted({r["neighbors"] for r in m.select("use", model=model)})
+        for k in ks:
+            setting = next(r["setting"] for r in m.select("use", model=model, neighbors=k))
+
+            def delta(ref: str, k: int = k, model: str = model, setting: str = setting) -> str:
+                v = m.value("use", model, setting, k, f"nll_minus_{ref}")
+                lo = m.value("use", model, setting, k, f"nll_minus_{ref}_ci_low")
+                hi = m.value("use", model, setting, k, f"nll_minus_{ref}_ci_high")
+                return "" if v is None else f"{v:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+            t = lambda met, i=None, model=model: m.value("training", model, "final", i, met)  # noqa: E731
+            ratios = [r["value"] for r in m.select("training", model=model, metric="train_cca_ratio")]
+            rows.append(
+                [
+                    MODEL_NAMES.get(model, model),
+                    str(k),
+                    delta("empty"),
+                    delta("baseline"),
+                    _num(t("train_gate_mean"), 2),
+                    "/".join(f"{x:.2f}" for x in ratios) or "",
+                    _pct(t("supervision_positive_share")),
+                    _num(t("supervision_universe"), 1),
+                    _pct(t("train_p_at_2")),
+                ]
+            )
+    n_units = {r["count"] for r in m.select("use")}
+    notes = [
+        "ΔNLL in nats per token (negative: the neighbors help); [95% bootstrap interval over "
+        f"{', '.join(str(n) for n in sorted(n_units))} units (documents or blocks of chunks, see the artifact's meta)].",
+        "Gate: mean neighbor gate in [0.1, 1]; CCA/residual: |CCA output| / |residual stream| per CCA layer; "
+        "positives: share of training query chunks with a gold positive in their example; universe: "
+        "retrievable chunks per query in training; train P@2: the retriever over that universe.",
+    ]
+    return Table(
+        "Use of retrieval (own neighbors vs none, and vs the baseline)",
+        [
+            "model",
+            "K",
+            "ΔNLL vs empty",
+            "ΔNLL vs baseline",
+            "gate",
+            "CCA/residual",
+            "positives",
+            "universe",
+            "train P@2",
+        ],
+        rows,
+        notes,
+    )
+
+
 def ordering_checks(m: Metrics) -> list[tuple[str, bool | None, str]]:
     """The paper's qualitative claims on our numbers: (claim, holds (None: a row is missing), the numbers)."""
     ppl = lambda v, s, k=2: m.value("perplexity", v, s, k if s != "none" else 0, "perplexity")  # noqa: E731
@@ -306,6 +363,8 @@ def ordering_checks(m: Metrics) -> list[tuple[str, bool | None, str]]:
 
 def all_tables(m: Metrics, column: str) -> list[Table]:
     out = [perplexity_table(m, column), retrieval_table(m, column)]
+    if m.models("use"):
+        out.append(use_table(m))
     if m.models("overlap"):
         out.append(overlap_table(m))
     if m.models("training"):
@@ -439,6 +498,31 @@ def write_plots(m: Metrics, curves: Mapping[str, Any], out_dir: Path) -> list[st
         fig.savefig(out_dir / "overlap.png", dpi=110)
         plt.close(fig)
         names.append("overlap.png")
+
+    if curves and any("gate_mean" in tab.column_names for tab in curves.values()):
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for variant, tab in curves.items():
+            cols = tab.to_pydict()
+            if variant == "baseline":
+                continue
+            gate = [x if x is not None else math.nan for x in cols.get("gate_mean", [])]
+            ratio = [float(sum(r) / len(r)) if r else math.nan for r in cols.get("cca_ratio", [])]
+            p2 = [x if x is not None else math.nan for x in cols.get("p_at_2", [])]
+            axes[0].plot(cols["step"], gate, label=variant)
+            axes[1].plot(cols["step"], ratio, label=variant)
+            if any(not math.isnan(x) for x in p2):
+                axes[2].plot(cols["step"], p2, label=variant)
+        for ax, title in zip(
+            axes, ("neighbor gate (mean)", "|CCA out| / |residual| (mean over layers)", "train P@2 vs gold")
+        ):
+            ax.set_xlabel("step")
+            ax.set_title(title, fontsize=9)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "use.png", dpi=110)
+        plt.close(fig)
+        names.append("use.png")
 
     if curves:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -63,10 +63,12 @@ PPL_DETAIL_SCHEMA = pa.schema(
         ("setting", pa.string()),
         ("neighbors", pa.int32()),
         ("doc_idx", pa.int64()),
+        ("block", pa.int32()),  # block of `block_chunks` chunks of the document (the bootstrap unit)
         ("tokens", pa.int64()),
         ("nll_sum", pa.float64()),
     ]
 )
+BOOTSTRAP_SAMPLES = 2000
 
 
 class Config(StageConfig):
@@ -96,6 +98,12 @@ class Config(StageConfig):
     max_doc_tokens: int | None = Field(
         None, ge=2, description="evaluate at most this long a prefix of each document (bounds memory)"
     )
+    bootstrap_unit: Literal["auto", "document", "block"] = Field(
+        "auto",
+        description="unit resampled for the confidence intervals of 'use' (own neighbors minus empty NLL): "
+        "documents, blocks of block_chunks chunks, or auto (documents when there are at least 8)",
+    )
+    block_chunks: int = Field(16, ge=1, description="chunks per block (bootstrap unit 'block')")
     precision_at: list[int] = Field(default_factory=lambda: [2])
     recall_at: list[int] = Field(default_factory=lambda: [10])
     ndcg_at: list[int] = Field(default_factory=lambda: [20])
@@ -398,19 +406,30 @@ class EvaluateStage(Stage):
                         kw["neighbor_pos"] = torch.from_numpy(np.stack(pos)).to(device)
                     with autocast:
                         out = model(tokens, labels, **kw)
-                    nll = out.token_nll.double().sum(dim=1).cpu().numpy()
-                    counted = (labels != IGNORE).sum(dim=1).cpu().numpy()
+                    bc = cfg.block_chunks * reader.chunk_len
+                    n_blocks = -(-tokens.shape[1] // bc)
+                    pad = n_blocks * bc - tokens.shape[1]
+                    nll = torch.nn.functional.pad(out.token_nll.double(), (0, pad)).view(
+                        len(batch), n_blocks, bc
+                    )
+                    nll = nll.sum(dim=2).cpu().numpy()
+                    lab = torch.nn.functional.pad(labels != IGNORE, (0, pad)).view(len(batch), n_blocks, bc)
+                    counted = lab.sum(dim=2).cpu().numpy()
                     for b, d in enumerate(batch):
-                        if int(counted[b]) != d.scored:
+                        if int(counted[b].sum()) != d.scored:
                             raise ArtifactError(
-                                f"evaluate: {counted[b]} labels for document {d.doc_idx}, expected {d.scored}"
+                                f"evaluate: {counted[b].sum()} labels for document {d.doc_idx}, expected {d.scored}"
                             )
-                        rows["model"].append(variant)
-                        rows["setting"].append(s.source)
-                        rows["neighbors"].append(s.k)
-                        rows["doc_idx"].append(d.doc_idx)
-                        rows["tokens"].append(d.scored)
-                        rows["nll_sum"].append(float(nll[b]))
+                        for blk in range(n_blocks):
+                            if counted[b, blk] == 0:
+                                continue
+                            rows["model"].append(variant)
+                            rows["setting"].append(s.source)
+                            rows["neighbors"].append(s.k)
+                            rows["doc_idx"].append(d.doc_idx)
+                            rows["block"].append(blk)
+                            rows["tokens"].append(int(counted[b, blk]))
+                            rows["nll_sum"].append(float(nll[b, blk]))
                     if s.source == "retriever" and not ranked:  # the scores do not depend on K
                         top = topk_positions(out.ret_scores.float(), depth)
                         val = torch.gather(out.ret_scores.float(), -1, top.clamp(min=0)).cpu().numpy()
@@ -450,6 +469,7 @@ class EvaluateStage(Stage):
         docs = select_documents(reader, cfg.split, cfg.max_docs, cfg.max_tokens, cfg.max_doc_tokens)
         rows: list[dict[str, Any]] = []
         rows += _perplexity_rows(ctx, docs)
+        rows += _use_rows(ctx, docs)
         ret_rows, per_query = _retrieval_rows(ctx, reader, docs)
         rows += ret_rows
         curves = {}
@@ -459,8 +479,22 @@ class EvaluateStage(Stage):
             for met in ("steps", "tokens", "params", "final_lm_loss", "train_s"):
                 if st.get(met) is not None:
                     rows.append(_row("training", v, "final", None, met, float(st[met]), None))
+            for key in ("positive_share", "universe", "candidates_in_example"):
+                if st.get(f"supervision_{key}") is not None:
+                    rows.append(
+                        _row(
+                            "training",
+                            v,
+                            "final",
+                            None,
+                            f"supervision_{key}",
+                            float(st[f"supervision_{key}"]),
+                            None,
+                        )
+                    )
             if art.has("metrics.parquet"):
                 curves[v] = art.read_file("metrics.parquet")
+                rows += _training_diagnostics(v, curves[v])
         table = pa.Table.from_pylist(rows, schema=EVAL_METRICS_SCHEMA)
         ctx.write_parquet("metrics.parquet", table, EVAL_METRICS_SCHEMA)
         if per_query is not None:
@@ -506,6 +540,16 @@ class EvaluateStage(Stage):
             "paper_column": cfg.paper_column,
             "exclude_recent": _universe_exclude_recent(ctx),
             "gold": "scored candidates with delta > 0, graded by delta",
+            "bootstrap_unit": _bootstrap_units(
+                ctx,
+                select_documents(
+                    ChunkReader(ctx.inputs["chunks"]),
+                    cfg.split,
+                    cfg.max_docs,
+                    cfg.max_tokens,
+                    cfg.max_doc_tokens,
+                ),
+            ),
         }
 
 
@@ -555,7 +599,9 @@ def _perplexity_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, A
         for r in t:
             groups.setdefault((r["setting"], r["neighbors"]), []).append(r)
         for (setting, k), rs in groups.items():
-            got = {r["doc_idx"]: r["tokens"] for r in rs}
+            got: dict[int, int] = {}
+            for r in rs:
+                got[r["doc_idx"]] = got.get(r["doc_idx"], 0) + r["tokens"]
             if got != expected:  # every row must cover exactly the same tokens
                 raise ArtifactError(
                     f"evaluate: {v} {setting} K={k} scored other tokens than the plan "
@@ -564,6 +610,82 @@ def _perplexity_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, A
             nll = sum(r["nll_sum"] for r in rs) / total
             out.append(_row("perplexity", v, setting, k, "perplexity", math.exp(nll), total))
             out.append(_row("perplexity", v, setting, k, "nll", nll, total))
+    return out
+
+
+def _bootstrap_units(ctx: StageContext, docs: list[EvalDoc]) -> str:
+    cfg: Config = ctx.cfg
+    if cfg.bootstrap_unit != "auto":
+        return cfg.bootstrap_unit
+    return "document" if len(docs) >= 8 else "block"
+
+
+def _use_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, Any]]:
+    """What retrieval adds: per retrieval variant and own-neighbor setting, the NLL per token with its
+    own neighbors minus with none (`empty`), and minus the baseline's, each with a 95% percentile
+    bootstrap interval over units (documents, or blocks of chunks when there are few documents):
+    resampled units, paired across the two rows, ratio of sums."""
+    cfg: Config = ctx.cfg
+    unit = _bootstrap_units(ctx, docs)
+    tables = {v: _read(ctx, f"details/perplexity-{v}.parquet").to_pylist() for v in cfg.variants}
+
+    def per_unit(v: str, setting: str, k: int) -> dict[tuple[int, int], tuple[float, int]]:
+        out: dict[tuple[int, int], tuple[float, int]] = {}
+        for r in tables[v]:
+            if r["setting"] == setting and r["neighbors"] == k:
+                key = (r["doc_idx"], r["block"] if unit == "block" else 0)
+                nll, n = out.get(key, (0.0, 0))
+                out[key] = (nll + r["nll_sum"], n + r["tokens"])
+        return out
+
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    base = per_unit("baseline", "none", 0) if "baseline" in tables else None
+    for v in cfg.variants:
+        if v == "baseline":
+            continue
+        own = "bm25" if v == "retro_bm25" else "retriever"
+        empty = per_unit(v, "empty", 0) if cfg.ablation else None
+        for k in cfg.neighbors:
+            a = per_unit(v, own, k)
+            for ref_name, ref in (("empty", empty), ("baseline", base)):
+                if not ref or set(ref) != set(a):
+                    continue
+                keys = sorted(a)
+                na = np.array([a[key][0] for key in keys])
+                nr = np.array([ref[key][0] for key in keys])
+                tok = np.array([a[key][1] for key in keys], dtype=np.float64)
+                point = (na.sum() - nr.sum()) / tok.sum()
+                idx = rng.integers(0, len(keys), (BOOTSTRAP_SAMPLES, len(keys)))
+                boot = (na[idx].sum(1) - nr[idx].sum(1)) / tok[idx].sum(1)
+                lo, hi = np.percentile(boot, [2.5, 97.5])
+                met = f"nll_minus_{ref_name}"
+                for name, val in ((met, point), (f"{met}_ci_low", lo), (f"{met}_ci_high", hi)):
+                    rows.append(_row("use", v, own, k, name, float(val), len(keys)))
+    return rows
+
+
+def _training_diagnostics(variant: str, table: pa.Table) -> list[dict[str, Any]]:
+    """Use diagnostics at the end of training: means over the last quarter of the logged rows."""
+    cols = table.to_pydict()
+    n = len(cols.get("step", []))
+    if not n:
+        return []
+    tail = slice(n - max(1, n // 4), n)
+    out = []
+    for met in ("gate_mean", "p_at_2", "recall_at_10", "positive_share", "universe"):
+        vals = [x for x in (cols.get(met) or [])[tail] if x is not None and math.isfinite(x)]
+        if vals:
+            out.append(
+                _row("training", variant, "final", None, f"train_{met}", float(np.mean(vals)), len(vals))
+            )
+    ratios = [r for r in (cols.get("cca_ratio") or [])[tail] if r]
+    for i in range(len(ratios[0]) if ratios else 0):
+        vals = [r[i] for r in ratios if r[i] is not None and math.isfinite(r[i])]
+        if vals:
+            out.append(
+                _row("training", variant, "final", i, "train_cca_ratio", float(np.mean(vals)), len(vals))
+            )
     return out
 
 

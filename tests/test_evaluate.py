@@ -407,3 +407,32 @@ def test_ranking_metrics_hand_example_and_bad_input():
         2,
         pytest.approx(2 / 3),
     )
+
+
+def test_use_rows_are_paired_differences_with_bootstrap_intervals(eval_run):
+    """'use': own-neighbor NLL minus empty (and minus the baseline) per token, from the per-block
+    details by hand; the interval is a percentile interval around it; the report shows the table."""
+    run, art = eval_run
+    rows = _metrics(art)
+    details = {
+        v: art.read_file(f"details/perplexity-{v}.parquet").to_pylist()
+        for v in ("baseline", "retro_bm25", "rpt_lex", "rpt_sem")
+    }
+
+    def nll(v: str, setting: str, k: int) -> tuple[float, int]:
+        rs = [r for r in details[v] if r["setting"] == setting and r["neighbors"] == k]
+        return sum(r["nll_sum"] for r in rs), sum(r["tokens"] for r in rs)
+
+    assert art.manifest.meta["bootstrap_unit"] == "block"  # one test document: blocks of 16 chunks
+    for v, own in (("retro_bm25", "bm25"), ("rpt_lex", "retriever"), ("rpt_sem", "retriever")):
+        for k in (2, 3):
+            a, n = nll(v, own, k)
+            for ref, (b, _) in (("empty", nll(v, "empty", 0)), ("baseline", nll("baseline", "none", 0))):
+                r = _value(rows, table="use", model=v, setting=own, neighbors=k, metric=f"nll_minus_{ref}")
+                assert r["value"] == pytest.approx((a - b) / n, rel=1e-9, abs=1e-12)
+                lo = _value(rows, table="use", model=v, neighbors=k, metric=f"nll_minus_{ref}_ci_low")["value"]
+                hi = _value(rows, table="use", model=v, neighbors=k, metric=f"nll_minus_{ref}_ci_high")["value"]
+                assert lo <= r["value"] <= hi and r["count"] == len({d["block"] for d in details[v]})
+    report = art.local_path("report.md").read_text()
+    assert "Use of retrieval" in report and "ΔNLL vs empty" in report
+    assert any(r["table"] == "training" and r["metric"] == "train_gate_mean" for r in rows)
