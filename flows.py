@@ -99,7 +99,9 @@ def flow_targets(
         "supervision": supervision,
         "train": train,
         "evaluate": evaluate,
-        "full": neighbors + supervision + train + evaluate,
+        # everything the evaluation needs (its neighbor tables, the supervision, every variant); the
+        # dense table only when evaluate.retrievers names it (`neighbors` builds it regardless)
+        "full": supervision + train + evaluate,
         "stages": [Target(s) for s in (stages or [])],
     }
     if name not in table:
@@ -417,14 +419,14 @@ def ray_gpu_request(kind: str, gpu: bool) -> AbstractContextManager[Any]:
 
 
 def submit_build(
-    node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int, gpu_lanes: Lanes
+    node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int, gpu_lanes: Lanes | None
 ) -> list[PrefectFuture[Any]]:
     """Map one shard task per pending shard: GPU stages on the flow's GPU lanes, serial-preferring stages
     (under runner.kind auto) on a lane of their own, the rest all at once."""
     impl = node.impl
     lanes = (
         gpu_lanes
-        if impl.uses_gpu
+        if impl.uses_gpu and gpu_lanes is not None
         else Lanes(1)
         if kind == "auto" and impl.preferred_runner == "serial"
         else None
@@ -459,7 +461,10 @@ def dag_flow(
     storage = _cache_storage(run.root())
     cached_stage = stage_task.with_options(result_storage=storage, cache_policy=ArtifactVersion())
     gpus = visible_gpus(run) if any(n.impl.uses_gpu for n in nodes) else 0
-    gpu_lanes = Lanes(gpus)  # one worker per GPU across the whole flow; on CPU, GPU stages take turns
+    # One worker per GPU across the whole flow. Without a GPU, GPU stages take turns on one lane, or with
+    # runner.cpu_lanes > 1 are not chained at all: the task runner's workers bound how many run at once
+    # (work-conserving: a chain of lanes leaves one idle behind a long task on the other).
+    gpu_lanes = Lanes(gpus) if gpus or run.runner.cpu_lanes == 1 else None
     futs: dict[str, PrefectFuture[StageSummary]] = {}
     helpers: dict[str, list[PrefectFuture[Any]]] = {}  # each building stage's plan and shard tasks
 

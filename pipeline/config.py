@@ -46,6 +46,13 @@ class RunnerConfig(BaseModel):
     gpus: int | None = Field(
         None, ge=0, description="GPUs for GPU stages (one worker each); default: all visible"
     )
+    cpu_lanes: int = Field(
+        1,
+        ge=1,
+        description="without a GPU: 1 runs the shards of GPU stages (embeddings, reference, scores, train, "
+        "evaluate) one at a time across the flow; > 1 lets them run side by side, as many as the task "
+        "runner's workers (use kind: processes, and OMP_NUM_THREADS = cores / workers)",
+    )
 
 
 class RunConfigBase(BaseModel):
