@@ -754,6 +754,33 @@ def _retrieval_rows(
         per_query["retriever"] += [name] * len(q)
         per_query["chunk_id"] += q.tolist()
         per_query["n_gold"] += n_gold.tolist()
+    # what a uniformly random ranking of the same universe scores in expectation: P@k = gold min(k, U) / (U k),
+    # R@k = min(k, universe) / universe, per query, averaged (the chance level the retrievers must beat)
+    universe = np.maximum(reader.chunk_pos[q] - w, 1).astype(np.float64)
+    for k in cfg.precision_at:
+        rows.append(
+            _row(
+                "retrieval",
+                "random",
+                "gold",
+                None,
+                f"precision@{k}",
+                float((n_gold * np.minimum(k, universe) / (universe * k)).mean()),
+                len(q),
+            )
+        )
+    for k in cfg.recall_at:
+        rows.append(
+            _row(
+                "retrieval",
+                "random",
+                "gold",
+                None,
+                f"recall@{k}",
+                float((np.minimum(k, universe) / universe).mean()),
+                len(q),
+            )
+        )
     for name, best in tops.items():
         stats = []
         for qi, j in zip(q.tolist(), best.tolist()):

@@ -92,9 +92,19 @@ def test_every_row_is_computed_over_the_same_test_tokens(eval_run):
     assert {r["count"] for r in ppl} == {test_tokens}
     assert all(1.0 < r["value"] < 2 * 1024 for r in ppl)  # a 1024-token vocabulary, barely trained
     ret = [r for r in rows if r["table"] == "retrieval"]
-    assert {r["model"] for r in ret} == {"bm25", "dense", "rpt_lex", "rpt_sem"}
+    assert {r["model"] for r in ret} == {"bm25", "dense", "rpt_lex", "rpt_sem", "random"}
     assert {r["metric"] for r in ret} == {"precision@2", "recall@10", "ndcg@20"}
     assert all(0.0 <= r["value"] <= 1.0 for r in ret)
+    # the chance level by hand: a random ranking of each query's universe (pos - exclude_recent chunks)
+    qs = art.read_file("details/retrieval.parquet").to_pylist()
+    qs = [r for r in qs if r["retriever"] == "bm25"]
+    pos = {int(c): int(p) for c, p in zip(range(reader.n_chunks), reader.chunk_pos)}
+    u = np.array([max(pos[r["chunk_id"]] - 1, 1) for r in qs], dtype=float)  # exclude_recent = 1
+    g = np.array([r["n_gold"] for r in qs], dtype=float)
+    rand_p2 = _value(rows, table="retrieval", model="random", metric="precision@2")["value"]
+    assert rand_p2 == pytest.approx(float((g * np.minimum(2, u) / (u * 2)).mean()), rel=1e-9)
+    rand_r10 = _value(rows, table="retrieval", model="random", metric="recall@10")["value"]
+    assert rand_r10 == pytest.approx(float((np.minimum(10, u) / u).mean()), rel=1e-9)
     assert {r["model"] for r in rows if r["table"] == "overlap"} == {
         "bm25",
         "dense",
