@@ -757,30 +757,10 @@ def _retrieval_rows(
     # what a uniformly random ranking of the same universe scores in expectation: P@k = gold min(k, U) / (U k),
     # R@k = min(k, universe) / universe, per query, averaged (the chance level the retrievers must beat)
     universe = np.maximum(reader.chunk_pos[q] - w, 1).astype(np.float64)
-    for k in cfg.precision_at:
-        rows.append(
-            _row(
-                "retrieval",
-                "random",
-                "gold",
-                None,
-                f"precision@{k}",
-                float((n_gold * np.minimum(k, universe) / (universe * k)).mean()),
-                len(q),
-            )
-        )
-    for k in cfg.recall_at:
-        rows.append(
-            _row(
-                "retrieval",
-                "random",
-                "gold",
-                None,
-                f"recall@{k}",
-                float((np.minimum(k, universe) / universe).mean()),
-                len(q),
-            )
-        )
+    chance = {f"precision@{k}": n_gold * np.minimum(k, universe) / (universe * k) for k in cfg.precision_at}
+    chance |= {f"recall@{k}": np.minimum(k, universe) / universe for k in cfg.recall_at}
+    for met, vals in chance.items():
+        rows.append(_row("retrieval", "random", "gold", None, met, float(vals.mean()), len(q)))
     for name, best in tops.items():
         stats = []
         for qi, j in zip(q.tolist(), best.tolist()):

@@ -422,7 +422,7 @@ def test_ranking_metrics_hand_example_and_bad_input():
 def test_use_rows_are_paired_differences_with_bootstrap_intervals(eval_run):
     """'use': own-neighbor NLL minus empty (and minus the baseline) per token, from the per-block
     details by hand; the interval is a percentile interval around it; the report shows the table."""
-    run, art = eval_run
+    _, art = eval_run
     rows = _metrics(art)
     details = {
         v: art.read_file(f"details/perplexity-{v}.parquet").to_pylist()
