@@ -355,7 +355,12 @@ def ordering_checks(m: Metrics) -> list[tuple[str, bool | None, str]]:
         below("RPT-Lex perplexity below the baseline", lex, base),
         below("RETRO w. BM25 perplexity below the baseline", retro, base),
         below("RPT-Sem's P@2 above BM25's (BM25 vs RPT-Sem)", p2("bm25"), p2("rpt_sem"), pct=True),
-        below("RPT-Sem's P@2 above a random ranking's (random vs RPT-Sem)", p2("random"), p2("rpt_sem"), pct=True),
+        below(
+            "RPT-Sem's P@2 above a random ranking's (random vs RPT-Sem)",
+            p2("random"),
+            p2("rpt_sem"),
+            pct=True,
+        ),
         below("RPT-Sem with oracle neighbors below RPT-Sem with its own", ppl("rpt_sem", "oracle"), sem),
         below("Retrieval itself helps RPT-Sem (own neighbors vs none)", sem, empty("rpt_sem")),
         below("Retrieval itself helps RPT-Lex (own neighbors vs none)", lex, empty("rpt_lex")),

@@ -440,8 +440,12 @@ def test_use_rows_are_paired_differences_with_bootstrap_intervals(eval_run):
             for ref, (b, _) in (("empty", nll(v, "empty", 0)), ("baseline", nll("baseline", "none", 0))):
                 r = _value(rows, table="use", model=v, setting=own, neighbors=k, metric=f"nll_minus_{ref}")
                 assert r["value"] == pytest.approx((a - b) / n, rel=1e-9, abs=1e-12)
-                lo = _value(rows, table="use", model=v, neighbors=k, metric=f"nll_minus_{ref}_ci_low")["value"]
-                hi = _value(rows, table="use", model=v, neighbors=k, metric=f"nll_minus_{ref}_ci_high")["value"]
+                lo = _value(rows, table="use", model=v, neighbors=k, metric=f"nll_minus_{ref}_ci_low")[
+                    "value"
+                ]
+                hi = _value(rows, table="use", model=v, neighbors=k, metric=f"nll_minus_{ref}_ci_high")[
+                    "value"
+                ]
                 assert lo <= r["value"] <= hi and r["count"] == len({d["block"] for d in details[v]})
     report = art.local_path("report.md").read_text()
     assert "Use of retrieval" in report and "ΔNLL vs empty" in report
