@@ -5,8 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 SET ?=
+comma := ,
 RPT := $(BIN)/rpt
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/lock.txt | sha256sum | cut -c1-12)
+# faiss comes from one of two extras that both provide the module `faiss`: `make setup FAISS=gpu` on a
+# CUDA machine. EXTRAS adds more (e.g. EXTRAS=,s3,ray).
+FAISS ?= cpu
+EXTRAS ?=
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements/lock.txt | sha256sum | cut -c1-12)-$(FAISS)$(subst $(comma),-,$(EXTRAS))
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -21,12 +26,20 @@ SYSTORCH := $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo --system-sit
 
 setup: $(STAMP)
 
+# pip's notices about the offline index mirrors' missing folders are noise; real errors still show, and
+# pipefail makes a failed install stop the set-up at that step instead of being swallowed by grep.
+PIPQUIET := grep -v "^WARNING: Location" || true
+
 $(STAMP): pyproject.toml requirements/lock.txt
-	@test -x $(BIN)/python || $(PY) -m venv $(SYSTORCH) $(VENV)
-	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || $(BIN)/python -m pip install -q torch==2.13.0
-	@$(BIN)/python -m pip install -q -c requirements/lock.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-	@$(BIN)/python -c "import torch, pipeline; print('setup ok: torch', torch.__version__)"
+	@$(PY) -c "import sys; assert sys.version_info >= (3, 11), 'rpt-pipeline needs Python >= 3.11 (found ' + sys.version.split()[0] + '); set PY=python3.11 or newer'"
+	@test -x $(BIN)/python || $(PY) -m venv $(SYSTORCH) $(VENV) || { echo "setup: '$(PY) -m venv' failed; on Debian/Ubuntu install python3-venv (apt install python3-venv)" >&2; rm -rf $(VENV); exit 1; }
+	@set -o pipefail; $(BIN)/python -m pip install -q --upgrade pip 2>&1 | { $(PIPQUIET); }
+	@$(BIN)/python -c "import torch" >/dev/null 2>&1 || { set -o pipefail; $(BIN)/python -m pip install -q torch==2.13.0 2>&1 | { $(PIPQUIET); }; }
+	@set -o pipefail; $(BIN)/python -m pip install -q -c requirements/lock.txt -e ".[dev,$(FAISS)$(EXTRAS)]" 2>&1 | { $(PIPQUIET); }
+	@# from outside the checkout, so the import proves the install (not the repo root on sys.path), and
+	@# through the console script that `make demo` calls
+	@cd / && $(abspath $(BIN))/python -c "import torch, faiss, pipeline, stages, model, data, flows; print('setup ok: torch', torch.__version__)"
+	@$(RPT) --help >/dev/null
 	@rm -f $(VENV)/.installed-*; touch $@
 
 # The full flow (neighbors, supervision, four variants, evaluation) with the tiny preset, then the report.

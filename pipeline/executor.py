@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import RunConfigBase
@@ -96,10 +96,19 @@ def open_build(node: Node, inputs: dict[str, Artifact]) -> StageContext:
     store = ArtifactStore(node.run.root())
     workdir = store.partial_dir(node.stage, node.version)
     store.fs.makedirs(f"{workdir}/{SHARDS_DIR}", exist_ok=True)
-    for p in store.fs.ls(workdir, detail=False):  # debris of a killed writer
+    for p in _ls(store.fs, workdir):  # debris of a killed writer
         if ".tmp-" in p.rsplit("/", 1)[-1]:
             store.fs.rm(p)
     return StageContext(node.stage, node.version, node.cfg, node.run, inputs, store, workdir)
+
+
+def _ls(fs: Any, folder: str) -> list[str]:
+    """The entries of a folder; none for a folder that does not exist yet (on an object store a prefix
+    exists only once an object is under it, whatever `makedirs` was called)."""
+    try:
+        return fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return []
 
 
 def _sidecar(ctx: StageContext, shard: Shard) -> str:
@@ -188,7 +197,7 @@ def drop_stale_parts(ctx: StageContext, results: list[ShardResult]) -> list[str]
     """
     claimed = {e.path for r in results for e in r.files}
     stale = []
-    for p in ctx.fs.ls(ctx.workdir, detail=False):
+    for p in _ls(ctx.fs, ctx.workdir):
         base = p.rstrip("/").rsplit("/", 1)[-1]
         if base.startswith("part-") and base not in claimed:
             ctx.fs.rm(p, recursive=True)
@@ -214,7 +223,7 @@ def publish(ctx: StageContext, node: Node, results: list[ShardResult], timings: 
         stage=node.stage,
         version=node.version,
         stage_version=impl.version,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         config=ctx.cfg.model_dump(mode="json"),
         inputs={role: n.ref for role, n in sorted(node.inputs.items())},
         fingerprint=node.fingerprint,
@@ -227,7 +236,10 @@ def publish(ctx: StageContext, node: Node, results: list[ShardResult], timings: 
         packages=package_versions(),
         host=host_info(),
     )
-    ctx.fs.rm(ctx.path(SHARDS_DIR), recursive=True)
+    if ctx.store.is_local:  # the folder is renamed into place whole: the sidecars must not go with it
+        ctx.fs.rm(ctx.path(SHARDS_DIR), recursive=True)
+    # else the store copies only the manifest's files and drops the work folder after the manifest, so
+    # a kill mid-publish keeps the sidecars and the rerun skips the finished shards
     art = ctx.store.publish(ctx.workdir, manifest)
     log.info(
         "built %s: %s rows, %d files in %.1f s",
