@@ -359,8 +359,20 @@ def faiss_search(
     return out_pos, out_sc, {"refetched_rows": refetched}
 
 
+def faiss_module() -> Any:
+    """The `faiss` module, from whichever extra is installed (`cpu` or `gpu`: both provide it)."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ConfigError(
+            "the dense stage needs faiss: install one extra, `pip install -e '.[cpu]'` or `.[gpu]` "
+            "(make setup FAISS=cpu|gpu), or set dense.backend: torch for exact search without faiss"
+        ) from e
+    return faiss
+
+
 def _faiss_metric(metric: str) -> int:
-    import faiss
+    faiss = faiss_module()
 
     return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
@@ -368,7 +380,7 @@ def _faiss_metric(metric: str) -> int:
 def use_faiss_gpu(device: str) -> bool:
     if device == "cpu":
         return False
-    import faiss
+    faiss = faiss_module()
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device == "cuda" and n == 0:
@@ -385,7 +397,7 @@ _GPU_RES: list[Any] = []  # faiss GPU resources must outlive every index that us
 def to_gpu(index: Any) -> Any:
     """Move an IVF/flat index to GPU 0 (float16 PQ lookup tables: needed above 48 code bytes); layouts the
     GPU does not support stay on the CPU, with a warning."""
-    import faiss
+    faiss = faiss_module()
 
     try:
         if not _GPU_RES:
@@ -399,7 +411,7 @@ def to_gpu(index: Any) -> Any:
 
 
 def set_search_param(index: Any, name: str, value: int) -> None:
-    import faiss
+    faiss = faiss_module()
 
     ps = faiss.GpuParameterSpace() if type(index).__name__.startswith("Gpu") else faiss.ParameterSpace()
     ps.set_index_parameter(index, name, int(value))
@@ -637,7 +649,7 @@ class DenseStage(Stage):
         return ok
 
     def _build_index(self, ctx: StageContext, db: Database, ip: IndexPlan, n_queries: int) -> None:
-        import faiss
+        faiss = faiss_module()
 
         cfg: Config = ctx.cfg
         dim = db.emb.shape[1]
@@ -869,7 +881,7 @@ class DenseStage(Stage):
 
     def _search_index(self, ctx: StageContext, db: Database, info: dict[str, Any]) -> tuple[Any, bool]:
         """The shard's faiss index, loaded once per process: the saved one, or an IndexFlat over the database."""
-        import faiss
+        faiss = faiss_module()
 
         cfg: Config = ctx.cfg
         gpu = info.get("kind") != "hnsw" and use_faiss_gpu(cfg.device)  # faiss has no GPU HNSW

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +210,11 @@ def test_topk_ties_go_to_the_later_chunk_and_short_rows_pad():
     cols = np.arange(20000)
     for r in range(3):
         assert np.array_equal(pos[r], cols[np.lexsort((-cols, -s[r]))][:5])
+
+
+def test_missing_faiss_names_the_extras(monkeypatch):
+    from stages.dense import faiss_module
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` sees with neither extra installed
+    with pytest.raises(ConfigError, match=r"\.\[cpu\]"):
+        faiss_module()
