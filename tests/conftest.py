@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests run on CPU, offline, against the shared Gutenberg books and small slices of them."""
+"""Shared fixtures. Tests run on CPU, offline, against the repository's own fixture books
+(tests/data/gutenberg: ten public-domain Gutenberg books, two of them Latin-1, 1.1 MB compressed) and
+small slices of them, so that `make test` needs nothing beside the checkout."""
 
 from __future__ import annotations
 
@@ -10,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import GUTENBERG
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RPT_PROGRESS", "0")
 os.environ.pop("RPT_ARTIFACTS", None)
 
 REPO = Path(__file__).resolve().parents[1]
+# A subset of ../shared/corpora/gutenberg exactly as Gutenberg publishes the files (gzip, original
+# encodings, header and licence kept), with the matching rows of its MANIFEST.tsv.
+FIXTURE_BOOKS = REPO / "tests" / "data" / "gutenberg"
 
 # Four short books (about 1.1M characters together), two of them Latin-1 encoded elsewhere in the set.
 SMALL_BOOKS = ["pg11.txt.gz", "pg46.txt.gz", "pg5200.txt.gz", "pg35.txt.gz"]
@@ -39,11 +42,8 @@ TINY_REFERENCE = {
 
 @pytest.fixture(scope="session")
 def gutenberg_dir() -> Path:
-    assert GUTENBERG.is_dir(), (
-        f"the shared Gutenberg books are expected at {GUTENBERG} (../shared/corpora/gutenberg of the checkout "
-        "or of a folder above it); set RPT_GUTENBERG to their folder"
-    )
-    return GUTENBERG
+    assert (FIXTURE_BOOKS / "MANIFEST.tsv").is_file(), f"the fixture books are missing from {FIXTURE_BOOKS}"
+    return FIXTURE_BOOKS
 
 
 def make_config(root: Path, **sections: dict):

@@ -221,12 +221,15 @@ def test_lucene_reference_matches_bm25s(chunks):
 
 
 def test_long_book_sampled_queries(bm25_run, gutenberg_dir):
-    """A long book (Moby Dick, ~5K chunks at vocab 2048) straight through the kernel, sampled queries."""
+    """A long document (the fixture books one after another, ~5K chunks at vocab 2048) straight through the
+    kernel, sampled queries."""
     from rank_bm25 import BM25Okapi
 
     tok = load_tokenizer(ArtifactStore(bm25_run.root()).resolve("tokenizer"))
-    with gzip.open(gutenberg_dir / "pg2701.txt.gz") as f:
-        text = f.read().decode("utf-8", errors="replace")
+    text = "\n".join(
+        gzip.decompress(book.read_bytes()).decode("utf-8", errors="replace")
+        for book in sorted(gutenberg_dir.glob("*.txt.gz"))
+    )
     ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
     n = -(-len(ids) // 64)
     doc = np.full((n, 64), -1, np.int32)
@@ -436,14 +439,14 @@ def test_resume_after_partial_build_is_identical(bm25_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_shared_book_through_the_stage(tmp_path, gutenberg_dir):
-    """All 44 books through `documents -> tokenizer -> chunks -> bm25` (the default causal statistics,
+def test_every_fixture_book_through_the_stage(tmp_path, gutenberg_dir):
+    """All fixture books through `documents -> tokenizer -> chunks -> bm25` (the default causal statistics,
     both query modes and okapi): sampled queries of every book equal the per-query references built over
     exactly that query's retrievable chunks (plain Lucene formula; rank-bm25's BM25Okapi itself)."""
     from rank_bm25 import BM25Okapi
 
     books = sorted(gutenberg_dir.glob("*.txt.gz"))
-    assert len(books) == 44
+    assert len(books) >= 10
     run = make_config(
         tmp_path / "store",
         documents={"paths": [str(gutenberg_dir)]},
@@ -460,11 +463,11 @@ def test_every_shared_book_through_the_stage(tmp_path, gutenberg_dir):
     tokens = np.asarray(reader.tokens)
     rng = np.random.default_rng(0)
     docs = reader.docs()
-    assert len(docs) == 44
+    assert len(docs) == len(books)
     checked = 0
     for d in docs:
         doc = tokens[d.first : d.first + d.n]
-        picks = sorted({EXCL + 1, d.n - 1, *rng.integers(EXCL + 1, d.n, size=2).tolist()})
+        picks = sorted({EXCL + 1, d.n - 1, *rng.integers(EXCL + 1, d.n, size=8).tolist()})
         for i in picks:
             m = i - EXCL
             cands = np.arange(d.first, d.first + m)
@@ -481,4 +484,4 @@ def test_every_shared_book_through_the_stage(tmp_path, gutenberg_dir):
         ref = BM25Okapi(lists, k1=K1, b=B, epsilon=EPS).get_scores(doc[i][doc[i] >= 0].tolist())
         check_row(ids[d.first + i], sc[d.first + i], ref, np.arange(d.first, d.first + m))
         checked += 1
-    assert checked >= 44 * 5
+    assert checked >= len(docs) * 5

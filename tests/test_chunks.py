@@ -1,4 +1,4 @@
-"""tokenizer + chunks: exact round trips on the shared books, layout invariants, adopting a given tokenizer."""
+"""tokenizer + chunks: exact round trips on the fixture books, layout invariants, adopting a given tokenizer."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from tests.conftest import make_config
 
 @pytest.fixture(scope="module")
 def all_books(tmp_path_factory, gutenberg_dir):
-    """The documents artifact of all 44 shared books (a few seconds: no tokenization)."""
+    """The documents artifact of all fixture books (a second: no tokenization)."""
     root = tmp_path_factory.mktemp("docs")
     art = build("documents", make_config(root, documents={"paths": [str(gutenberg_dir)]}))
     texts = dict(
@@ -67,8 +67,8 @@ def naive_body(raw: bytes, encoding: str) -> str:
 def test_all_books_stripped_and_decoded(all_books, gutenberg_dir):
     art, texts, titles = all_books
     rows = manifest_rows(gutenberg_dir)
-    assert len(texts) == len(rows) == 44
-    assert art.stats["gutenberg_stripped"] == 44
+    assert len(texts) == len(rows) == len(list(gutenberg_dir.glob("*.txt.gz"))) >= 10
+    assert art.stats["gutenberg_stripped"] == len(rows)
     assert art.stats["encodings"].get("cp1252") == sum(r["encoding"] == "latin-1" for r in rows)
     for r in rows:
         doc_id = f"gutenberg/pg{r['gutenberg_id']}.txt.gz"
@@ -87,7 +87,7 @@ def test_all_books_stripped_and_decoded(all_books, gutenberg_dir):
 
 def test_latin1_books_have_their_accents(all_books):
     _, texts, _ = all_books
-    assert "\u00e9" in texts["gutenberg/pg145.txt.gz"]  # Middlemarch: é
+    assert "\u00e9" in texts["gutenberg/pg105.txt.gz"]  # Persuasion: é (Latin-1 byte 0xE9)
     assert texts["gutenberg/pg1661.txt.gz"].count("\u00e9") > 0  # Sherlock Holmes: é (Latin-1 byte 0xE9)
 
 
@@ -110,10 +110,10 @@ def test_strip_keeps_non_gutenberg_text_intact():
 def test_split_is_by_doc_hash_and_stable(tmp_path, gutenberg_dir, all_books):
     art, _, _ = all_books
     full = dict(zip(art.read()["doc_id"].to_pylist(), art.read()["split"].to_pylist()))
-    assert set(full.values()) == {"train", "valid", "test"}
+    assert {"train", "test"} <= set(full.values())
     sub = build("documents", make_config(tmp_path, documents={"paths": [str(gutenberg_dir / "pg1*.txt.gz")]}))
     t = sub.read()
-    assert 0 < t.num_rows < 44
+    assert 0 < t.num_rows < len(full)
     for d, s in zip(t["doc_id"].to_pylist(), t["split"].to_pylist()):
         assert (
             full[d] == s

@@ -15,30 +15,15 @@ import pytest
 
 from pipeline.executor import build, resolve
 from pipeline.store import ArtifactStore
-from tests.conftest import REPO, copy_stages, make_config
-
-BOOKS = [
-    "pg105",
-    "pg1661",
-    "pg345",
-    "pg514",
-    "pg11",
-    "pg46",
-    "pg5200",
-    "pg35",
-    "pg36",
-    "pg219",
-    "pg1232",
-    "pg16",
-]
+from tests.conftest import FIXTURE_BOOKS, REPO, copy_stages, make_config
 
 
 @pytest.fixture
 def prepared(tmp_path, gutenberg_dir):
     d = tmp_path / "books"
     d.mkdir()
-    for b in BOOKS:
-        (d / f"{b}.txt.gz").symlink_to(gutenberg_dir / f"{b}.txt.gz")
+    for book in sorted(gutenberg_dir.glob("*.txt.gz")):
+        (d / book.name).symlink_to(book)
     # one documents part (and so one chunks shard) per book
     run = make_config(
         tmp_path / "store",
@@ -61,7 +46,7 @@ def test_killed_stage_resumes_to_identical_result(prepared, tmp_path, caplog):
     for stage in ("documents", "tokenizer"):
         shutil.copytree(store.stage_dir(stage), clean_root / stage)
     clean = build("chunks", run.model_copy(update={"artifacts_root": str(clean_root)}))
-    assert clean.version == version and len(clean.parts()) == len(BOOKS)
+    assert clean.version == version and len(clean.parts()) == len(list(FIXTURE_BOOKS.glob("*.txt.gz")))
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "chunks", "-c", str(cfg)],
