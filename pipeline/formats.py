@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import ArtifactError
 from pipeline.store import Artifact
 
 # ------------------------------------------------------------------------------ documents
@@ -38,7 +39,15 @@ def load_tokenizer(art: Artifact | str | Path) -> Any:
     from tokenizers import Tokenizer
 
     path = art.local_path(TOKENIZER_FILE) if isinstance(art, Artifact) else Path(art)
-    return Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers error names no file
+        raise ArtifactError(f"{path}: cannot be loaded as a tokenizer.json ({e})") from e
+    # documents are tokenized whole: a truncation or padding setting (fixed-length model exports carry
+    # them) would cut and pad them without a word; the tokenizer stage also removes them when adopting
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 # ------------------------------------------------------------------------------ chunks

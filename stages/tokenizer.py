@@ -12,7 +12,7 @@ from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.errors import ConfigError
-from pipeline.formats import TOKENIZER_FILE, load_tokenizer
+from pipeline.formats import TOKENIZER_FILE
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from pipeline.versioning import file_digest
 
@@ -52,6 +52,7 @@ class TokenizerStage(Stage):
         p = Path(cfg.path)
         if not p.is_file():
             raise ConfigError(f"tokenizer.path: {cfg.path} is not a file (expected a tokenizer.json)")
+        adoptable_spec(p)  # fail before any work, naming the file, if it is not a usable tokenizer
         return {"tokenizer_json": file_digest(p)}
 
     def _train_texts(self, ctx: StageContext) -> Iterator[str]:
@@ -74,9 +75,13 @@ class TokenizerStage(Stage):
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         if cfg.path:
-            tok = load_tokenizer(cfg.path)
-            ctx.write_bytes(TOKENIZER_FILE, Path(cfg.path).read_bytes())
-            return {"vocab_size": tok.get_vocab_size(), "trained": False}
+            spec, disabled = adoptable_spec(Path(cfg.path))
+            text = json.dumps(spec, ensure_ascii=False)
+            ctx.write_text(TOKENIZER_FILE, text)
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(text)
+            return {"vocab_size": tok.get_vocab_size(), "trained": False, "disabled": disabled}
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -120,6 +125,36 @@ class TokenizerStage(Stage):
             "eos_id": added.get(eos, vocab.get(eos)) if eos else None,
             "model": spec.get("model", {}).get("type"),
         }
+
+
+def adoptable_spec(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The tokenizer.json at `path` made safe to adopt, and the settings that were switched off.
+
+    A tokenizer.json exported for a fixed-length model (MiniLM's cuts at 128 tokens and pads with id 0)
+    would silently cut every document and pad short ones; a corpus tokenizer must see whole documents.
+    """
+    from tokenizers import Tokenizer
+
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"tokenizer.path: {path} is not a JSON file ({e}); give a HF tokenizers tokenizer.json"
+        ) from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ConfigError(
+            f"tokenizer.path: {path} is JSON but not a HF tokenizers tokenizer.json (no `model` section); "
+            "give the tokenizer.json saved by `tokenizers` or `transformers` (save_pretrained)"
+        )
+    disabled = [key for key in ("truncation", "padding") if spec.get(key)]
+    for key in disabled:
+        log.warning("tokenizer.path: %s sets %s=%s; adopting it with %s disabled", path, key, spec[key], key)
+        spec[key] = None
+    try:
+        Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # the tokenizers error names neither file nor setting
+        raise ConfigError(f"tokenizer.path: {path} cannot be loaded as a tokenizer ({e})") from e
+    return spec, disabled
 
 
 STAGE = TokenizerStage()

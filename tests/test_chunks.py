@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 
+from pipeline.errors import ConfigError
 from pipeline.executor import build
 from pipeline.formats import ChunkReader, load_tokenizer
 from pipeline.store import ArtifactStore
@@ -123,6 +125,47 @@ def test_given_tokenizer_is_adopted_by_content(small_run, tmp_path):
     from pipeline.executor import resolve
 
     assert resolve("tokenizer", run).version != tok_art.version  # content, not path, is the identity
+
+
+def test_adopted_tokenizer_with_truncation_and_padding_keeps_documents_whole(small_run, tmp_path):
+    """A tokenizer.json exported for a fixed-length model (MiniLM's: truncation at 128, padding with id 0)
+    is adopted with both switched off: the chunks equal those of the same tokenizer without them."""
+    shutil.copytree(small_run.root(), tmp_path / "store")
+    small_run = small_run.model_copy(update={"artifacts_root": str(tmp_path / "store")})
+    trained = ArtifactStore(small_run.root()).resolve("tokenizer")
+    spec = json.loads(trained.local_path("tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 128, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {
+        "strategy": {"Fixed": 128},
+        "direction": "Right",
+        "pad_to_multiple_of": None,
+        "pad_id": 0,
+        "pad_type_id": 0,
+        "pad_token": "[PAD]",
+    }
+    given = tmp_path / "fixed-length.json"
+    given.write_text(json.dumps(spec))
+    run = small_run.with_section("tokenizer", {"path": str(given)})
+    art = build("chunks", run, with_deps=True)
+    assert ArtifactStore(run.root()).resolve("tokenizer").stats["disabled"] == ["truncation", "padding"]
+    assert art.read().equals(build("chunks", small_run).read())
+    assert art.stats["tokens"] > 128 * 4
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"vocab_size": 30522, "hidden_size": 384}', "not a HF tokenizers tokenizer.json"),
+        ("{not json", "not a JSON file"),
+        ('{"model": {"type": "Nonsense"}}', "cannot be loaded as a tokenizer"),
+    ],
+)
+def test_a_file_that_is_not_a_tokenizer_names_file_and_setting(tmp_path, content, match):
+    bad = tmp_path / "config.json"
+    bad.write_text(content)
+    run = make_config(tmp_path / "store", tokenizer={"path": str(bad)})
+    with pytest.raises(ConfigError, match=rf"tokenizer\.path: {re.escape(str(bad))} .*{match}"):
+        build("tokenizer", run)
 
 
 def test_documents_spanning_row_groups_are_indexed_whole(tiny_run, tmp_path, monkeypatch):
