@@ -9,6 +9,7 @@ import codecs
 import glob
 import gzip
 import json
+import logging
 import os
 import re
 import sysconfig
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import InputError
+
+log = logging.getLogger("rpt.documents")
 
 SUPPORTED = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 
@@ -32,19 +35,62 @@ def _latin1_for_undefined(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("rpt_latin1", _latin1_for_undefined)
 
 
+# Longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
+_BOMS = [
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+]
+_BOM_OF = {enc: bom for bom, enc in _BOMS}
+# Western text read as Windows-1252 has a few accented letters among its letters (French about 3%);
+# Cyrillic or Greek bytes read that way come out as nearly all accented Latin letters (mojibake).
+MAX_WESTERN_ACCENTED = 0.3
+# below this many letters a detector guesses (two bytes read as Shift-JIS); such a snippet stays cp1252
+MIN_LETTERS_TO_DETECT = 20
+
+
+class UnknownEncoding(ValueError):
+    """Bytes that are not UTF-8 and whose single-byte encoding cannot be told with confidence."""
+
+
+def bom_encoding(data: bytes) -> str | None:
+    return next((enc for bom, enc in _BOMS if data.startswith(bom)), None)
+
+
 def decode(data: bytes) -> tuple[str, str]:
-    """UTF-8 (with or without BOM); otherwise Windows-1252, which is what files labelled Latin-1
-    almost always are (WHATWG decodes 'iso-8859-1' the same way); its five undefined bytes fall
-    back to Latin-1. Returns (text, encoding used)."""
-    if data.startswith(codecs.BOM_UTF8):
+    """Text and the encoding used: by byte-order mark (UTF-8/16/32); else UTF-8; else Windows-1252, which
+    is what files labelled Latin-1 almost always are (WHATWG decodes 'iso-8859-1' the same way; its five
+    undefined bytes fall back to Latin-1), unless that reading is mojibake of another script, when the
+    encoding is detected (charset-normalizer: cp1251, KOI8-R, cp1253, ...). Raises UnknownEncoding rather
+    than return garbled text."""
+    bom = bom_encoding(data)
+    if bom is not None:
         try:
-            return data[3:].decode("utf-8"), "utf-8-sig"
-        except UnicodeDecodeError:
+            return data[len(_BOM_OF[bom]) :].decode(bom), bom
+        except UnicodeDecodeError as e:
+            if bom != "utf-8-sig":
+                raise UnknownEncoding(f"starts with a {bom} byte-order mark but is not {bom} ({e})") from None
             data = data[3:]
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return data.decode("cp1252", errors="rpt_latin1"), "cp1252"
+        pass
+    text = data.decode("cp1252", errors="rpt_latin1")
+    letters = sum(c.isalpha() for c in text)
+    accented = sum(c.isalpha() and not c.isascii() for c in text)
+    if letters < MIN_LETTERS_TO_DETECT or accented / letters <= MAX_WESTERN_ACCENTED:
+        return text, "cp1252"
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(data).best()
+    if best is None or best.encoding in ("cp1252", "latin_1", "iso8859_15"):
+        raise UnknownEncoding(
+            f"not UTF-8, and as Windows-1252 {accented / letters:.0%} of its letters are accented "
+            "(mojibake of another script); its encoding cannot be told: convert the file to UTF-8"
+        )
+    return str(best), best.encoding
 
 
 def normalize_newlines(text: str) -> str:
@@ -131,6 +177,7 @@ def discover(
     inside a folder or glob that cannot be read (permissions, a broken link) is an error too, or with
     on_error="skip" returned among the unreadable ones, to be counted."""
     files: dict[str, InputFile] = {}
+    names_of: dict[str, str] = {}  # real path -> the document name it was first found under
     ignored: list[str] = []
     unreadable_files: list[tuple[InputFile, str]] = []
 
@@ -178,6 +225,14 @@ def discover(
                 continue
             if not os.access(p, os.R_OK):
                 unreadable("file is not readable (permissions)", f)
+                continue
+            real = os.path.realpath(p)
+            first = names_of.setdefault(real, name)
+            if first != name:
+                # a folder and a file inside it (or two overlapping globs): one file, one document
+                log.warning(
+                    "%s is listed twice in documents.paths (as %s and %s); reading it once", p, first, name
+                )
                 continue
             prev = files.get(name)
             if prev is not None and prev.path != f.path:
@@ -233,9 +288,17 @@ def read_text_file(f: InputFile, strip: bool) -> RawDoc:
     data = _read_bytes(f.path)
     if not data.strip():
         raise Skip("empty", "file is empty", f.path)
-    if looks_binary(data):
-        raise Skip("binary", "file looks binary (NUL or control bytes), not text", f.path)
-    text, enc = decode(data)
+    if bom_encoding(data) is None and looks_binary(data):
+        raise Skip(
+            "binary",
+            "file looks binary (NUL or control bytes), not text (UTF-16/32 text needs a byte-order mark, "
+            "or convert it to UTF-8)",
+            f.path,
+        )
+    try:
+        text, enc = decode(data)
+    except UnknownEncoding as e:
+        raise Skip("encoding", str(e), f.path) from None
     text = normalize_newlines(text)
     title = None
     had = False
@@ -273,6 +336,9 @@ def iter_jsonl(
                     rec = json.loads(decode(raw)[0])
                 except json.JSONDecodeError as e:
                     yield Skip("bad_json", f"malformed JSON ({e.msg} at column {e.colno})", f.path, lineno)
+                    continue
+                except UnknownEncoding as e:
+                    yield Skip("encoding", str(e), f.path, lineno)
                     continue
                 if not isinstance(rec, dict) or text_field not in rec:
                     keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__

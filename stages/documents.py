@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from pipeline.config import StageConfig
+from pipeline.config import NoBoolNumbers, StageConfig
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import DOCUMENTS_SCHEMA, SPLITS
 from pipeline.parquet import coalesce, iter_row_groups
@@ -59,7 +58,7 @@ DEFAULT_STDLIB_EXCLUDE = [
 ]
 
 
-class SplitFractions(BaseModel):
+class SplitFractions(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid")
     train: float = Field(0.9, ge=0, le=1)
     valid: float = Field(0.05, ge=0, le=1)
@@ -103,6 +102,11 @@ class Config(StageConfig):
         description="how input files enter the version: sha256 of contents, or name+size (huge corpora)",
     )
     shard_bytes: int = Field(256 << 20, ge=1, description="input bytes per shard")
+    duplicates: Literal["raise", "drop", "keep"] = Field(
+        "raise",
+        description="documents with identical text under two ids (a copy of a book in two folders: a "
+        "possible train/test leak): raise an error naming both, drop all but the first (counted), or keep",
+    )
 
     # Corpus paths never enter a version (the fingerprint of the files does); shard size changes no row.
     UNHASHED = frozenset({"paths", "shard_bytes"})
@@ -267,25 +271,56 @@ class DocumentsStage(Stage):
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         cfg: Config = ctx.cfg
-        offset = 0
         seen: dict[str, int] = {}
+        by_text: dict[bytes, str] = {}  # text digest -> the first doc_id holding that text
+        dropped: Counter[str] = Counter()
+        dropped_chars = 0
+        n_kept = 0
+        n_same_text = 0
         for r in results:
             local = f"_local/docs-{r.index:05d}.parquet"
 
-            def renumbered(local: str = local, base: int = offset) -> Iterator[pa.Table]:
-                # one row group in memory at a time; local doc_idx 0..n-1 become base..base+n-1
+            def renumbered(local: str = local) -> Iterator[pa.Table]:
+                # one row group in memory at a time; doc_idx is made global (and dense after drops)
+                nonlocal n_kept, n_same_text, dropped_chars
                 for t in iter_row_groups(ctx.path(local), ctx.fs):
-                    for i, d in zip(t.column("doc_idx").to_pylist(), t.column("doc_id").to_pylist()):
+                    keep: list[bool] = []
+                    for d, text, split in zip(
+                        t.column("doc_id").to_pylist(),
+                        t.column("text").to_pylist(),
+                        t.column("split").to_pylist(),
+                    ):
                         if d in seen:
                             raise InputError(
-                                f"duplicate doc_id '{d}' (documents {seen[d]} and {base + i}); "
+                                f"duplicate doc_id '{d}' (documents {seen[d]} and {n_kept}); "
                                 "doc ids must be unique: set documents.id_field or rename the files"
                             )
-                        seen[d] = base + i
-                    yield t.set_column(1, "doc_idx", pc.add(t.column("doc_idx"), pa.scalar(base, pa.int64())))
+                        digest = hashlib.blake2b(
+                            text.encode("utf-8", "surrogatepass"), digest_size=16
+                        ).digest()
+                        first = by_text.setdefault(digest, d)
+                        if first != d:
+                            n_same_text += 1
+                            if cfg.duplicates == "raise":
+                                raise InputError(
+                                    f"documents '{first}' and '{d}' have the same text (a copy in two places "
+                                    "can leak between splits); remove one, or set documents.duplicates=drop "
+                                    "(keep the first) or =keep"
+                                )
+                            if cfg.duplicates == "drop":
+                                dropped[split] += 1
+                                dropped_chars += len(text)
+                                keep.append(False)
+                                continue
+                        seen[d] = n_kept
+                        n_kept += 1
+                        keep.append(True)
+                    t = t.filter(pa.array(keep, pa.bool_()))
+                    idx = pa.array(range(n_kept - t.num_rows, n_kept), pa.int64())
+                    yield t.set_column(1, "doc_idx", idx)
 
             ctx.write_parquet(f"part-{r.index:05d}.parquet", coalesce(renumbered()), schema=SCHEMA)
-            offset += r.stats["docs"]
+        offset = n_kept
         ctx.fs.rm(ctx.path("_local"), recursive=True)
         missing = sorted({d for ids in cfg.split_lists.values() for d in ids} - set(seen))
         if missing:
@@ -294,6 +329,12 @@ class DocumentsStage(Stage):
                 + (" ..." if len(missing) > 10 else "")
             )
         stats = merge_stats(r.stats for r in results)
+        stats["same_text"] = n_same_text
+        if dropped:
+            stats["dropped_duplicates"] = sum(dropped.values())
+            stats["docs"] -= sum(dropped.values())
+            stats["chars"] -= dropped_chars
+            stats["splits"] = {k: v - dropped[k] for k, v in stats["splits"].items() if v - dropped[k]}
         stats["skipped_examples"] = [e for r in results for e in r.stats.get("skipped_examples", [])][
             :MAX_SKIP_EXAMPLES
         ]

@@ -315,3 +315,76 @@ def test_a_large_file_is_streamed_in_batches(tmp_path, monkeypatch):
     assert len(batches) >= 50 and max(batches) <= 5 and sum(batches) == 300
     assert streamed.read().equals(whole.read())
     assert streamed.read()["doc_idx"].to_pylist() == list(range(300))
+
+
+# ------------------------------------------------------------------------------ encodings and duplicates
+
+RUSSIAN = "Война и мир. Лев Николаевич Толстой. Часть первая. Князь Василий говорил всегда лениво. " * 30
+GREEK = "Η Ιλιάδα είναι επικό ποίημα του Ομήρου για τον Τρωικό πόλεμο και την οργή του Αχιλλέα. " * 30
+
+
+@pytest.mark.parametrize(
+    "data, encoding",
+    [
+        (RUSSIAN.encode("cp1251"), "cp1251"),
+        (RUSSIAN.encode("koi8-r"), "koi8_r"),
+        (GREEK.encode("cp1253"), "cp1253"),
+        (b"\xff\xfe" + RUSSIAN.encode("utf-16-le"), "utf-16-le"),
+        (b"\xfe\xff" + GREEK.encode("utf-16-be"), "utf-16-be"),
+        (b"\xff\xfe\x00\x00" + GREEK.encode("utf-32-le"), "utf-32-le"),
+        ("Café crème, déjà vu: naïve façade. ".encode("cp1252") * 40, "cp1252"),
+    ],
+)
+def test_legacy_and_utf16_encodings_are_read_not_garbled(tmp_path, data, encoding):
+    """cp1251 read as Windows-1252 gave 'Âîéíà è ìèð'; UTF-16 with a byte-order mark was called binary."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "book.txt").write_bytes(data)
+    art = build("documents", make_config(tmp_path / "s", documents={"paths": [str(d)], "min_chars": 10}))
+    (text,) = art.read(columns=["text"])["text"].to_pylist()
+    expected = {"cp1251": RUSSIAN, "koi8_r": RUSSIAN, "utf-16-le": RUSSIAN, "cp1252": None}.get(
+        encoding, GREEK
+    )
+    assert text == (expected or "Café crème, déjà vu: naïve façade. " * 40)
+    assert art.stats["encodings"] == {encoding: 1}
+
+
+def test_utf16_without_a_byte_order_mark_is_named(tmp_path):
+    d = bad_corpus(tmp_path, "wide.txt", RUSSIAN.encode("utf-16-le"))
+    with pytest.raises(InputError, match=r"wide\.txt: file looks binary .*byte-order mark"):
+        build("documents", make_config(tmp_path / "s", documents={"paths": [str(d)]}))
+
+
+def test_a_file_listed_twice_is_one_document(tmp_path, small_corpus):
+    """A folder and a file inside it (and an overlapping glob) used to give the same book two doc ids."""
+    paths = [str(small_corpus), str(small_corpus / "pg11.txt.gz"), str(small_corpus / "pg1*.txt.gz")]
+    art = build("documents", make_config(tmp_path / "s", documents={"paths": paths}))
+    ids = art.read(columns=["doc_id"])["doc_id"].to_pylist()
+    assert sorted(ids) == sorted(f"books/{p.name}" for p in small_corpus.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["raise", "drop", "keep"])
+def test_the_same_text_under_two_names(tmp_path, mode):
+    d = tmp_path / "in"
+    (d / "train").mkdir(parents=True)
+    (d / "copies").mkdir()
+    book = "It was the best of times, it was the worst of times. " * 100
+    (d / "train" / "a.txt").write_text(book)
+    (d / "copies" / "a-copy.txt").write_text(book)
+    (d / "train" / "b.txt").write_text("Call me Ishmael. " * 200)
+    run = make_config(tmp_path / "s", documents={"paths": [str(d)], "duplicates": mode})
+    if mode == "raise":
+        with pytest.raises(
+            InputError, match=r"'in/copies/a-copy\.txt' and 'in/train/a\.txt' have the same text"
+        ):
+            build("documents", run)
+        return
+    art = build("documents", run)
+    t = art.read(columns=["doc_id", "doc_idx"])
+    assert art.stats["same_text"] == 1
+    if mode == "drop":
+        assert t["doc_id"].to_pylist() == ["in/copies/a-copy.txt", "in/train/b.txt"]
+        assert t["doc_idx"].to_pylist() == [0, 1] and art.stats["docs"] == 2
+        assert art.stats["dropped_duplicates"] == 1 and sum(art.stats["splits"].values()) == 2
+    else:
+        assert art.stats["docs"] == 3 and t["doc_idx"].to_pylist() == [0, 1, 2]
