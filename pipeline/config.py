@@ -10,15 +10,47 @@ import os
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
 from pipeline.errors import ConfigError
 
 
-class StageConfig(BaseModel):
+def number_not_bool(annotation: Any) -> bool:
+    """Whether a field typed `annotation` takes numbers but not booleans (int, float, int | None, ...)."""
+    args = get_args(annotation)
+    if args:
+        return bool not in args and any(number_not_bool(a) for a in args)
+    return annotation in (int, float)
+
+
+class NoBoolNumbers(BaseModel):
+    """pydantic's lax mode reads `true` as 1 for an int field (`--set chunks.chunk_len=true` gave one-token
+    chunks); a boolean where a number belongs is an error here."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if (
+            isinstance(v, bool)
+            and info.field_name
+            and number_not_bool(cls.model_fields[info.field_name].annotation)
+        ):
+            raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+        return v
+
+
+class StageConfig(NoBoolNumbers):
     """Base of every stage's config section."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -31,7 +63,7 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json", exclude=set(self.UNHASHED))
 
 
-class RunnerConfig(BaseModel):
+class RunnerConfig(NoBoolNumbers):
     """How shards of a stage are executed (not part of any artifact version)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +85,40 @@ class RunnerConfig(BaseModel):
         "evaluate) one at a time across the flow; > 1 lets them run side by side, as many as the task "
         "runner's workers (use kind: processes, and OMP_NUM_THREADS = cores / workers)",
     )
+    # The settings below apply to the Prefect flows (flows.py); `rpt run` neither retries nor times out.
+    retries: int = Field(
+        2,
+        ge=0,
+        description="flows: retries of a task (plan, shard, publish) after a transient failure (an I/O or "
+        "network error, a lost Dask worker); never after a user error (bad config or input) or a timeout",
+    )
+    retry_delay_s: float = Field(
+        10.0,
+        ge=0,
+        description="flows: seconds before the first retry; each further retry waits twice as long",
+    )
+    timeouts: dict[str, float] = Field(
+        default_factory=dict,
+        description="flows: {stage: seconds} that any one task of the stage (its plan, one shard, its "
+        "publish) may run before the flow fails naming the stage",
+    )
+    progress_s: float = Field(
+        10.0,
+        ge=0,
+        description="flows: seconds between progress updates of a running stage to Prefect's UI (a bar "
+        "that ends sooner shows none)",
+    )
+
+    @field_validator("timeouts")
+    @classmethod
+    def _known_stages(cls, v: dict[str, float]) -> dict[str, float]:
+        names = stage_names()
+        for stage, seconds in v.items():
+            if stage not in names:
+                raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(names)})")
+            if not seconds > 0:
+                raise ValueError(f"{stage}: a timeout must be > 0 seconds, got {seconds}")
+        return v
 
 
 class RunConfigBase(BaseModel):
@@ -151,6 +217,26 @@ def _validate(data: Mapping[str, Any], source: str | None = None) -> RunConfigBa
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key repeated in one mapping is an error: plain YAML loading keeps
+    the last one, so a section written twice would silently lose the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"'{key}' appears twice in one mapping (lines {seen[key]} and {key_node.start_mark.line + 1}); "
+                    "merge the two",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'bm25.k=20' -> (['bm25', 'k'], 20); values are parsed as YAML scalars/lists."""
     if "=" not in item:
@@ -191,7 +277,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if loaded is None:

@@ -84,3 +84,20 @@ def test_source_file_is_not_a_setting(tmp_path):
         load_config(str(p))
     keys = str(e.value).split("valid keys here:")[1]
     assert "source_file" not in keys and "artifacts_root" in keys
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["chunks.chunk_len=true", "bm25.k=false", "runner.workers=true", "train.model={d_model: true}"],
+)
+def test_a_boolean_is_not_a_number(override):
+    """pydantic's lax mode read `true` as 1: chunk_len=true gave one-token chunks."""
+    with pytest.raises(ConfigError, match="expected a number, got"):
+        load_config(None, [override])
+
+
+def test_a_section_written_twice_is_an_error(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("bm25:\n  k: 5\nchunks:\n  chunk_len: 32\nbm25:\n  k: 7\n")
+    with pytest.raises(ConfigError, match=r"'bm25' appears twice in one mapping \(lines 1 and 5\)"):
+        load_config(p)
