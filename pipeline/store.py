@@ -8,10 +8,12 @@ Layout under the root (a local path or an fsspec URI):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ REFS_DIR = "refs"
 class ArtifactStore:
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, root = fsspec.core.url_to_fs(uri)
+        # No listings cache: shard workers, other builds and a killed run's rerun write to the same store
+        # from other processes, and a cached listing would hide their files (or show deleted ones).
+        self.fs, root = fsspec.core.url_to_fs(uri, use_listings_cache=False)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
 
@@ -63,12 +67,36 @@ class ArtifactStore:
         path = f"{folder}/{MANIFEST_NAME}"
         try:
             with self.fs.open(path, "r") as f:
-                return Manifest.model_validate_json(f.read())
+                m = Manifest.model_validate_json(f.read())
         except FileNotFoundError:
             return None
         except Exception as e:  # a corrupt manifest means "does not exist", loudly
             log.warning("ignoring %s: unreadable manifest (%s)", path, e)
             return None
+        if not self.is_local:
+            # An object store has no atomic rename: trust a manifest only when its files are all there.
+            problems = self._file_problems(folder, m)
+            if problems:
+                log.warning("ignoring %s: %s", path, "; ".join(problems[:3]))
+                return None
+        return m
+
+    def _file_problems(self, folder: str, manifest: Manifest) -> list[str]:
+        """Files `manifest` lists that are absent from `folder` or of another size (one listing; the
+        checksums are left to `verify`, as reading every byte on each lookup would be too slow)."""
+        try:
+            found = self.fs.find(folder, detail=True)
+        except FileNotFoundError:
+            found = {}
+        base = self.fs._strip_protocol(folder).rstrip("/") + "/"
+        sizes = {self.fs._strip_protocol(p)[len(base) :]: info.get("size") for p, info in found.items()}
+        problems = []
+        for e in manifest.files:
+            if e.path not in sizes:
+                problems.append(f"missing file {e.path}")
+            elif sizes[e.path] != e.bytes:
+                problems.append(f"{e.path} has {sizes[e.path]} bytes, manifest says {e.bytes}")
+        return problems
 
     def exists(self, stage: str, version: str) -> bool:
         return self._read_manifest(self.version_dir(stage, version)) is not None
@@ -159,24 +187,55 @@ class ArtifactStore:
 
     # ---- publishing
     def publish(self, workdir: str, manifest: Manifest) -> Artifact:
-        """Write the manifest last, then move the folder into place (atomic on local filesystems)."""
-        tmp = f"{workdir}/.{MANIFEST_NAME}.tmp"
-        with self.fs.open(tmp, "w") as f:
-            f.write(manifest.to_json())
-        self.fs.mv(tmp, f"{workdir}/{MANIFEST_NAME}")
+        """Make the work folder the artifact `manifest` describes, the manifest landing last.
+
+        Local: the manifest goes into the work folder, which is renamed into place (atomic).
+        Object store (no rename; `mv` is copy-then-delete): see `_publish_by_copy`.
+        """
         final = self.version_dir(manifest.stage, manifest.version)
         if self.exists(manifest.stage, manifest.version):
             log.info("%s was published concurrently; keeping the existing one", manifest.ref)
             self.fs.rm(workdir, recursive=True)
-        else:
+        elif self.is_local:
+            tmp = f"{workdir}/.{MANIFEST_NAME}.tmp"
+            with self.fs.open(tmp, "w") as f:
+                f.write(manifest.to_json())
+            self.fs.mv(tmp, f"{workdir}/{MANIFEST_NAME}")
             if self.fs.exists(final):  # a folder without a valid manifest is garbage
                 self.fs.rm(final, recursive=True)
-            if self.is_local:
-                os.rename(workdir, final)
-            else:
-                self.fs.mv(workdir, final, recursive=True)
+            os.rename(workdir, final)
+        else:
+            self._publish_by_copy(workdir, final, manifest)
         self.set_ref(manifest.stage, "latest", manifest.version)
         return self.get(manifest.stage, manifest.version)
+
+    def _publish_by_copy(self, workdir: str, final: str, manifest: Manifest) -> None:
+        """Copy the listed files to the final prefix, check them, then write the manifest in one PUT.
+
+        Until the manifest lands the prefix does not exist for readers, and a manifest is trusted only
+        with all its files present (`_read_manifest`), so a kill at any point leaves nothing trusted
+        that is incomplete. The work folder, shard sidecars included, is removed only after the
+        manifest: a rerun after a kill mid-publish resumes from it and publishes again over the debris.
+        """
+        manifest_path = f"{final}/{MANIFEST_NAME}"
+        if self.fs.exists(final):
+            # Debris of an interrupted publish, or a manifest whose files went missing. The stale
+            # manifest goes first, so that no later state of the prefix pairs it with new files.
+            if self.fs.exists(manifest_path):
+                self.fs.rm_file(manifest_path)
+            with contextlib.suppress(FileNotFoundError):  # the manifest was its only object
+                self.fs.rm(final, recursive=True)
+        names = [e.path for e in manifest.files]
+        if names:
+            self.fs.copy([f"{workdir}/{n}" for n in names], [f"{final}/{n}" for n in names])
+        problems = self._file_problems(final, manifest)
+        if problems:
+            raise ArtifactError(
+                f"publishing {manifest.ref} to {self.fs.unstrip_protocol(final)} failed, the manifest was "
+                f"not written: {'; '.join(problems[:5])}"
+            )
+        self.fs.pipe_file(manifest_path, manifest.to_json().encode("utf-8"))
+        self.fs.rm(workdir, recursive=True)
 
 
 class Artifact:
@@ -263,18 +322,31 @@ class Artifact:
             / self.stage
             / self.version
         )
-        target = cache / name if name else cache
-        if not target.exists():  # versions are immutable, so a cached copy never goes stale
+        name = name.strip("/")
+        wanted = [
+            e for e in self.manifest.files if not name or e.path == name or e.path.startswith(name + "/")
+        ]
+        if not wanted:
+            raise ArtifactError(f"{self.ref} has no file or folder {name!r} (see its {MANIFEST_NAME})")
+        # Versions are immutable, so a cached file of the listed size never goes stale. Whether a folder
+        # is complete is decided file by file from the manifest, not by the folder existing: an
+        # interrupted download, or an earlier request for one file inside it, leaves it partial.
+        for e in wanted:
+            target = cache / e.path
+            if target.is_file() and target.stat().st_size == e.bytes:
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            src = self.file(name) if name else self.path
-            if self.fs.isdir(src):
-                for f in self.fs.find(src):
-                    out = target / f[len(src.rstrip("/")) + 1 :]
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    self.fs.get_file(f, str(out))
-            else:
-                self.fs.get_file(src, str(target))
-        return target
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                self.fs.get_file(self.file(e.path), str(tmp))
+                os.replace(tmp, target)  # atomic: a reader never sees half a file
+            finally:
+                tmp.unlink(missing_ok=True)
+        if not name and not (cache / MANIFEST_NAME).is_file():
+            tmp = cache / f".{MANIFEST_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.write_text(self.manifest.to_json())
+            os.replace(tmp, cache / MANIFEST_NAME)
+        return cache / name if name else cache
 
     def json(self, name: str) -> Any:
         with self.fs.open(self.file(name), "r") as f:
