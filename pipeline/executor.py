@@ -99,7 +99,9 @@ def open_build(node: Node, inputs: dict[str, Artifact]) -> StageContext:
     for p in _ls(store.fs, workdir):  # debris of a killed writer
         if ".tmp-" in p.rsplit("/", 1)[-1]:
             store.fs.rm(p)
-    return StageContext(node.stage, node.version, node.cfg, node.run, inputs, store, workdir)
+    return StageContext(
+        node.stage, node.version, node.cfg, node.run, inputs, store, workdir, fingerprint=node.fingerprint
+    )
 
 
 def _ls(fs: Any, folder: str) -> list[str]:

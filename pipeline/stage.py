@@ -74,6 +74,9 @@ class StageContext:
     inputs: dict[str, Artifact]
     store: ArtifactStore
     workdir: str
+    # what the version was computed from (Stage.fingerprint): a stage that reads external files checks
+    # that what it reads is still that content
+    fingerprint: Any = None
     # files written through this context (the executor gives each shard a fresh list)
     written: list[FileEntry] = field(default_factory=list, repr=False)
 

@@ -34,7 +34,7 @@ from pipeline.textio import (
     stdlib_root,
     stdlib_units,
 )
-from pipeline.versioning import file_digest
+from pipeline.versioning import file_digest, sha256_file
 
 log = logging.getLogger("rpt.documents")
 
@@ -178,7 +178,12 @@ class DocumentsStage(Stage):
         cfg: Config = ctx.cfg
         groups: list[list[dict[str, Any]]] = [[]]
         size = 0
+        # each file travels with the identity its version was computed from; the shard checks it after
+        # reading (a file replaced between resolving and reading would put new text under the old version)
+        expected = dict(map(tuple, ctx.fingerprint.get("files", []))) if cfg.paths and ctx.fingerprint else {}
         for u in self._units(cfg):
+            if u.get("rel") in expected:
+                u["expect"] = expected[u["rel"]]
             if groups[-1] and size + u["bytes"] > cfg.shard_bytes:
                 groups.append([])
                 size = 0
@@ -203,6 +208,8 @@ class DocumentsStage(Stage):
                 cfg.title_field,
                 cfg.strip_gutenberg,
             )
+            if "expect" in u:
+                check_unchanged(u["path"], u["expect"])
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
@@ -360,6 +367,18 @@ class DocumentsStage(Stage):
 
     def output_schema(self) -> pa.Schema:
         return SCHEMA
+
+
+def check_unchanged(path: str, expect: str | int) -> None:
+    """After reading `path`: its content (or size, with documents.fingerprint=size) is still what the
+    artifact's version was computed from. Not memoised: a replaced file may keep its size and mtime."""
+    now: str | int = sha256_file(path) if isinstance(expect, str) else os.path.getsize(path)
+    if now != expect:
+        raise InputError(
+            "changed while the documents stage was reading it (the artifact's version was computed from "
+            "its earlier content); nothing was published: rerun the build once the corpus is settled",
+            path=path,
+        )
 
 
 STAGE = DocumentsStage()

@@ -388,3 +388,61 @@ def test_the_same_text_under_two_names(tmp_path, mode):
         assert art.stats["dropped_duplicates"] == 1 and sum(art.stats["splits"].values()) == 2
     else:
         assert art.stats["docs"] == 3 and t["doc_idx"].to_pylist() == [0, 1, 2]
+
+
+CHANGE_DURING_BUILD = """
+import sys
+from pathlib import Path
+
+import stages.documents as documents
+from pipeline.executor import build
+from tests.conftest import make_config
+
+root, corpus = Path(sys.argv[1]), Path(sys.argv[2])
+target = corpus / "b.txt"
+real_iter_file = documents.iter_file
+
+
+def iter_file(f, *args):
+    # another program rewrites a book after the version was resolved, before the shard reads it
+    if f.path == str(target):
+        target.write_text("A different book altogether. " * 100)
+    return real_iter_file(f, *args)
+
+
+documents.iter_file = iter_file
+# serial: the shards run in this process, where the writer above is installed
+build("documents", make_config(root, runner={"kind": "serial"}, documents={"paths": [str(corpus)], "shard_bytes": 1}))
+"""
+
+
+def test_a_file_changed_during_the_build_fails_it_and_publishes_nothing(tmp_path):
+    """The version was computed from the old text; the shard read the new one: that artifact would have
+    held the new text under the old version, and verify would call it intact."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The first book. " * 100)
+    (corpus / "b.txt").write_text("The second book. " * 100)
+    run = make_config(
+        tmp_path / "s", runner={"kind": "serial"}, documents={"paths": [str(corpus)], "shard_bytes": 1}
+    )
+    old_version = resolve("documents", run).version
+    r = subprocess.run(
+        [sys.executable, "-c", CHANGE_DURING_BUILD, str(tmp_path / "s"), str(corpus)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert f"{corpus / 'b.txt'}: changed while the documents stage was reading it" in r.stderr
+    assert not ArtifactStore(str(tmp_path / "s")).exists("documents", old_version)
+    # once the corpus is settled, the rerun builds the new content under its own version
+    art = build("documents", run)
+    assert art.version != old_version and art.verify() == []
+    assert "A different book altogether." in art.read(columns=["text"])["text"].to_pylist()[1]
