@@ -72,6 +72,11 @@ class RunnerConfig(NoBoolNumbers):
         "auto", description="auto: the stage's preferred runner (threads for I/O, processes for CPU work)"
     )
     workers: int | None = Field(None, ge=1, description="parallel shards; default: CPU count")
+    verify_inputs: Literal["checksum", "size"] = Field(
+        "checksum",
+        description="before a stage builds, each input artifact's files are checked against its manifest: "
+        "checksum (sha256 of every file, once per process) or size (existence and size only: huge stores)",
+    )
     address: str | None = Field(
         None, description="dask scheduler or ray address; None starts a local cluster"
     )

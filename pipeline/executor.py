@@ -92,7 +92,34 @@ def resolve(stage: str, run: RunConfigBase, _memo: dict[str, Node] | None = None
 # ----------------------------------------------------------------------------------------- building
 
 
+# (store, ref) of the inputs whose files passed their checksums in this process
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def check_inputs(node: Node, inputs: dict[str, Artifact]) -> None:
+    """A stage never builds on an input whose files disagree with its manifest: a flipped bit in a tokens
+    file would otherwise become a wrong result cached under a trusted version. Sizes always; checksums
+    unless runner.verify_inputs=size, memoised per process (a flow reads the chunks many times)."""
+    level = node.run.runner.verify_inputs
+    for role, art in inputs.items():
+        key = (art.store.uri, art.ref)
+        cheap = level == "size" or key in _VERIFIED  # sizes are rechecked every time, they cost no reading
+        problems = art.size_problems() if cheap else art.verify()
+        if problems:
+            shown = "; ".join(problems[:3]) + (
+                f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            )
+            raise ArtifactError(
+                f"{node.stage} will not build on its input '{role}' = {art.ref}: {shown}. The artifact was "
+                f"changed or damaged after it was published: remove it (`rpt artifacts rm {art.ref}`) and "
+                "rebuild it with --with-deps"
+            )
+        if level == "checksum":
+            _VERIFIED.add(key)
+
+
 def open_build(node: Node, inputs: dict[str, Artifact]) -> StageContext:
+    check_inputs(node, inputs)
     store = ArtifactStore(node.run.root())
     workdir = store.partial_dir(node.stage, node.version)
     store.fs.makedirs(f"{workdir}/{SHARDS_DIR}", exist_ok=True)

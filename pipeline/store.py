@@ -352,18 +352,27 @@ class Artifact:
         with self.fs.open(self.file(name), "r") as f:
             return json.load(f)
 
-    def verify(self) -> list[str]:
-        """Recompute every file's checksum; returns a list of problems (empty when intact)."""
-        problems = []
+    def _size_problems(self) -> dict[str, str]:
+        out = {}
         for entry in self.manifest.files:
             path = self.file(entry.path)
             if not self.fs.exists(path):
-                problems.append(f"{self.ref}: missing file {entry.path}")
+                out[entry.path] = f"{self.ref}: missing file {entry.path}"
                 continue
             size = self.fs.size(path)
             if size != entry.bytes:
-                problems.append(f"{self.ref}: {entry.path} has {size} bytes, manifest says {entry.bytes}")
-                continue
-            if sha256_file(path, self.fs) != entry.sha256:
+                out[entry.path] = f"{self.ref}: {entry.path} has {size} bytes, manifest says {entry.bytes}"
+        return out
+
+    def size_problems(self) -> list[str]:
+        """Files of the manifest that are missing or of another size (no file is read)."""
+        return list(self._size_problems().values())
+
+    def verify(self) -> list[str]:
+        """Recompute every file's checksum; returns a list of problems (empty when intact)."""
+        broken = self._size_problems()
+        problems = list(broken.values())
+        for entry in self.manifest.files:
+            if entry.path not in broken and sha256_file(self.file(entry.path), self.fs) != entry.sha256:
                 problems.append(f"{self.ref}: {entry.path} checksum mismatch")
         return problems
