@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -33,9 +34,52 @@ log = logging.getLogger("rpt.store")
 PARTIAL_PREFIX = ".partial-"
 REFS_DIR = "refs"
 
+# Stage names, versions and ref names are single path components under the root: a '/', '..' or a
+# leading '.' (tool state, temp files) would let a spec reach outside its stage folder or another store.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def is_plain_name(name: str) -> bool:
+    return bool(_PLAIN_NAME.fullmatch(name or ""))
+
+
+def check_name(kind: str, name: str) -> str:
+    """`name` when it is a plain name for a `kind` (stage, version, ref); otherwise an ArtifactError."""
+    if not is_plain_name(name):
+        raise ArtifactError(
+            f"{kind} {name!r} is not a plain name: use letters, digits and '_', '-', '.', '+' "
+            "(not empty, no '/', not starting with '.')"
+        )
+    return name
+
+
+def check_root(uri: str) -> None:
+    """One clear error for a root that cannot be a store: a file, or a protocol whose package is missing."""
+    protocol, path = fsspec.core.split_protocol(uri)
+    if protocol in (None, "file", "local"):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ArtifactError(
+                f"artifact store root {uri} is a file, not a folder: point artifacts_root in the config "
+                "(or RPT_ARTIFACTS, or --root) at a folder"
+            )
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        s3 = protocol in ("s3", "s3a")
+        extra = " (the s3 extra: pip install 'rpt-pipeline[s3]', or pip install s3fs)" if s3 else ""
+        raise ArtifactError(
+            f"artifact store root {uri}: {protocol}:// needs a package that is not installed{extra}: {e}"
+        ) from None
+    except ValueError:
+        raise ArtifactError(
+            f"artifact store root {uri}: unknown protocol {protocol!r} (a local path, s3://, gs://, ...)"
+        ) from None
+
 
 class ArtifactStore:
     def __init__(self, uri: str):
+        check_root(uri)
         self.uri = uri
         # No listings cache: shard workers, other builds and a killed run's rerun write to the same store
         # from other processes, and a cached listing would hide their files (or show deleted ones).
@@ -144,7 +188,9 @@ class ArtifactStore:
     def resolve(self, spec: str) -> Artifact:
         """'stage', 'stage@<version or unique prefix>' or 'stage@<ref>' (default ref: latest)."""
         stage, _, sel = spec.partition("@")
+        check_name("stage", stage)
         sel = sel or "latest"
+        check_name("version or ref", sel)
         ref = self.get_ref(stage, sel)
         if ref is not None:
             return self.get(stage, ref)
@@ -158,19 +204,46 @@ class ArtifactStore:
 
     # ---- refs
     def set_ref(self, stage: str, name: str, version: str) -> None:
+        check_name("stage", stage)
+        check_name("ref name", name)
+        check_name("version", version)
         d = self.join(stage, REFS_DIR)
         self.fs.makedirs(d, exist_ok=True)
         tmp = f"{d}/.{name}.tmp-{os.getpid()}"
-        with self.fs.open(tmp, "w") as f:
-            f.write(version + "\n")
-        self.fs.mv(tmp, f"{d}/{name}")
+        try:
+            with self.fs.open(tmp, "w") as f:
+                f.write(version + "\n")
+            self.fs.mv(tmp, f"{d}/{name}")
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm_file(tmp)
+            raise
 
     def get_ref(self, stage: str, name: str) -> str | None:
+        """The version a ref holds; None when there is no such ref, an ArtifactError when it is garbage."""
+        path = self.join(stage, REFS_DIR, name)
         try:
-            with self.fs.open(self.join(stage, REFS_DIR, name), "r") as f:
-                return f.read().strip() or None
+            with self.fs.open(path, "rb") as f:
+                raw = f.read(4096)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        try:
+            version = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            version = None
+        if version == "":
+            return None
+        if version is None or not is_plain_name(version):
+            raise ArtifactError(
+                f"ref {stage}@{name} ({path}) is corrupt: it should hold one version, it holds {raw[:24]!r}. "
+                f"Point it again with `rpt artifacts ref {stage}@VERSION {name}`, or delete that file"
+            )
+        return version
+
+    def delete_ref(self, stage: str, name: str) -> None:
+        check_name("ref name", name)
+        with contextlib.suppress(FileNotFoundError):  # removed concurrently: the outcome is the same
+            self.fs.rm_file(self.join(stage, REFS_DIR, name))
 
     def refs(self, stage: str) -> dict[str, str]:
         d = self.join(stage, REFS_DIR)
@@ -180,7 +253,11 @@ class ArtifactStore:
         for e in self.fs.ls(d, detail=False):
             name = e.rstrip("/").rsplit("/", 1)[-1]
             if not name.startswith("."):
-                v = self.get_ref(stage, name)
+                try:
+                    v = self.get_ref(stage, name)
+                except ArtifactError as err:  # a corrupt ref must not take a listing down with it
+                    log.warning("%s", err)
+                    continue
                 if v:
                     out[name] = v
         return out
