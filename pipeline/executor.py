@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config import RunConfigBase
 from pipeline.errors import ArtifactError
+from pipeline.locks import build_lock
 from pipeline.manifest import FileEntry, Manifest, host_info, package_versions, schema_to_dict
 from pipeline.parquet import parquet_rows, parquet_schema
 from pipeline.progress import progress
@@ -378,18 +379,26 @@ def build_node(node: Node, with_deps: bool = False) -> Artifact:
             inputs[role] = build_node(child, with_deps=True)
         else:
             raise missing_input_error(node, role, child)
-    ctx = open_build(node, inputs)
-    t0 = time.perf_counter()
-    shards = node.impl.plan(ctx)
-    t_plan = time.perf_counter() - t0
-    todo, done = pending_shards(ctx, shards)
-    if done:
-        log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
-    t0 = time.perf_counter()
-    results = done + run_shards(node, ctx, todo)
-    t_shards = time.perf_counter() - t0
-    timings = {"plan_s": t_plan, "shards_wall_s": t_shards, "shards_cpu_s": sum(r.seconds for r in results)}
-    return publish(ctx, node, results, timings)
+    with build_lock(store, node.stage, node.version):
+        if store.exists(node.stage, node.version):  # a concurrent build of the same version finished it
+            log.info("%s was built by another process meanwhile", node.ref)
+            return store.get(node.stage, node.version)
+        ctx = open_build(node, inputs)
+        t0 = time.perf_counter()
+        shards = node.impl.plan(ctx)
+        t_plan = time.perf_counter() - t0
+        todo, done = pending_shards(ctx, shards)
+        if done:
+            log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
+        t0 = time.perf_counter()
+        results = done + run_shards(node, ctx, todo)
+        t_shards = time.perf_counter() - t0
+        timings = {
+            "plan_s": t_plan,
+            "shards_wall_s": t_shards,
+            "shards_cpu_s": sum(r.seconds for r in results),
+        }
+        return publish(ctx, node, results, timings)
 
 
 def build(stage: str, run: RunConfigBase, with_deps: bool = False) -> Artifact:

@@ -61,3 +61,70 @@ def test_an_intact_input_is_hashed_once_per_process(private, monkeypatch):
     build("bm25", private)
     build("bm25", private.with_section("bm25", {"k": 3}))
     assert calls.count(ArtifactStore(private.root()).resolve("chunks").ref) == 1
+
+
+# ------------------------------------------------------------------------------ concurrent builds
+
+TWIN = """
+import logging
+import sys
+
+from pipeline.config import load_config
+from pipeline.executor import build
+
+logging.basicConfig(level=logging.INFO)
+art = build(sys.argv[2], load_config(sys.argv[1]), with_deps=True)
+print("built", art.ref)
+"""
+
+
+@pytest.mark.parametrize("stage", ["chunks", "tokenizer"])
+def test_two_processes_building_the_same_version_both_succeed(tmp_path, gutenberg_dir, stage):
+    """Before: the loser crashed with FileNotFoundError on a temp file (20 of 20 pairs); now the second
+    waits for the first and finds the artifact. `chunks` is sharded (one shard per book) and builds its
+    inputs too; `tokenizer` is a single shard."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for book in sorted(gutenberg_dir.glob("*.txt.gz"))[:6]:
+        (books / book.name).symlink_to(book)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "artifacts_root": str(tmp_path / "store"),
+                "runner": {"kind": "serial"},
+                "documents": {"paths": [str(books)], "shard_bytes": 1},
+                "tokenizer": {"vocab_size": 1024, "max_train_chars": 1_000_000},
+            }
+        )
+    )
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TWIN, str(cfg), stage],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "built" in out
+    from pipeline.config import load_config
+
+    run = load_config(cfg)
+    store = ArtifactStore(run.root())
+    art = store.get(stage, resolve(stage, run).version)
+    assert art.verify() == [] and store.partials(stage) == []
+    assert sum("being built by" in err for _, err in outs) >= 1  # one of them really waited
