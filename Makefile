@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 # spin against each other cost more than they give (OMP_NUM_THREADS=N make demo to change it).
 demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(RPT) flow full -c $(CONFIG) $(SET)
-	$(RPT) report -c $(CONFIG)
+	$(RPT) report -c $(CONFIG) $(SET)
 
 test: setup
 	RPT_PROGRESS=0 $(BIN)/python -m pytest -q
@@ -76,9 +76,9 @@ bench: setup
 documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
 
-# `make report CONFIG=configs/gutenberg-cpu.yaml`: the tables of the latest evaluate artifact (docs/evaluate.md)
+# `make report CONFIG=configs/gutenberg-cpu.yaml`: the tables of the evaluate artifact that CONFIG (and SET) resolve to (docs/evaluate.md)
 report: setup
-	$(RPT) report -c $(CONFIG)
+	$(RPT) report -c $(CONFIG) $(SET)
 
 # Prefect flows (cached on artifact versions; shards mapped over runner.kind): `make neighbors`,
 # `make flow FLOW=full CONFIG=configs/gutenberg.yaml SET="--set runner.kind=dask"`
