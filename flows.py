@@ -12,7 +12,10 @@ for each artifact submits Prefect tasks that call the executor (`open_build`, `p
   named in the config (`runner.kind`: threads by default, processes, dask, ray); the stage task then
   publishes. Shards resume from their sidecars, so a failed or killed flow rerun redoes only missing shards.
 - Tasks exchange small objects (nodes, shard payloads, `StageSummary`), never arrays or frames.
-- Every stage task publishes a Prefect table artifact of its manifest stats; `rpt.*` loggers reach Prefect.
+- Every stage task publishes a Prefect table artifact of its manifest stats (and an artifact's report.md
+  as a markdown artifact); running stages show progress artifacts; `rpt.*` loggers reach Prefect.
+- Tasks retry transient failures (I/O and network errors, lost workers) with exponential backoff, never
+  user errors; `runner.timeouts` bounds each task of a stage.
 
 The flows are a parent flow (loads the config, picks the task runner) and one child flow that does the
 work under that runner, because a Prefect flow's task runner is fixed when it starts.
@@ -31,33 +34,48 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import hashlib
 import logging
+import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn, get_args
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE, CachePolicy
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
+from prefect.task_engine import TaskRunTimeoutError
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel, Field
 
 from pipeline.config import RunConfigBase, load_config
 from pipeline.devices import gpu_lane
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RptError, StageTimeoutError
 from pipeline.executor import Node, open_build, pending_shards, publish, resolve, run_shard
+from pipeline.progress import Tick, report_progress
 from pipeline.registry import STAGES
+from pipeline.report import REPORT_FILE
 from pipeline.stage import Shard, ShardResult, StageContext
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.supervision import supervision_bm25
 
 log = logging.getLogger("rpt.flows")
 
-TRAIN_VARIANTS = ("baseline", "retro_bm25", "rpt_lex", "rpt_sem")
+# Literal types make Prefect's parameter schema list the choices, so the UI form offers them.
+Variant = Literal["baseline", "retro_bm25", "rpt_lex", "rpt_sem"]
+TRAIN_VARIANTS: tuple[Variant, ...] = get_args(Variant)
+StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]  # the registry, as it is at import
 CACHE_DIR = ".prefect-cache"  # inside the artifact store root; dot-folders are not stages
 
 
@@ -106,6 +124,9 @@ def flow_targets(
     }
     if name not in table:
         raise ConfigError(f"unknown flow '{name}' (flows: {', '.join(table)})")
+    unknown = sorted(set(variants or ()) - set(TRAIN_VARIANTS))
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {', '.join(unknown)} (variants: {', '.join(TRAIN_VARIANTS)})")
     if name == "stages" and not stages:
         raise ConfigError("flow 'stages' needs at least one stage (rpt flow stages --target chunks)")
     for t in table[name]:
@@ -175,6 +196,9 @@ def task_runner_for(run: RunConfigBase) -> TaskRunner[Any]:
                 "threads_per_worker": 1,
                 "processes": True,
                 "dashboard_address": ":0",
+                # A task whose worker died never reports to Prefect, so no Prefect retry can follow it:
+                # the scheduler reruns it on another worker instead, as often as runner.retries says.
+                "scheduler_kwargs": {"allowed_failures": rc.retries},
             },
         )
     if rc.kind == "ray":
@@ -241,6 +265,114 @@ def on_gpu(slot: int | None) -> Iterator[None]:
             yield
     finally:
         torch.cuda.set_device(prev)
+
+
+# ------------------------------------------------------------------------------------------ retries, timeouts
+
+
+# OSErrors that state a fact about the input or the store, which a retry would only meet again.
+PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+# A worker that died under a task (by class name: Dask and the process pool need not be importable).
+LOST_WORKER_ERRORS = frozenset({"KilledWorker", "CommClosedError", "BrokenProcessPool", "WorkerLostError"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may succeed: an I/O or network error or a lost worker, never a user error
+    (`RptError`: bad config, bad input, a missing artifact), a programming error or a stage timeout."""
+    if isinstance(exc, (RptError, TaskRunTimeoutError)):
+        return False
+    if any(c.__name__ in LOST_WORKER_ERRORS for c in type(exc).__mro__):
+        return True
+    # ConnectionError and TimeoutError are OSErrors too
+    return isinstance(exc, OSError) and not isinstance(exc, PERMANENT_OS_ERRORS)
+
+
+def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect's `retry_condition_fn`: retry only transient failures. A plain function, as Prefect
+    calls only functions (a callable object or partial would be taken as "never retry")."""
+    exc = state.data
+    retry = isinstance(exc, BaseException) and is_transient(exc)
+    if isinstance(exc, BaseException) and not retry:
+        log.info("%s: %s is not transient; not retrying", task_run.name, type(exc).__name__)
+    return retry
+
+
+def task_options(run: RunConfigBase, stage: str) -> dict[str, Any]:
+    """Retry and timeout options of a stage's tasks (plan, shards, publish), from the `runner` section."""
+    rc = run.runner
+    return {
+        "retries": rc.retries,
+        "retry_delay_seconds": exponential_backoff(rc.retry_delay_s)(rc.retries) if rc.retry_delay_s else 0,
+        "retry_condition_fn": retry_transient,
+        "timeout_seconds": rc.timeouts.get(stage),
+    }
+
+
+def raise_timeout(node: Node, exc: TaskRunTimeoutError) -> NoReturn:
+    """Prefect's timeout says neither which stage nor which setting; this error says both."""
+    limit = node.run.runner.timeouts.get(node.stage)
+    where = f" in {node.run.source_file}" if node.run.source_file else ""
+    raise StageTimeoutError(
+        f"{node.ref}: a task of stage '{node.stage}' ran past runner.timeouts.{node.stage} = {limit:g} s"
+        f"{where}; raise it (--set runner.timeouts.{node.stage}=SECONDS) or remove it"
+    ) from exc
+
+
+def result_of(fut: PrefectFuture[Any], node: Node) -> Any:
+    """A task's result, or its exception, a timeout turned into a `StageTimeoutError` naming the stage."""
+    try:
+        return fut.result()
+    except TaskRunTimeoutError as e:
+        raise_timeout(node, e)
+
+
+# ------------------------------------------------------------------------------------------ UI artifacts
+
+
+@contextmanager
+def progress_artifacts(run: RunConfigBase, label: str) -> Iterator[None]:
+    """Show the progress bars of the stage code run in this context as Prefect progress artifacts of
+    the current task run, updated at most every `runner.progress_s` seconds."""
+    artifacts: dict[int, uuid.UUID] = {}
+
+    def hook(t: Tick) -> None:
+        # only from the task's own thread: elsewhere Prefect's run context (and API settings) is missing
+        if t.percent is None or TaskRunContext.get() is None:
+            return
+        text = f"{label} · {t.desc}: {t.done:,.0f} / {t.total:,.0f} {t.unit}"
+        if t.bar in artifacts:
+            update_progress_artifact(artifacts[t.bar], t.percent, description=text)
+        elif not t.final:
+            artifacts[t.bar] = create_progress_artifact(t.percent, description=text)
+        if t.final:
+            artifacts.pop(t.bar, None)
+
+    with report_progress(hook, run.runner.progress_s):
+        yield
+
+
+def publish_report(art: Artifact) -> None:
+    """An artifact's report.md (evaluate's) as a Prefect markdown artifact, with where the artifact lies."""
+    if not art.has(REPORT_FILE):
+        return
+    with art.fs.open(art.file(REPORT_FILE), "r", encoding="utf-8") as f:
+        text = f.read()
+    folder = Path(art.path).resolve().as_uri() if art.store.is_local else art.path
+    # the report's relative links (plots/...) point into the artifact folder, which the UI cannot show
+    # inline: make them links to the files
+    text = re.sub(
+        r"!?\[([^\]]*)\]\((?![a-z][a-z0-9+.-]*:|/|#)([^)]+)\)", lambda m: f"[{m[1]}]({folder}/{m[2]})", text
+    )
+    header = f"Artifact `{art.ref}` in [`{art.path}`]({folder})\n\n"
+    create_markdown_artifact(
+        markdown=header + text, key=f"{art.stage}-report", description=f"{REPORT_FILE} of `{art.ref}`"
+    )
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -321,7 +453,8 @@ def plan_task(node: Node) -> StagePlan:
     inputs = {role: store.get(c.stage, c.version) for role, c in node.inputs.items()}
     ctx = open_build(node, inputs)
     t0 = time.perf_counter()
-    shards = node.impl.plan(ctx)
+    with progress_artifacts(node.run, f"{node.ref}/plan"):
+        shards = node.impl.plan(ctx)
     plan_s = time.perf_counter() - t0
     todo, done = pending_shards(ctx, shards)
     if done:
@@ -333,7 +466,7 @@ def plan_task(node: Node) -> StagePlan:
 def shard_task(ctx: StageContext, shard: Shard, gpu: int | None = None) -> ShardResult:
     """One shard of one stage, through the executor (resumable: it records a sidecar when done)."""
     route_logs()
-    with on_gpu(gpu):
+    with on_gpu(gpu), progress_artifacts(ctx.run, f"{ctx.stage}@{ctx.version}/{shard.name}"):
         return run_shard(ctx, shard)
 
 
@@ -348,7 +481,8 @@ def stage_task(
     route_logs()
     store = ArtifactStore(node.run.root())
     if plan is None or store.exists(node.stage, node.version):
-        summary = StageSummary.of(store.get(node.stage, node.version), "found")
+        art = store.get(node.stage, node.version)
+        status = "found"
     else:
         all_results = plan.done + list(results or [])
         timings = {
@@ -356,8 +490,12 @@ def stage_task(
             "shards_wall_s": time.time() - plan.started,
             "shards_cpu_s": sum(r.seconds for r in all_results),
         }
-        summary = StageSummary.of(publish(plan.ctx, node, all_results, timings), "built")
+        with progress_artifacts(node.run, node.ref):
+            art = publish(plan.ctx, node, all_results, timings)
+        status = "built"
+    summary = StageSummary.of(art, status)
     publish_stats(summary)
+    publish_report(art)
     return summary
 
 
@@ -436,7 +574,10 @@ def submit_build(
         lane, after = lanes.take() if lanes is not None else (None, None)
         gpu = lane if impl.uses_gpu and gpus > 0 else None
         with ray_gpu_request(kind, gpu is not None):
-            fut = shard_task.with_options(task_run_name=f"{node.ref}/{shard.name}").submit(
+            named = shard_task.with_options(
+                task_run_name=f"{node.ref}/{shard.name}", **task_options(node.run, node.stage)
+            )
+            fut = named.submit(
                 plan.ctx, shard, gpu, wait_for=[plan_fut] + ([after] if after is not None else [])
             )
         if lanes is not None:
@@ -468,6 +609,8 @@ def dag_flow(
     futs: dict[str, PrefectFuture[StageSummary]] = {}
     helpers: dict[str, list[PrefectFuture[Any]]] = {}  # each building stage's plan and shard tasks
 
+    by_ref = {n.ref: n for n in nodes}
+
     def outcome(ref: str) -> StageSummary:
         """The stage's summary; when it failed, the root cause (a failed shard's own exception)."""
         fut = futs[ref]
@@ -476,20 +619,25 @@ def dag_flow(
             for h in helpers.get(ref, []):
                 h.wait()
                 if h.state.is_failed() or h.state.is_crashed():
-                    h.result()  # raises the shard's exception
-        return StageSummary.model_validate(fut.result())  # a cache hit reads back JSON
+                    result_of(h, by_ref[ref])  # raises the shard's exception
+        return StageSummary.model_validate(result_of(fut, by_ref[ref]))  # a cache hit reads back JSON
 
     for wave in waves(nodes):
         for n in wave:  # inputs come from earlier waves; a failed one stops the flow with its own error
             for c in n.inputs.values():
                 outcome(c.ref)
         missing = [n for n in wave if not store.exists(n.stage, n.version)]
-        plans = {n.ref: plan_task.with_options(task_run_name=f"{n.ref}/plan").submit(n) for n in missing}
+        plans = {
+            n.ref: plan_task.with_options(task_run_name=f"{n.ref}/plan", **task_options(run, n.stage)).submit(
+                n
+            )
+            for n in missing
+        }
         for n in wave:
             upstream = [futs[c.ref] for c in n.inputs.values()]
-            named = cached_stage.with_options(task_run_name=n.ref)
+            named = cached_stage.with_options(task_run_name=n.ref, **task_options(run, n.stage))
             if n.ref in plans:
-                plan = plans[n.ref].result()
+                plan = result_of(plans[n.ref], n)
                 shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus, gpu_lanes)
                 helpers[n.ref] = [plans[n.ref], *shard_futs]
                 # the store lacks it: ignore (and then overwrite) whatever Prefect has cached for this version
@@ -500,8 +648,9 @@ def dag_flow(
     for n in nodes:
         s = outcome(n.ref)
         status = "cached" if futs[n.ref].state.name == "Cached" else s.status
-        if status == "cached":  # the task did not run, so its stats table comes from here
+        if status == "cached":  # the task did not run, so its stats table (and report) come from here
             publish_stats(s.model_copy(update={"status": status}))
+            publish_report(store.get(n.stage, n.version))
         report.append(
             {
                 "stage": n.stage,
@@ -520,62 +669,128 @@ def dag_flow(
     return report
 
 
+def config_label(config: str | None) -> str:
+    """A config's short name for run names: its file's stem, or `defaults`."""
+    return Path(config).stem if config else "defaults"
+
+
+def dag_run_name(flow_name: str, config: str | None, roots: list[Node]) -> str:
+    """The child run's name: flow, config and what it builds (the target's version, or a digest of the
+    targets'), so runs of one flow with other configs or settings are told apart in the UI."""
+    if len(roots) == 1:
+        what = roots[0].ref
+    else:
+        refs = sorted({r.ref for r in roots})
+        what = f"{len(refs)} targets #{hashlib.sha256(','.join(refs).encode()).hexdigest()[:12]}"
+    return f"{flow_name}-dag {config_label(config)} {what}"
+
+
+def parent_run_name() -> str:
+    """The parent run's name: flow, config and overrides (Prefect calls this when the run starts)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    sets = " ".join(params.get("overrides") or ())
+    return f"{flow_run.flow_name} {config_label(params.get('config'))} {sets}".strip()[:120]
+
+
 def run_flow(
     flow_name: str,
     config: str | None = None,
-    overrides: list[str] | None = None,
-    variants: list[str] | None = None,
-    stages: list[str] | None = None,
+    overrides: Sequence[str] = (),
+    variants: Sequence[str] | None = None,
+    stages: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Check the flow's stages are installed, then run the DAG under the config's task runner."""
-    run = load_config(config, overrides or [])
-    flow_targets(flow_name, variants, stages)  # fail fast, before a server or a cluster starts
-    child = dag_flow.with_options(task_runner=task_runner_for(run))
-    return child(flow_name, config, list(overrides or []), variants, stages)
+    config = config or None  # "" (a form left empty) means every default
+    variants = list(variants) if variants else None
+    stages = list(stages) if stages else None
+    run = load_config(config, overrides)
+    targets = flow_targets(flow_name, variants, stages)  # fail fast, before a server or a cluster starts
+    roots, _ = resolve_targets(run, targets)
+    child = dag_flow.with_options(
+        task_runner=task_runner_for(run), flow_run_name=dag_run_name(flow_name, config, roots)
+    )
+    return child(flow_name, config, list(overrides), variants, stages)
 
 
 # ------------------------------------------------------------------------------------------ the flows
+# Plain typed parameters with defaults (no Optional, no config object): Prefect builds each deployment's
+# form from these types and the docstrings' Args.
 
 
-@flow(name="neighbors")
-def neighbors(config: str | None = None, overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    """documents -> tokenizer -> chunks -> bm25 (query chunk and chunk+target) + embeddings -> dense."""
+@flow(name="neighbors", flow_run_name=parent_run_name)
+def neighbors(config: str = "", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """documents -> tokenizer -> chunks -> bm25 (query chunk and chunk+target) + embeddings -> dense.
+
+    Args:
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
+    """
     return run_flow("neighbors", config, overrides)
 
 
-@flow(name="supervision")
-def supervision(config: str | None = None, overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    """reference LM -> scores of the bm25 (chunk+target) candidates, with everything upstream."""
+@flow(name="supervision", flow_run_name=parent_run_name)
+def supervision(config: str = "", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """reference LM -> scores of the bm25 (chunk+target) candidates, with everything upstream.
+
+    Args:
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
+    """
     return run_flow("supervision", config, overrides)
 
 
-@flow(name="train")
+@flow(name="train", flow_run_name=parent_run_name)
 def train(
-    config: str | None = None, overrides: list[str] | None = None, variants: list[str] | None = None
+    config: str = "", overrides: Sequence[str] = (), variants: Sequence[Variant] = TRAIN_VARIANTS
 ) -> list[dict[str, Any]]:
-    """One checkpoint per model variant (default: baseline, retro_bm25, rpt_lex, rpt_sem)."""
+    """One checkpoint per model variant.
+
+    Args:
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
+        variants: the model variants to train
+    """
     return run_flow("train", config, overrides, variants)
 
 
-@flow(name="evaluate")
-def evaluate(config: str | None = None, overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    """The evaluation report, with every checkpoint and table it reads."""
+@flow(name="evaluate", flow_run_name=parent_run_name)
+def evaluate(config: str = "", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The evaluation report, with every checkpoint and table it reads.
+
+    Args:
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
+    """
     return run_flow("evaluate", config, overrides)
 
 
-@flow(name="full")
+@flow(name="full", flow_run_name=parent_run_name)
 def full(
-    config: str | None = None, overrides: list[str] | None = None, variants: list[str] | None = None
+    config: str = "", overrides: Sequence[str] = (), variants: Sequence[Variant] = TRAIN_VARIANTS
 ) -> list[dict[str, Any]]:
-    """Everything: neighbors, supervision, the trained variants and their evaluation."""
+    """Everything: neighbors, supervision, the trained variants and their evaluation.
+
+    Args:
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
+        variants: the model variants to train and evaluate
+    """
     return run_flow("full", config, overrides, variants)
 
 
-@flow(name="stages")
+@flow(name="stages", flow_run_name=parent_run_name)
 def stages(
-    targets: list[str], config: str | None = None, overrides: list[str] | None = None
+    targets: Sequence[StageName], config: str = "", overrides: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    """Any stages with their dependencies (e.g. ["chunks"]), for stages that belong to no other flow."""
+    """Any stages with their dependencies (e.g. ["chunks"]), for stages that belong to no other flow.
+
+    Args:
+        targets: the stages to build, each with everything it reads
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
+    """
     return run_flow("stages", config, overrides, stages=targets)
 
 
@@ -633,9 +848,10 @@ def run_named(
         raise ConfigError(f"--target applies to the stages flow, not '{name}'")
     load_config(config, overrides or [])  # a bad config fails before any server starts
     flow_targets(name, variants, targets)
+    cfg, sets = config or "", list(overrides or [])
     with prefect_api():
         if name == "stages":
-            return stages(targets or [], config, overrides)
+            return stages(targets or [], cfg, sets)
         if name in ("train", "full"):
-            return FLOWS[name](config, overrides, variants)
-        return FLOWS[name](config, overrides)
+            return FLOWS[name](cfg, sets, variants or TRAIN_VARIANTS)
+        return FLOWS[name](cfg, sets)

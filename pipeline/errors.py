@@ -25,3 +25,7 @@ class InputError(RptError):
 
 class ArtifactError(RptError):
     """A missing, corrupt or unresolvable artifact."""
+
+
+class StageTimeoutError(RptError):
+    """A task of a stage ran past its `runner.timeouts` entry; the message names the stage and setting."""

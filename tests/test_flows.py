@@ -1,6 +1,9 @@
 """Prefect flows: the neighbors flow builds what the executor builds; a rerun hits the cache for every task; a
 changed bm25 setting reruns bm25 only; a deleted artifact is rebuilt; a failed shard resumes; Dask with two
-worker processes gives the same bytes as threads; the CLI and the deployments. One Prefect test server.
+worker processes gives the same bytes as threads; the CLI and the deployments. Operations: transient
+failures are retried and user errors are not, a stage timeout names the stage and its setting, the
+evaluation report and progress bars reach the UI as artifacts, typed parameters and distinct run names.
+One Prefect test server.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import yaml
 
 import flows  # first: it sets Prefect's logging environment before prefect is imported
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError, InputError, StageTimeoutError
 from pipeline.executor import build, resolve
 from pipeline.registry import STAGES, get_stage
 from pipeline.store import ArtifactStore
@@ -106,7 +109,7 @@ def run_logs(flow_run_id: Any) -> list[Any]:
         return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
 
-def table_artifacts(flow_run_id: Any) -> dict[str, list[Any]]:
+def run_artifacts(flow_run_id: Any, kind: str) -> list[Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -114,10 +117,13 @@ def table_artifacts(flow_run_id: Any) -> dict[str, list[Any]]:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
+    return [a for a in arts if a.type == kind]
+
+
+def table_artifacts(flow_run_id: Any) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
-    for a in arts:
-        if a.type == "table":
-            out.setdefault(a.key, []).append(a)
+    for a in run_artifacts(flow_run_id, "table"):
+        out.setdefault(a.key, []).append(a)
     return out
 
 
@@ -318,6 +324,7 @@ def test_flows_need_registered_stages(
     monkeypatch: pytest.MonkeyPatch, write_config: Any, tmp_path: Path
 ) -> None:
     cfg = write_config(tmp_path)
+    load_config(cfg)  # the config model is built once, with every stage; alone this test would build it here
     monkeypatch.delitem(STAGES, "dense")
     with pytest.raises(ConfigError, match=r"needs stage 'dense'.*pipeline/registry.py"):
         flows.flow_targets("neighbors")
@@ -327,6 +334,8 @@ def test_flows_need_registered_stages(
         flows.run_named("neighbours", cfg)
     with pytest.raises(ConfigError, match="--variant applies"):
         flows.run_named("stages", cfg, variants=["baseline"], targets=["chunks"])
+    with pytest.raises(ConfigError, match="unknown variant"):  # before the flow's parameter check
+        flows.run_named("train", cfg, variants=["rpt_semm"])
 
 
 def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
@@ -372,8 +381,9 @@ def test_task_runner_follows_the_config(write_config: Any, tmp_path: Path) -> No
     assert runner(kind="threads", workers=3)._max_workers == 3
     assert runner(kind="serial")._max_workers == 1
     assert isinstance(runner(kind="processes", workers=2), ProcessPoolTaskRunner)
-    local = runner(kind="dask", workers=2)
+    local = runner(kind="dask", workers=2, retries=1)
     assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 2
+    assert local.cluster_kwargs["scheduler_kwargs"] == {"allowed_failures": 1}  # lost workers: runner.retries
     assert runner(kind="dask", address="tcp://10.0.0.1:8786").address == "tcp://10.0.0.1:8786"
     try:
         import prefect_ray  # noqa: F401
@@ -406,6 +416,7 @@ def test_prefect_yaml_deploys_every_flow() -> None:
         assert isinstance(fl, Flow) and fl is flows.FLOWS[fl.name]
         assert d["work_pool"]["name"] == "rpt-process"
         assert set(d.get("parameters", {})) <= set(fl.parameters.properties)
+        fl.validate_parameters(d.get("parameters", {}))  # what a deployment run would be refused for
         deployed[fl.name] = d["name"]
     assert set(deployed) == set(flows.FLOWS)
 
@@ -468,3 +479,256 @@ def test_ray_gives_gpu_shards_a_gpu(monkeypatch) -> None:
         with flows.ray_gpu_request(kind, gpu):
             pass
     assert asked == [{"num_gpus": 1}]
+
+
+# ------------------------------------------------------------------------------ operations
+
+
+def latest_run(flow_name: str) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )[0]
+
+
+def documents_shards(
+    monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], BaseException | None]
+) -> Any:
+    """Patch the documents stage's shards: `fail(shard index, attempt)` may return an error to raise."""
+    stage = get_stage("documents")
+    real = stage.run_shard
+    calls: dict[int, int] = {}
+
+    def patched(ctx: Any, shard: Any) -> Any:
+        calls[shard.index] = calls.get(shard.index, 0) + 1
+        err = fail(shard.index, calls[shard.index])
+        if err is not None:
+            raise err
+        return real(ctx, shard)
+
+    monkeypatch.setattr(stage, "run_shard", patched)
+    return calls
+
+
+@pytest.mark.prefect
+def test_transient_failure_is_retried_and_a_user_error_is_not(
+    prefect_server: Any, write_config: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    runner = {"retries": 2, "retry_delay_s": 0.1}
+    calls = documents_shards(monkeypatch, lambda i, k: OSError("NFS hiccup") if i == 0 and k == 1 else None)
+    report = flows.stages(["documents"], write_config(tmp_path / "a", runner=runner))
+    assert statuses(report) == [("documents", "built")]
+    assert calls[0] == 2 and all(n == 1 for i, n in calls.items() if i) and len(calls) == 4
+    names = [t.name for t in task_runs(latest_dag_run().id)]
+    assert names.count(f"{report[0]['ref']}/00000") == 1  # one task run, retried (not a second task)
+
+    calls = documents_shards(
+        monkeypatch, lambda i, k: InputError("bad bytes", path="x.py") if i == 0 else None
+    )
+    with pytest.raises(InputError, match="x.py: bad bytes"):
+        flows.stages(["documents"], write_config(tmp_path / "b", runner=runner))
+    assert calls[0] == 1
+
+
+@pytest.mark.prefect
+def test_a_lost_dask_worker_is_retried(
+    prefect_server: Any, write_config: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker process that dies under a shard never reports to Prefect: the scheduler reruns the task
+    on another worker (runner.retries times), and Prefect takes the rerun of the same task run."""
+    mark = tmp_path / "killed"
+    preload = tmp_path / "die_once.py"  # runs in each Dask worker process as it starts
+    preload.write_text(
+        "import os\n"
+        "from pathlib import Path\n"
+        "from pipeline.registry import get_stage\n"
+        "stage = get_stage('documents')\n"
+        "real = type(stage).run_shard.__get__(stage)\n"
+        "def dying(ctx, shard):\n"
+        f"    if shard.index == 0 and not Path({str(mark)!r}).exists():\n"
+        f"        Path({str(mark)!r}).write_text('x')\n"
+        "        os._exit(1)\n"
+        "    return real(ctx, shard)\n"
+        "stage.run_shard = dying\n"
+    )
+    real_runner = flows.task_runner_for
+
+    def with_preload(run: Any) -> Any:
+        runner = real_runner(run)
+        runner.cluster_kwargs["preload"] = [str(preload)]
+        return runner
+
+    monkeypatch.setattr(flows, "task_runner_for", with_preload)
+    cfg = write_config(tmp_path, runner={"kind": "dask", "workers": 2, "retries": 1})
+    report = flows.stages(["documents"], cfg)
+    assert mark.exists() and statuses(report) == [("documents", "built")]
+    assert ArtifactStore(str(tmp_path / "store")).get(*report[0]["ref"].split("@")).verify() == []
+
+
+@pytest.mark.prefect
+def test_a_stage_timeout_names_the_stage_and_the_setting(
+    prefect_server: Any, write_config: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import time
+
+    def slow(i: int, k: int) -> None:
+        for _ in range(400):  # 20 s in short sleeps: Prefect interrupts a worker thread between them
+            time.sleep(0.05)
+
+    calls = documents_shards(monkeypatch, slow)
+    cfg = write_config(tmp_path, runner={"timeouts": {"documents": 1.0}, "retry_delay_s": 0})
+    t0 = time.perf_counter()
+    with pytest.raises(
+        StageTimeoutError, match=r"stage 'documents' ran past runner\.timeouts\.documents = 1 s"
+    ):
+        flows.stages(["documents"], cfg)
+    assert time.perf_counter() - t0 < 15 and set(calls.values()) == {1}  # a timeout is not retried
+
+
+@pytest.mark.prefect
+def test_evaluate_flow_publishes_its_report_and_progress(
+    prefect_server: Any, write_config: Any, tmp_path: Path
+) -> None:
+    """The evaluate flow (one tiny baseline) leaves report.md as a markdown artifact naming the artifact's
+    folder, and progress artifacts of its train and evaluate shards (updated on every step here)."""
+    cfg = write_config(
+        tmp_path,
+        documents={"split_lists": {"valid": ["stdlib/textwrap"], "test": ["stdlib/colorsys"]}},
+        reference=TINY_REFERENCE,
+        scores={"candidates": 4, "splits": ["test"]},
+        train={
+            "steps": 2,
+            "seq_len": 256,
+            "batch_size": 1,
+            "warmup_steps": 1,
+            "workers": 0,
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "window": 128, "stride": 64},
+        },
+        evaluate={"variants": ["baseline"], "retrievers": [], "neighbors": [2], "threads": 1},
+        bm25={"exclude_recent": 1},
+        runner={"progress_s": 0},
+    )
+    report = flows.evaluate(cfg)
+    ev = ref_of(report, "evaluate")
+    dag = latest_dag_run()
+    assert dag.name == f"evaluate-dag run {ev}"
+    (md,) = run_artifacts(dag.id, "markdown")
+    art = ArtifactStore(str(tmp_path / "store")).get(*ev.split("@"))
+    assert (
+        md.key == "evaluate-report" and f"`{ev}`" in md.data and Path(art.path).resolve().as_uri() in md.data
+    )
+    assert md.data.split("\n\n", 1)[1].startswith(art.local_path("report.md").read_text()[:200])
+    bars = [
+        a
+        for a in run_artifacts(dag.id, "progress")
+        if "train" in a.description or "evaluate" in a.description
+    ]
+    assert {a.description.split(" · ")[0].split("@")[0] for a in bars} >= {"train", "evaluate"}
+    assert all(a.data == 100 for a in bars)
+
+
+def test_only_transient_failures_are_retried(write_config: Any, tmp_path: Path) -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    from prefect.client.schemas.objects import State
+    from prefect.task_engine import TaskRunTimeoutError
+
+    class KilledWorker(Exception):  # matched by name, as distributed's is
+        pass
+
+    transient = [OSError("EIO"), ConnectionResetError(), TimeoutError(), BrokenProcessPool(), KilledWorker()]
+    permanent = [
+        InputError("bad row", path="x.parquet"),
+        ConfigError("bm25.k: bad"),
+        ArtifactError("missing"),
+        FileNotFoundError("corpus/x.txt"),
+        PermissionError(),
+        ValueError(),
+        RuntimeError("CUDA out of memory"),
+        TaskRunTimeoutError("timed out"),
+    ]
+    assert [flows.is_transient(e) for e in transient] == [True] * len(transient)
+    assert [flows.is_transient(e) for e in permanent] == [False] * len(permanent)
+
+    class Run:
+        name = "documents@v/00000"
+
+    assert flows.retry_transient(None, Run(), State(type="FAILED", data=OSError()))  # type: ignore[arg-type]
+    assert not flows.retry_transient(None, Run(), State(type="FAILED", data=InputError("x")))  # type: ignore[arg-type]
+
+    run = load_config(
+        write_config(tmp_path), ["runner.retries=3", "runner.retry_delay_s=2", "runner.timeouts.train=60"]
+    )
+    opts = flows.task_options(run, "train")
+    assert opts["retries"] == 3 and opts["retry_delay_seconds"] == [2, 4, 8] and opts["timeout_seconds"] == 60
+    assert opts["retry_condition_fn"] is flows.retry_transient
+    assert flows.task_options(run, "bm25")["timeout_seconds"] is None
+    with pytest.raises(ConfigError, match="unknown stage 'trian'"):
+        load_config(write_config(tmp_path), ["runner.timeouts.trian=60"])
+
+
+def test_progress_bars_report_through_a_rate_limited_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages' bars call the hook a flow installs at most once per interval (never per batch) and once at
+    the end; a bar that ends within the interval reports nothing, and a failing hook fails no stage."""
+    import pipeline.progress as pp
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(pp.time, "monotonic", lambda: clock["t"])
+    ticks: list[Any] = []
+    with pp.report_progress(ticks.append, every_s=10):
+        bar = pp.progress(total=1000, desc="embeddings", unit="chunk")
+        for _ in range(1000):  # 1000 batches over 31.25 s: reports at 10, 20 and 30 s, and the end
+            clock["t"] += 1 / 32
+            bar.update(1)
+        bar.close()
+        quick = pp.progress(range(50), desc="quick")
+        assert list(quick) == list(range(50))
+        quick.close()
+        pp.progress(total=5, disable=True).update(5)  # a bar its caller turned off (e.g. rank > 0)
+    assert [(t.desc, t.done, t.percent, t.final) for t in ticks] == [
+        ("embeddings", 320, 32.0, False),
+        ("embeddings", 640, 64.0, False),
+        ("embeddings", 960, 96.0, False),
+        ("embeddings", 1000, 100.0, True),
+    ]
+
+    def broken(t: Any) -> None:
+        raise ConnectionError("API down")
+
+    with pp.report_progress(broken, every_s=0):
+        bar = pp.progress(total=3)
+        bar.update(3)
+        bar.close()
+    bar = pp.progress(total=3)  # outside the context: a plain bar
+    assert type(bar) is not pp._ReportingBar
+
+
+def test_flow_parameters_are_typed_for_the_ui_form() -> None:
+    """Prefect builds a deployment's form from the parameter schema: plain types with defaults and
+    descriptions (no Optional unions), the variants and stages as choices."""
+    for name, fl in flows.FLOWS.items():
+        props = fl.parameters.properties
+        assert props["config"]["type"] == "string" and props["config"]["default"] == ""
+        assert props["overrides"]["type"] == "array" and props["overrides"]["items"] == {"type": "string"}
+        assert all(p.get("description") for p in props.values()), name
+    variants = flows.train.parameters.properties["variants"]
+    assert variants["items"]["enum"] == list(flows.TRAIN_VARIANTS) == variants["default"]
+    assert set(flows.stages.parameters.properties["targets"]["items"]["enum"]) == set(STAGES)
+
+
+def test_child_runs_are_named_after_flow_config_and_targets(write_config: Any, tmp_path: Path) -> None:
+    run = load_config(write_config(tmp_path))
+    roots, _ = flows.resolve_targets(run, flows.flow_targets("neighbors"))
+    name = flows.dag_run_name("neighbors", "configs/demo.yaml", roots)
+    assert name.startswith("neighbors-dag demo 3 targets #")
+    other = load_config(write_config(tmp_path), ["bm25.k=5"])
+    roots_k5, _ = flows.resolve_targets(other, flows.flow_targets("neighbors"))
+    assert flows.dag_run_name("neighbors", "configs/demo.yaml", roots_k5) != name
+    (ev,), _ = flows.resolve_targets(run, flows.flow_targets("stages", stages=["chunks"]))
+    assert flows.dag_run_name("stages", None, [ev]) == f"stages-dag defaults {ev.ref}"
