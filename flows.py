@@ -38,7 +38,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, get_args
@@ -63,6 +63,7 @@ from pipeline.config import RunConfigBase, load_config
 from pipeline.devices import gpu_lane
 from pipeline.errors import ConfigError, RptError, StageTimeoutError
 from pipeline.executor import Node, open_build, pending_shards, publish, resolve, run_shard
+from pipeline.locks import build_lock
 from pipeline.progress import Tick, report_progress
 from pipeline.registry import STAGES
 from pipeline.report import REPORT_FILE
@@ -611,10 +612,19 @@ def dag_flow(
 
     by_ref = {n.ref: n for n in nodes}
 
+    # Build locks of the versions this flow builds, held by this (the orchestrating) process from before
+    # the plan task until the stage is published, since plan, shards and publish run in other processes.
+    locks: dict[str, ExitStack] = {}
+
+    def release(ref: str) -> None:
+        if ref in locks:
+            locks.pop(ref).close()
+
     def outcome(ref: str) -> StageSummary:
         """The stage's summary; when it failed, the root cause (a failed shard's own exception)."""
         fut = futs[ref]
         fut.wait()
+        release(ref)
         if not fut.state.is_completed():
             for h in helpers.get(ref, []):
                 h.wait()
@@ -622,31 +632,45 @@ def dag_flow(
                     result_of(h, by_ref[ref])  # raises the shard's exception
         return StageSummary.model_validate(result_of(fut, by_ref[ref]))  # a cache hit reads back JSON
 
-    for wave in waves(nodes):
-        for n in wave:  # inputs come from earlier waves; a failed one stops the flow with its own error
-            for c in n.inputs.values():
-                outcome(c.ref)
-        missing = [n for n in wave if not store.exists(n.stage, n.version)]
-        plans = {
-            n.ref: plan_task.with_options(task_run_name=f"{n.ref}/plan", **task_options(run, n.stage)).submit(
-                n
-            )
-            for n in missing
-        }
-        for n in wave:
-            upstream = [futs[c.ref] for c in n.inputs.values()]
-            named = cached_stage.with_options(task_run_name=n.ref, **task_options(run, n.stage))
-            if n.ref in plans:
-                plan = result_of(plans[n.ref], n)
-                shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus, gpu_lanes)
-                helpers[n.ref] = [plans[n.ref], *shard_futs]
-                # the store lacks it: ignore (and then overwrite) whatever Prefect has cached for this version
-                futs[n.ref] = named.with_options(refresh_cache=True).submit(n, plan, shard_futs, upstream)
-            else:
-                futs[n.ref] = named.submit(n, None, [], upstream)
+    try:
+        for wave in waves(nodes):
+            for n in wave:  # inputs come from earlier waves; a failed one stops the flow with its own error
+                for c in n.inputs.values():
+                    outcome(c.ref)
+            # in ref order, so that two flows wanting the same versions queue instead of deadlocking
+            for n in sorted(wave, key=lambda n: n.ref):
+                if not store.exists(n.stage, n.version):
+                    locks[n.ref] = ExitStack()
+                    locks[n.ref].enter_context(build_lock(store, n.stage, n.version))
+            missing = [n for n in wave if not store.exists(n.stage, n.version)]  # a twin may have built some
+            building = {n.ref for n in missing}
+            for n in wave:
+                if n.ref not in building:
+                    release(n.ref)
+            plans = {
+                n.ref: plan_task.with_options(
+                    task_run_name=f"{n.ref}/plan", **task_options(run, n.stage)
+                ).submit(n)
+                for n in missing
+            }
+            for n in wave:
+                upstream = [futs[c.ref] for c in n.inputs.values()]
+                named = cached_stage.with_options(task_run_name=n.ref, **task_options(run, n.stage))
+                if n.ref in plans:
+                    plan = result_of(plans[n.ref], n)
+                    shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus, gpu_lanes)
+                    helpers[n.ref] = [plans[n.ref], *shard_futs]
+                    # the store lacks it: ignore (and then overwrite) whatever Prefect has cached for this version
+                    futs[n.ref] = named.with_options(refresh_cache=True).submit(n, plan, shard_futs, upstream)
+                else:
+                    futs[n.ref] = named.submit(n, None, [], upstream)
+        summaries = {n.ref: outcome(n.ref) for n in nodes}
+    finally:  # a failed flow must not keep its locks (a test, or a caller that retries, lives on)
+        for ref in list(locks):
+            release(ref)
     report = []
     for n in nodes:
-        s = outcome(n.ref)
+        s = summaries[n.ref]
         status = "cached" if futs[n.ref].state.name == "Cached" else s.status
         if status == "cached":  # the task did not run, so its stats table (and report) come from here
             publish_stats(s.model_copy(update={"status": status}))

@@ -732,3 +732,47 @@ def test_child_runs_are_named_after_flow_config_and_targets(write_config: Any, t
     assert flows.dag_run_name("neighbors", "configs/demo.yaml", roots_k5) != name
     (ev,), _ = flows.resolve_targets(run, flows.flow_targets("stages", stages=["chunks"]))
     assert flows.dag_run_name("stages", None, [ev]) == f"stages-dag defaults {ev.ref}"
+
+
+BUILD_HOLDING_THE_LOCK = """
+import sys, time
+from pipeline.config import load_config
+from pipeline.executor import open_build, pending_shards, publish, resolve, run_shard
+from pipeline.locks import build_lock
+from pipeline.store import ArtifactStore
+
+run = load_config(sys.argv[1])
+node = resolve("documents", run)
+with build_lock(ArtifactStore(run.root()), node.stage, node.version):
+    print("locked", flush=True)
+    time.sleep(2)  # the flow starts meanwhile: it must wait, not build beside this process
+    ctx = open_build(node, {})
+    todo, done = pending_shards(ctx, node.impl.plan(ctx))
+    publish(ctx, node, done + [run_shard(ctx, s) for s in todo], {})
+"""
+
+
+@pytest.mark.prefect
+def test_a_flow_waits_for_another_process_building_the_same_version(
+    prefect_server: Any, write_config: Any, tmp_path: Path
+) -> None:
+    """A manual `rpt run` and a scheduled flow on one store: the flow waits for the version the other
+    process is building, then finds it instead of building it a second time."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    cfg = write_config(tmp_path / "a")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILD_HOLDING_THE_LOCK, cfg],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    report = flows.stages(["documents"], cfg)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert statuses(report) == [("documents", "found")]  # built once, by the other process
