@@ -16,12 +16,15 @@ changed for `older_than`, because a build that is running right now looks the sa
 its partial folder is not kept by any ref or config given here when it belongs to another config, and
 deleting it under the build would fail that build or, in the worst race, publish what was left. A
 running build writes into its folder at least once per finished shard, so a folder untouched for a
-day (the default) is taken to be dead; `older_than=0` removes all debris when no build is running.
+day (the default) is taken to be dead; `older_than=0` removes all debris when no build is running. On a
+local store the build lock decides instead of the clock: a partial folder whose version lock a running
+build holds is spared at any age, and one whose lock is free is removed at once (removal holds the lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
@@ -32,8 +35,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ArtifactError, ConfigError, RptError
+from pipeline.locks import unless_building
 from pipeline.manifest import MANIFEST_NAME, Manifest
 from pipeline.store import PARTIAL_PREFIX, REFS_DIR, Artifact, ArtifactStore, check_name, is_plain_name
+
+log = logging.getLogger("rpt.artifacts")
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfigBase
@@ -394,8 +400,13 @@ def plan_gc(
             REMOVING: "left by an interrupted removal",
             REF_TEMP: "temporary file of an interrupted ref write",
         }[e.kind]
-        if e.kind == REMOVING or age >= older_than:
-            plan.remove.append(Item(e, size, f"{why}; untouched for {format_age(age)}"))
+        with unless_building(store, e.stage, e.version or "") as free:
+            pass  # a snapshot for the plan; apply_gc asks again while it removes
+        if e.kind in (PARTIAL, INCOMPLETE) and free is False:
+            plan.spared.append(Item(e, size, f"{why}; a running build holds its lock"))
+        elif e.kind == REMOVING or age >= older_than or (e.kind in (PARTIAL, INCOMPLETE) and free):
+            untouched = "no build holds its lock" if free else f"untouched for {format_age(age)}"
+            plan.remove.append(Item(e, size, f"{why}; {untouched}"))
         else:
             plan.spared.append(Item(e, size, f"{why}; changed {format_age(age)} ago, a build may be running"))
     gone = {i.entry.ref for i in plan.remove if i.entry.kind in VERSION_KINDS}
@@ -414,7 +425,12 @@ def apply_gc(store: ArtifactStore, plan: GcPlan) -> int:
         if item.entry.kind == REF_TEMP:
             with contextlib.suppress(FileNotFoundError):
                 store.fs.rm_file(item.entry.path)
-        else:
+            continue
+        # holding the version's lock while removing: a build that starts now waits, then starts afresh
+        with unless_building(store, item.entry.stage, item.entry.version or "") as free:
+            if free is False:
+                log.info("gc: %s is being built now; left alone", item.entry.label)
+                continue
             remove_folder(store, item.entry.path)
     return plan.total
 

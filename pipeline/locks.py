@@ -58,3 +58,26 @@ def build_lock(store: ArtifactStore, stage: str, version: str) -> Iterator[None]
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def unless_building(store: ArtifactStore, stage: str, version: str) -> Iterator[bool | None]:
+    """Whether no build of `stage@version` runs (True), one does (False), or that cannot be told (None:
+    an object store, no flock). While True is held, no build can start, so its folders may be removed."""
+    if not store.is_local or fcntl is None:
+        yield None
+        return
+    path = lock_path(store, stage, version)
+    if not os.path.exists(path):  # no build since locks exist; an older writer cannot be told
+        yield None
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -408,3 +408,43 @@ def test_rm(two, capsys, monkeypatch):
     )  # a version is required
     code, _, _ = rpt(capsys, monkeypatch, "artifacts", "rm", f"documents@{docs}", "--root", root, "--force")
     assert code == 0 and not store.exists("documents", docs)
+
+
+def test_gc_asks_the_build_lock_not_the_clock(two, capsys, monkeypatch):
+    """An old partial folder whose build still holds its lock (a long shard writes nothing for a day) is
+    spared; a fresh one whose build died (lock free) is removed without waiting a day."""
+    from pipeline.locks import lock_path
+
+    root, chunks = two["root"], two["root"] / "chunks"
+    store = ArtifactStore(str(root))
+    busy, dead = chunks / ".partial-0000000busy0", chunks / ".partial-0000000dead0"
+    for p in (busy, dead):
+        (p / "_shards").mkdir(parents=True)
+    old(busy)
+    hold = (
+        "import sys, time\n"
+        "from pipeline.locks import build_lock\n"
+        "from pipeline.store import ArtifactStore\n"
+        "with build_lock(ArtifactStore(sys.argv[1]), 'chunks', sys.argv[2]):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    # a build that took the lock and ended without publishing (as a killed one does)
+    finished = hold.replace("time.sleep(60)", "pass")
+    subprocess.run([sys.executable, "-c", finished, str(root), "0000000dead0"], check=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(root), "0000000busy0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert Path(lock_path(store, "chunks", "0000000dead0")).exists()
+        args = ["artifacts", "gc", "-c", str(two["a"]), "-c", str(two["b"])]
+        code, out, _ = rpt(capsys, monkeypatch, *args, "--yes")
+        assert code == 0
+        assert busy.exists() and "a running build holds its lock" in out
+        assert not dead.exists() and "no build holds its lock" in out
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out, _ = rpt(capsys, monkeypatch, *args, "--yes")
+    assert code == 0 and not busy.exists()  # its holder is gone: the lock is free
