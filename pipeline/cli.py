@@ -494,6 +494,15 @@ def main() -> None:
             sys.exit(getattr(e, "exit_code", 2))
         if isinstance(e, click.exceptions.Abort | typer.Abort):
             sys.exit(1)
+        if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+            # credentials, endpoint or bucket problems of an s3:// store: the store, not our code
+            typer.echo(
+                f"error: the object store refused or could not be reached: {type(e).__name__}: {e}. "
+                "Check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile), the endpoint "
+                "(AWS_ENDPOINT_URL) and the bucket of artifacts_root",
+                err=True,
+            )
+            sys.exit(2)
         raise
     # In standalone_mode=False click *returns* the code of a typer.Exit (and typer turns Ctrl-C into
     # Exit(130)) instead of raising it: without this every failing command would exit 0.

@@ -448,3 +448,15 @@ def test_gc_asks_the_build_lock_not_the_clock(two, capsys, monkeypatch):
         holder.wait()
     code, out, _ = rpt(capsys, monkeypatch, *args, "--yes")
     assert code == 0 and not busy.exists()  # its holder is gone: the lock is free
+
+
+def test_an_s3_store_without_credentials_is_one_line(capsys, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+    code, _, err = rpt(capsys, monkeypatch, "artifacts", "ls", "--root", "s3://no-such-bucket/store")
+    assert code == 2
+    assert err.startswith("error: the object store refused or could not be reached: NoCredentialsError")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
