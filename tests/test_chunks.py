@@ -199,7 +199,7 @@ def test_tokenizer_learns_from_the_train_split_only(tmp_path):
     d.mkdir()
     (d / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
     (d / "valid.txt").write_text("zyxwvut qponml " * 2000)
-    (d / "test.txt").write_text("zyxwvut qponml " * 2000)
+    (d / "test.txt").write_text("qponml zyxwvut " * 2000)  # not a copy of valid.txt (documents refuse those)
     run = make_config(
         tmp_path / "store",
         documents={"paths": [str(d)], "split_lists": {"valid": ["c/valid.txt"], "test": ["c/test.txt"]}},
