@@ -238,7 +238,11 @@ def test_train_split_chunks_do_not_change_the_test_metrics(eval_run, tmp_path):
         block = tokens[d.first : d.first + d.n]
         block[block >= 0] = (block[block >= 0] * 7 + 3) % vocab  # another valid token id everywhere
     tokens.flush()
-    again = build("evaluate", run.model_copy(update={"artifacts_root": str(root)}))
+    # the scrambled tokens no longer match the chunks manifest's checksums, on purpose: check sizes only
+    scrambled = run.model_copy(update={"artifacts_root": str(root)}).with_section(
+        "runner", {"verify_inputs": "size"}
+    )
+    again = build("evaluate", scrambled)
     assert again.version == art.version
 
     def table(a):
