@@ -181,7 +181,22 @@ class DocumentsStage(Stage):
         # each file travels with the identity its version was computed from; the shard checks it after
         # reading (a file replaced between resolving and reading would put new text under the old version)
         expected = dict(map(tuple, ctx.fingerprint.get("files", []))) if cfg.paths and ctx.fingerprint else {}
-        for u in self._units(cfg):
+        units = self._units(cfg)
+        if expected:
+            now = {u["rel"] for u in units}
+            added, removed = sorted(now - set(expected)), sorted(set(expected) - now)
+            if added or removed:
+                raise InputError(
+                    "the corpus changed between computing the artifact's version and reading it ("
+                    + ", ".join(
+                        f"{what}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+                        for what, names in (("added", added), ("removed", removed))
+                        if names
+                    )
+                    + "); nothing was published: rerun the build once the corpus is settled",
+                    path=", ".join(cfg.paths),
+                )
+        for u in units:
             if u.get("rel") in expected:
                 u["expect"] = expected[u["rel"]]
             if groups[-1] and size + u["bytes"] > cfg.shard_bytes:

@@ -446,3 +446,23 @@ def test_a_file_changed_during_the_build_fails_it_and_publishes_nothing(tmp_path
     art = build("documents", run)
     assert art.version != old_version and art.verify() == []
     assert "A different book altogether." in art.read(columns=["text"])["text"].to_pylist()[1]
+
+
+def test_a_file_added_after_the_version_was_computed_fails_the_build(tmp_path):
+    """A book dropped into a listed folder between resolving and planning used to be ingested under the
+    version computed without it."""
+    from pipeline.executor import build_node
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("The first book. " * 100)
+    (corpus / "b.txt").write_text("The second book. " * 100)
+    run = make_config(tmp_path / "s", runner={"kind": "serial"}, documents={"paths": [str(corpus)]})
+    node = resolve("documents", run)
+    (corpus / "c.txt").write_text("A late arrival. " * 100)
+    with pytest.raises(InputError, match=r"the corpus changed .*added: in/c\.txt"):
+        build_node(node)
+    assert not ArtifactStore(run.root()).exists("documents", node.version)
+    (corpus / "b.txt").unlink()
+    with pytest.raises(InputError, match=r"added: in/c\.txt, removed: in/b\.txt"):
+        build_node(node)
