@@ -618,6 +618,10 @@ def dag_flow(
 
     def release(ref: str) -> None:
         if ref in locks:
+            # Prefect fails a stage task as soon as one of its shards fails, while the other shards still
+            # run in the workers: the lock is freed only once every task of the build has ended
+            for h in helpers.get(ref, []):
+                h.wait()
             locks.pop(ref).close()
 
     def outcome(ref: str) -> StageSummary:

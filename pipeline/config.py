@@ -7,10 +7,11 @@ model (`stages/<name>.py: Config`). Unknown keys and bad values are errors namin
 from __future__ import annotations
 
 import os
+from collections import abc
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -25,13 +26,44 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 
+_SEQUENCES = (list, tuple, set, frozenset, abc.Sequence, abc.Set)
+_MAPPINGS = (dict, abc.Mapping)
 
-def number_not_bool(annotation: Any) -> bool:
-    """Whether a field typed `annotation` takes numbers but not booleans (int, float, int | None, ...)."""
+
+def _number_slot(annotation: Any) -> bool:
+    """Whether a value typed `annotation` is a number and never a boolean (int, float, int | None, ...)."""
+    origin = get_origin(annotation)
+    if origin is Literal or origin in _SEQUENCES or origin in _MAPPINGS:
+        return False
     args = get_args(annotation)
-    if args:
-        return bool not in args and any(number_not_bool(a) for a in args)
+    if args:  # a union
+        return bool not in args and any(_number_slot(a) for a in args)
     return annotation in (int, float)
+
+
+def _inner(annotation: Any, origins: tuple[Any, ...], pick: int) -> list[Any]:
+    """The element (pick=0) or value (pick=1) types of the container types in `annotation` (a union too)."""
+    candidates = (
+        [annotation, *get_args(annotation)] if get_origin(annotation) not in origins else [annotation]
+    )
+    out = []
+    for a in candidates:
+        if get_origin(a) in origins and get_args(a):
+            args = [x for x in get_args(a) if x is not Ellipsis]
+            out.append(args[min(pick, len(args) - 1)])
+    return out
+
+
+def bool_where_number(annotation: Any, value: Any) -> bool:
+    """Whether `value` holds a boolean where `annotation` wants a number, at any depth of lists and dicts
+    (`--set evaluate.neighbors=[true,2]` was read as [1, 2])."""
+    if isinstance(value, bool):
+        return _number_slot(annotation)
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(bool_where_number(a, x) for a in _inner(annotation, _SEQUENCES, 0) for x in value)
+    if isinstance(value, dict):
+        return any(bool_where_number(a, x) for a in _inner(annotation, _MAPPINGS, 1) for x in value.values())
+    return False
 
 
 class NoBoolNumbers(BaseModel):
@@ -41,12 +73,8 @@ class NoBoolNumbers(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
-        if (
-            isinstance(v, bool)
-            and info.field_name
-            and number_not_bool(cls.model_fields[info.field_name].annotation)
-        ):
-            raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+        if info.field_name and bool_where_number(cls.model_fields[info.field_name].annotation, v):
+            raise ValueError(f"expected a number, got a boolean in {v!r}")
         return v
 
 

@@ -40,7 +40,7 @@ import torch
 from pydantic import Field, ValidationError, field_validator
 
 from model.config import RPTConfig, Variant, preset
-from pipeline.config import RunConfigBase, StageConfig, number_not_bool
+from pipeline.config import RunConfigBase, StageConfig, bool_where_number
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
@@ -156,11 +156,7 @@ class Config(StageConfig):
                 f"{derived} are set by the stage (train.variant, train.n_neighbors, the chunks, "
                 "tokenizer and bm25 inputs), not in train.model"
             )
-        bools = sorted(
-            k
-            for k, x in v.items()
-            if isinstance(x, bool) and number_not_bool(RPTConfig.model_fields[k].annotation)
-        )
+        bools = sorted(k for k, x in v.items() if bool_where_number(RPTConfig.model_fields[k].annotation, x))
         if bools:
             raise ValueError(f"train.model {bools}: expected a number, got a boolean")
         return v

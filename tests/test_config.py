@@ -88,12 +88,28 @@ def test_source_file_is_not_a_setting(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["chunks.chunk_len=true", "bm25.k=false", "runner.workers=true", "train.model={d_model: true}"],
+    [
+        "chunks.chunk_len=true",
+        "bm25.k=false",
+        "runner.workers=true",
+        "train.model={d_model: true}",
+        "runner.timeouts={chunks: true}",
+        "evaluate.neighbors=[true, 2]",
+        "evaluate.recall_at=[true]",
+    ],
 )
 def test_a_boolean_is_not_a_number(override):
     """pydantic's lax mode read `true` as 1: chunk_len=true gave one-token chunks."""
     with pytest.raises(ConfigError, match="expected a number, got"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["documents.strip_gutenberg=false", "evaluate.neighbors=[1, 2]", "runner.timeouts={chunks: 30}"],
+)
+def test_booleans_and_numbers_where_they_belong_still_load(override):
+    load_config(None, [override])
 
 
 def test_a_section_written_twice_is_an_error(tmp_path):
