@@ -44,11 +44,22 @@ _BOMS = [
     (codecs.BOM_UTF16_BE, "utf-16-be"),
 ]
 _BOM_OF = {enc: bom for bom, enc in _BOMS}
-# Western text read as Windows-1252 has a few accented letters among its letters (French about 3%);
-# Cyrillic or Greek bytes read that way come out as nearly all accented Latin letters (mojibake).
-MAX_WESTERN_ACCENTED = 0.3
-# below this many letters a detector guesses (two bytes read as Shift-JIS); such a snippet stays cp1252
-MIN_LETTERS_TO_DETECT = 20
+# Single-byte encodings of scripts other than Latin that files still come in (Cyrillic, Greek, Hebrew,
+# Arabic, Baltic/Turkish are Latin and so left to Windows-1252).
+OTHER_SCRIPTS = [
+    "cp1251",
+    "koi8_r",
+    "koi8_u",
+    "iso8859_5",
+    "cp866",
+    "mac_cyrillic",
+    "cp1253",
+    "iso8859_7",
+    "cp1255",
+    "iso8859_8",
+    "cp1256",
+    "iso8859_6",
+]
 
 
 class UnknownEncoding(ValueError):
@@ -78,19 +89,44 @@ def decode(data: bytes) -> tuple[str, str]:
     except UnicodeDecodeError:
         pass
     text = data.decode("cp1252", errors="rpt_latin1")
-    letters = sum(c.isalpha() for c in text)
-    accented = sum(c.isalpha() and not c.isascii() for c in text)
-    if letters < MIN_LETTERS_TO_DETECT or accented / letters <= MAX_WESTERN_ACCENTED:
+    foreign = foreign_words(text)
+    if not foreign:
         return text, "cp1252"
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data).best()
-    if best is None or best.encoding in ("cp1252", "latin_1", "iso8859_15"):
+    # only scripts whose letters Windows-1252 turns into accented Latin: a Western text must never be
+    # switched to another Latin code page (a Portuguese list came out as cp1250 'năo, măe')
+    best = from_bytes(data, cp_isolation=OTHER_SCRIPTS).best()
+    if best is None:
         raise UnknownEncoding(
-            f"not UTF-8, and as Windows-1252 {accented / letters:.0%} of its letters are accented "
-            "(mojibake of another script); its encoding cannot be told: convert the file to UTF-8"
+            f"not UTF-8, and read as Windows-1252 it holds words such as {' '.join(foreign[:3])!r} (mojibake "
+            "of another script) whose encoding cannot be told: convert the file to UTF-8"
         )
     return str(best), best.encoding
+
+
+def decode_as(data: bytes, encoding: str) -> tuple[str, str]:
+    """UTF-8 if the bytes are UTF-8, else the given legacy encoding (strict)."""
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode(encoding, errors="rpt_latin1" if encoding == "cp1252" else "strict"), encoding
+    except UnicodeDecodeError as e:
+        raise UnknownEncoding(f"not UTF-8 and not {encoding} like the file's earlier lines ({e})") from None
+
+
+_WORD = re.compile(r"[^\W\d_]{3,}")
+
+
+def foreign_words(text: str) -> list[str]:
+    """Words of three or more letters made of non-ASCII letters only, when they are at least a fifth of
+    the words that hold any: in Western text an accented letter sits among ASCII ones ('déjà', 'ÉTÉ'),
+    while Cyrillic, Greek or Hebrew read as Windows-1252 gives whole words of them ('Ïðèâåò')."""
+    accented = [w for w in _WORD.findall(text) if not w.isascii()]
+    whole = [w for w in accented if not any(c.isascii() for c in w)]
+    return whole if whole and len(whole) >= 0.2 * len(accented) else []
 
 
 def normalize_newlines(text: str) -> str:
@@ -326,6 +362,7 @@ def iter_jsonl(
         yield Skip("unreadable", f"cannot read file: {e}", f.path)
         return
     n_records = 0
+    legacy: str | None = None  # the file's non-UTF-8 encoding, decided once on its first such line
     with fh:
         try:
             for lineno, raw in enumerate(fh, 1):
@@ -333,7 +370,10 @@ def iter_jsonl(
                     continue
                 n_records += 1
                 try:
-                    rec = json.loads(decode(raw)[0])
+                    line, enc = decode(raw) if legacy is None else decode_as(raw, legacy)
+                    if enc not in ("utf-8", "utf-8-sig"):
+                        legacy = enc
+                    rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     yield Skip("bad_json", f"malformed JSON ({e.msg} at column {e.colno})", f.path, lineno)
                     continue

@@ -466,3 +466,41 @@ def test_a_file_added_after_the_version_was_computed_fails_the_build(tmp_path):
     (corpus / "b.txt").unlink()
     with pytest.raises(InputError, match=r"added: in/c\.txt, removed: in/b\.txt"):
         build_node(node)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Привет мир",  # ten letters
+        "# -*- coding: cp1251 -*-\nimport os\n\n\ndef main():\n    # Получить список файлов\n    return os.listdir('.')\n",
+        "This eBook is for the use of anyone anywhere at no cost. " * 20 + "Война и мир. Лев Толстой.",
+    ],
+)
+def test_short_and_mixed_cp1251_is_not_garbled(text):
+    """Below 20 letters, or Russian comments in code, or a long English header: read as Windows-1252
+    these came back as 'Ïðèâåò ìèð'."""
+    assert decode(text.encode("cp1251")) == (text, "cp1251")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "não, mãe, pão, irmão, coração, ação, " * 5,  # was switched to cp1250: 'năo, măe'
+        "ÉTÉ À OÙ DÉJÀ ÇA " * 5,  # was switched to cp1257
+        "L'été dernier, à Paris, nous avons dîné près de la fenêtre; déjà la forêt était rouge. " * 10,
+        "Größe, Übung, Mädchen, schön, Straße, früh. " * 10,
+    ],
+)
+def test_western_text_stays_windows_1252(text):
+    assert decode(text.encode("cp1252")) == (text, "cp1252")
+
+
+def test_a_jsonl_file_decides_its_encoding_once(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    lines = [{"text": "Война и мир. Лев Николаевич Толстой. Часть первая. " * 30}, {"text": "Привет, мир"}]
+    (d / "ru.jsonl").write_bytes(
+        b"".join(json.dumps(r, ensure_ascii=False).encode("cp1251") + b"\n" for r in lines)
+    )
+    art = build("documents", make_config(tmp_path / "s", documents={"paths": [str(d)], "min_chars": 5}))
+    assert sorted(art.read(columns=["text"])["text"].to_pylist()) == sorted(r["text"] for r in lines)
