@@ -659,7 +659,11 @@ def dag_flow(
             }
             for n in wave:
                 upstream = [futs[c.ref] for c in n.inputs.values()]
-                named = cached_stage.with_options(task_run_name=n.ref, **task_options(run, n.stage))
+                # publish is not retried: it consumes the shard records and work files it reads, so a
+                # second attempt could not succeed; a rerun of the flow rebuilds what is missing
+                named = cached_stage.with_options(
+                    task_run_name=n.ref, **{**task_options(run, n.stage), "retries": 0}
+                )
                 if n.ref in plans:
                     plan = result_of(plans[n.ref], n)
                     shard_futs = submit_build(n, plan, plans[n.ref], run.runner.kind, gpus, gpu_lanes)
