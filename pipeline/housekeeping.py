@@ -17,8 +17,16 @@ its partial folder is not kept by any ref or config given here when it belongs t
 deleting it under the build would fail that build or, in the worst race, publish what was left. A
 running build writes into its folder at least once per finished shard, so a folder untouched for a
 day (the default) is taken to be dead; `older_than=0` removes all debris when no build is running. On a
-local store the build lock decides instead of the clock: a partial folder whose version lock a running
-build holds is spared at any age, and one whose lock is free is removed at once (removal holds the lock).
+local store the build lock adds to the clock, it does not replace it: a folder whose version lock a
+running build holds is spared at any age; one whose lock is free falls under the same age rule as one
+whose lock cannot be told (an object store), because the finished shards of a build killed minutes ago
+are what its rerun resumes from (hours of work), whoever's config it was. Removal holds the lock.
+
+Never removed: a version folder whose manifest cannot be read (an I/O, permission or throttling
+error: its state is unknown, not broken), and while one exists no published artifact either (it may be
+an input of that one); and a broken or incomplete version folder that a ref, config or lineage keeps
+(a rebuild replaces it). `apply_gc` looks at each entry again under its lock and leaves alone what
+changed since the plan: a folder published since, one whose files changed, one that is gone.
 """
 
 from __future__ import annotations
@@ -67,6 +75,7 @@ class Entry:
     path: str
     manifest: Manifest | None = None
     problem: str = ""
+    unreadable: bool = False  # BROKEN only: the manifest could not be read (state unknown, not broken)
 
     @property
     def version(self) -> str | None:
@@ -116,26 +125,41 @@ def _summarize(e: Exception) -> str:
 
 
 def read_manifest_strict(store: ArtifactStore, stage: str, version: str) -> tuple[Manifest | None, str]:
-    """(manifest, "") when valid, (None, "") when there is none, (None, problem) when it is broken.
+    """(manifest, "") when valid, (None, "") when there is none, (None, problem) when it is broken or
+    cannot be read.
 
     Unlike the store's readers, which treat a bad manifest as no artifact (correctly: nothing may be
     built on it), listing and verification must show it, or an artifact would vanish without a word.
     """
+    m, problem, _ = read_manifest_state(store, stage, version)
+    return m, problem
+
+
+def read_manifest_state(store: ArtifactStore, stage: str, version: str) -> tuple[Manifest | None, str, bool]:
+    """`read_manifest_strict`, and whether the problem is that the manifest could not be read at all
+    (an OSError: permissions, the network, a throttled object store): then its state is unknown, and
+    gc must not take it for broken."""
     path = f"{store.version_dir(stage, version)}/{MANIFEST_NAME}"
     try:
         with store.fs.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        return None, ""
+        return None, "", False
+    except (IsADirectoryError, NotADirectoryError) as e:  # not a file: broken, whatever happens next
+        return None, f"{MANIFEST_NAME} cannot be read ({_summarize(e)})", False
     except OSError as e:
-        return None, f"{MANIFEST_NAME} cannot be read ({_summarize(e)})"
+        return None, f"{MANIFEST_NAME} cannot be read ({_summarize(e)})", True
     try:
         m = Manifest.model_validate_json(raw)
     except Exception as e:  # invalid JSON, bytes that are not UTF-8, missing or mistyped fields
-        return None, f"{MANIFEST_NAME} is not a valid manifest ({_summarize(e)})"
+        return None, f"{MANIFEST_NAME} is not a valid manifest ({_summarize(e)})", False
     if (m.stage, m.version) != (stage, version):
-        return None, f"{MANIFEST_NAME} describes {m.ref}, not {stage}@{version} (a copied or moved folder?)"
-    return m, ""
+        return (
+            None,
+            f"{MANIFEST_NAME} describes {m.ref}, not {stage}@{version} (a copied or moved folder?)",
+            False,
+        )
+    return m, "", False
 
 
 def stages(store: ArtifactStore) -> list[str]:
@@ -171,11 +195,11 @@ def entries(store: ArtifactStore, stage: str) -> list[Entry]:
         elif name.startswith(".") or not is_dir or not is_plain_name(name):
             continue  # tool state and stray files are not ours to list
         else:
-            m, problem = read_manifest_strict(store, stage, name)
+            m, problem, unreadable = read_manifest_state(store, stage, name)
             if m is not None:
                 arts.append(Entry(stage, name, ARTIFACT, path, manifest=m))
             elif problem:
-                others.append(Entry(stage, name, BROKEN, path, problem=problem))
+                others.append(Entry(stage, name, BROKEN, path, problem=problem, unreadable=unreadable))
             else:
                 others.append(Entry(stage, name, INCOMPLETE, path, problem=f"no {MANIFEST_NAME}"))
     arts.sort(key=lambda e: (e.manifest.created_at if e.manifest else "", e.name))
@@ -354,6 +378,7 @@ class Item:
     entry: Entry
     bytes: int
     why: str
+    mtime: float | None = None  # the newest change under it when planned (debris only)
 
 
 @dataclass
@@ -382,10 +407,18 @@ def plan_gc(
     keep, bad = kept(store, runs, every, keep_latest)
     published = {e.ref for e in every if e.kind == ARTIFACT}
     plan = GcPlan(keep={r: why for r, why in keep.items() if r in published}, bad_refs=bad)
+    # A manifest that cannot be read may name inputs that nothing else keeps: remove no artifact then.
+    unknown = [e.ref for e in every if e.kind == BROKEN and e.unreadable]
     for e in every:
         if e.kind == ARTIFACT:
-            if e.ref not in keep:
-                plan.remove.append(Item(e, tree_info(store, e.path)[0], "kept by no ref, config or lineage"))
+            if e.ref in keep:
+                continue
+            size = tree_info(store, e.path)[0]
+            if unknown:
+                why = f"kept by nothing known, but may be an input of {unknown[0]}, whose manifest cannot be read"
+                plan.spared.append(Item(e, size, why))
+            else:
+                plan.remove.append(Item(e, size, "kept by no ref, config or lineage"))
             continue
         if e.kind == PARTIAL and e.ref in keep and e.ref not in published:
             continue  # the resume state of a build someone still wants
@@ -400,15 +433,26 @@ def plan_gc(
             REMOVING: "left by an interrupted removal",
             REF_TEMP: "temporary file of an interrupted ref write",
         }[e.kind]
+        if e.kind == BROKEN and e.unreadable:
+            plan.spared.append(Item(e, size, f"{why}: its state is unknown, so it is left alone"))
+            continue
+        if e.kind in (BROKEN, INCOMPLETE) and e.ref in keep:
+            plan.spared.append(Item(e, size, f"{why}; kept by {keep[e.ref]} (a rebuild replaces it)"))
+            continue
         with unless_building(store, e.stage, e.version or "") as free:
             pass  # a snapshot for the plan; apply_gc asks again while it removes
-        if e.kind in (PARTIAL, INCOMPLETE) and free is False:
+        if free is False:
             plan.spared.append(Item(e, size, f"{why}; a running build holds its lock"))
-        elif e.kind == REMOVING or age >= older_than or (e.kind in (PARTIAL, INCOMPLETE) and free):
-            untouched = "no build holds its lock" if free else f"untouched for {format_age(age)}"
-            plan.remove.append(Item(e, size, f"{why}; {untouched}"))
+        elif e.kind == REMOVING or age >= older_than:
+            lock = "; no build holds its lock" if free else ""
+            plan.remove.append(Item(e, size, f"{why}; untouched for {format_age(age)}{lock}", mtime))
         else:
-            plan.spared.append(Item(e, size, f"{why}; changed {format_age(age)} ago, a build may be running"))
+            maybe = (
+                "no build holds its lock, but a rerun may resume from it"
+                if free
+                else "a build may be running"
+            )
+            plan.spared.append(Item(e, size, f"{why}; changed {format_age(age)} ago, {maybe}"))
     gone = {i.entry.ref for i in plan.remove if i.entry.kind in VERSION_KINDS}
     for stage in stages(store):
         for name, v in read_refs(store, stage)[0].items():
@@ -417,21 +461,59 @@ def plan_gc(
     return plan
 
 
+def _changed_since_plan(store: ArtifactStore, item: Item) -> str:
+    """Why a planned removal must not go ahead after all ("" when it may): checked under its lock."""
+    e = item.entry
+    if not store.fs.exists(e.path):
+        return "it is gone"
+    if e.kind in (BROKEN, INCOMPLETE):
+        m, problem, unreadable = read_manifest_state(store, e.stage, e.name)
+        if m is not None:
+            return "it was published since the plan"
+        if unreadable:
+            return problem
+    if e.kind != ARTIFACT:
+        mtime = tree_info(store, e.path)[1]
+        if mtime is not None and (item.mtime is None or mtime > item.mtime):
+            return "it changed since the plan"
+    return ""
+
+
 def apply_gc(store: ArtifactStore, plan: GcPlan) -> int:
-    """Carry out a plan; returns the bytes freed. Refs go first, so none points at a half-removed folder."""
-    for stage, name, _ in plan.drop_refs:
-        store.delete_ref(stage, name)
+    """Carry out a plan; returns the bytes freed. Each item is looked at again under its version's
+    lock and left alone (moved to `plan.spared`) when it changed since the plan; the refs to a version
+    go just before its folder, so none points at a half-removed folder."""
+    drops: dict[str, list[tuple[str, str, str]]] = {}
+    for stage, name, v in plan.drop_refs:
+        drops.setdefault(f"{stage}@{v}", []).append((stage, name, v))
+    done: list[Item] = []
+    dropped: list[tuple[str, str, str]] = []
     for item in plan.remove:
-        if item.entry.kind == REF_TEMP:
+        e = item.entry
+        if e.kind == REF_TEMP:
             with contextlib.suppress(FileNotFoundError):
-                store.fs.rm_file(item.entry.path)
+                store.fs.rm_file(e.path)
+            done.append(item)
             continue
         # holding the version's lock while removing: a build that starts now waits, then starts afresh
-        with unless_building(store, item.entry.stage, item.entry.version or "") as free:
-            if free is False:
-                log.info("gc: %s is being built now; left alone", item.entry.label)
+        with unless_building(store, e.stage, e.version or "") as free:
+            reason = "a build holds its lock now" if free is False else _changed_since_plan(store, item)
+            if reason:
+                log.info("gc: %s: %s; left alone", e.label, reason)
+                plan.spared.append(Item(e, item.bytes, f"{item.why}; but {reason}, so it is left alone"))
                 continue
-            remove_folder(store, item.entry.path)
+            for stage, name, v in drops.get(e.ref, []) if e.kind in VERSION_KINDS else []:
+                try:
+                    still = store.get_ref(stage, name) == v
+                except ArtifactError:  # rewritten since the plan, badly: not ours to judge now
+                    still = False
+                if still:
+                    store.delete_ref(stage, name)
+                    dropped.append((stage, name, v))
+            remove_folder(store, e.path)
+            done.append(item)
+    plan.remove[:] = done
+    plan.drop_refs[:] = dropped
     return plan.total
 
 

@@ -411,16 +411,19 @@ def test_rm(two, capsys, monkeypatch):
 
 
 def test_gc_asks_the_build_lock_not_the_clock(two, capsys, monkeypatch):
-    """An old partial folder whose build still holds its lock (a long shard writes nothing for a day) is
-    spared; a fresh one whose build died (lock free) is removed without waiting a day."""
+    """The lock adds to the clock: an old partial folder whose build still holds its lock (a long shard
+    writes nothing for a day) is spared; an old one whose lock is free is removed; a fresh one whose
+    build died minutes ago (lock free) is spared, because its finished shards are what a rerun resumes."""
     from pipeline.locks import lock_path
 
     root, chunks = two["root"], two["root"] / "chunks"
     store = ArtifactStore(str(root))
     busy, dead = chunks / ".partial-0000000busy0", chunks / ".partial-0000000dead0"
-    for p in (busy, dead):
+    killed = chunks / ".partial-000000killed"
+    for p in (busy, dead, killed):
         (p / "_shards").mkdir(parents=True)
     old(busy)
+    old(dead)
     hold = (
         "import sys, time\n"
         "from pipeline.locks import build_lock\n"
@@ -429,9 +432,10 @@ def test_gc_asks_the_build_lock_not_the_clock(two, capsys, monkeypatch):
         "    print('locked', flush=True)\n"
         "    time.sleep(60)\n"
     )
-    # a build that took the lock and ended without publishing (as a killed one does)
+    # builds that took the lock and ended without publishing (as a killed one does)
     finished = hold.replace("time.sleep(60)", "pass")
-    subprocess.run([sys.executable, "-c", finished, str(root), "0000000dead0"], check=True)
+    for v in ("0000000dead0", "000000killed"):
+        subprocess.run([sys.executable, "-c", finished, str(root), v], check=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", hold, str(root), "0000000busy0"], stdout=subprocess.PIPE, text=True
     )
@@ -443,11 +447,84 @@ def test_gc_asks_the_build_lock_not_the_clock(two, capsys, monkeypatch):
         assert code == 0
         assert busy.exists() and "a running build holds its lock" in out
         assert not dead.exists() and "no build holds its lock" in out
+        line = next(x for x in out.splitlines() if "000000killed" in x)
+        assert killed.exists() and line.startswith("spare") and "changed" in line and " ago" in line
     finally:
         holder.kill()
         holder.wait()
     code, out, _ = rpt(capsys, monkeypatch, *args, "--yes")
-    assert code == 0 and not busy.exists()  # its holder is gone: the lock is free
+    assert code == 0 and not busy.exists()  # its holder is gone and it is old: the lock is free
+    assert killed.exists()
+    code, out, _ = rpt(capsys, monkeypatch, *args, "--older-than", "0", "--yes")
+    assert code == 0 and not killed.exists()
+
+
+def test_gc_leaves_a_manifest_it_cannot_read_alone(two, capsys, monkeypatch):
+    """A read error (permissions, network, a throttled object store) is not a broken manifest: the
+    version, its refs and every published artifact it may take as input stay."""
+    root, store, vb = two["root"], ArtifactStore(str(two["root"])), two["vb"]
+    target = f"chunks/{vb}/manifest.json"
+    fs_class = type(store.fs)
+    real_open = fs_class.open
+
+    def flaky_open(self, path, *args, **kwargs):
+        if str(path).endswith(target):
+            raise PermissionError(errno.EACCES, "Access Denied (throttled)", str(path))
+        return real_open(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(fs_class, "open", flaky_open)
+    args = ["artifacts", "gc", "--root", str(root), "--no-keep-latest", "--older-than", "0"]
+    code, out, _ = rpt(capsys, monkeypatch, *args, "--yes")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.split()[1] == f"chunks@{vb}")
+    assert line.startswith("spare") and "cannot be read" in line and "PermissionError" in line, out
+    assert not [x for x in out.splitlines() if x.startswith("remove ")] and "removed 0 item(s)" in out, out
+    monkeypatch.setattr(fs_class, "open", real_open)
+    assert store.exists("chunks", vb) and store.get_ref("chunks", "latest") == vb
+    tok = resolve("tokenizer", two["rb"])
+    assert store.exists("tokenizer", tok.version)  # an input of the unreadable one
+    assert store.exists("chunks", two["va"])  # nothing could tell whether it is an input
+
+
+def test_gc_spares_a_broken_version_that_is_kept(two, capsys, monkeypatch):
+    """A ref (or config) that keeps a version whose manifest is broken keeps the folder and the ref:
+    a rebuild replaces it; gc does not decide for the user that it is lost."""
+    root, store, va = two["root"], ArtifactStore(str(two["root"])), two["va"]
+    (root / "chunks" / va / "manifest.json").write_text("{not json")
+    store.set_ref("chunks", "golden", va)
+    args = ["artifacts", "gc", "--root", str(root), "--older-than", "0"]
+    code, out, _ = rpt(capsys, monkeypatch, *args, "--yes")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.split()[1] == f"chunks@{va}")
+    assert line.startswith("spare") and "not a valid manifest" in line and "kept by ref golden" in line
+    assert (root / "chunks" / va).is_dir() and store.get_ref("chunks", "golden") == va
+    assert store.exists("chunks", two["vb"])  # latest
+
+
+def test_gc_apply_rechecks_what_was_published_since_the_plan(two):
+    """A version folder without a manifest when gc planned, published before gc removed it, stays."""
+    import shutil
+
+    root, store, va = two["root"], ArtifactStore(str(two["root"])), two["va"]
+    folder = root / "chunks" / "abcdef012345"
+    folder.mkdir()
+    (folder / "part-00000.parquet").write_bytes(b"y" * 10)
+    old(folder)
+    stale = root / "chunks" / ".partial-deadbeef0000"
+    (stale / "_shards").mkdir(parents=True)
+    old(stale)
+    plan = hk.plan_gc(store, older_than=3600)
+    assert {i.entry.name for i in plan.remove} >= {"abcdef012345", ".partial-deadbeef0000"}
+    # published meanwhile: the artifact's files, then its manifest
+    shutil.copytree(root / "chunks" / va, folder, dirs_exist_ok=True)
+    m = store.get("chunks", va).manifest.model_copy(update={"version": "abcdef012345"})
+    (folder / "manifest.json").write_text(m.to_json())
+    assert store.exists("chunks", "abcdef012345")
+    hk.apply_gc(store, plan)
+    assert store.exists("chunks", "abcdef012345") and not stale.exists()
+    assert not store.exists("chunks", va)  # kept by nothing: removed as planned
+    assert "abcdef012345" not in {i.entry.name for i in plan.remove}
+    assert any("published since the plan" in i.why for i in plan.spared if i.entry.name == "abcdef012345")
 
 
 def test_an_s3_store_without_credentials_is_one_line(capsys, monkeypatch):
