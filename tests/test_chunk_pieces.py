@@ -326,18 +326,18 @@ def test_chunks_artifact_is_byte_identical_split_or_not(tmp_path, gutenberg_dir)
 
 
 def test_memory_does_not_grow_with_the_document(tmp_path):
-    """Encoding a 2.2 MB single-line document whole costs ~190 bytes per byte (~410 MB); in 64 KB pieces
-    the stage's extra peak RSS stays far below that (measured in a fresh process)."""
+    """Peak RSS of chunking one single-line document, 1 MB and 4 MB, each in a fresh process: whole, the
+    extra peak grows with the document (~190 bytes per byte); in 64 KB pieces it barely grows at all."""
     script = textwrap.dedent(
         """
-        import json, resource, sys
+        import json, random, resource, sys
         import pyarrow as pa
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         from stages.chunks import chunk_batches
+        n_bytes, piece_bytes = int(sys.argv[1]), int(sys.argv[2]) or None
         words = ["alpha", "beta", "gamma", "delta", "x1", "42", "(", ")", ":", "=", "é", "東"]
-        import random
-        rng = random.Random(0)
-        text = " ".join(rng.choice(words) for _ in range(600_000))[:3_000_000]
+        rng = random.Random(0)  # the same prefix at every size, so the same tokenizer
+        text = " ".join(rng.choice(words) for _ in range(n_bytes // 4))[:n_bytes]
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -354,19 +354,33 @@ def test_memory_does_not_grow_with_the_document(tmp_path):
                 return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         before = peak_kb()
         stats = {}
-        n = sum(t.num_rows for t in chunk_batches([batch], tok, 64, int(sys.argv[1]), 2, stats))
+        n = sum(t.num_rows for t in chunk_batches([batch], tok, 64, piece_bytes, 2, stats))
         after = peak_kb()
-        print(json.dumps({"extra_mb": (after - before) / 1024, "chunks": n, "pieces": stats["pieces"], "bytes": len(text.encode())}))
+        print(json.dumps({"extra_mb": (after - before) / 1024, "chunks": n, "pieces": stats["pieces"]}))
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script, str(64 << 10)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"},
-    )
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["pieces"] > 20 and res["chunks"] > 10_000, res
-    assert res["extra_mb"] < 100, res  # whole: ~410 MB; pieces: ~15 MB
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+    runs = {
+        (size, piece): subprocess.Popen(
+            [sys.executable, "-c", script, str(size), str(piece)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for size in (1 << 20, 4 << 20)
+        for piece in (0, 64 << 10)  # 0: whole
+    }
+    res = {}
+    for key, p in runs.items():
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        res[key] = json.loads(out.strip().splitlines()[-1])
+    small, big = 1 << 20, 4 << 20
+    assert res[big, 64 << 10]["pieces"] > 50 and res[big, 0]["pieces"] == 1, res
+    assert res[big, 64 << 10]["chunks"] == res[big, 0]["chunks"] > 4 * res[small, 0]["chunks"] * 0.9, res
+    whole_growth = res[big, 0]["extra_mb"] - res[small, 0]["extra_mb"]
+    pieced_growth = res[big, 64 << 10]["extra_mb"] - res[small, 64 << 10]["extra_mb"]
+    assert whole_growth > 200, res  # ~190 bytes per byte: 3 MB more text costs ~570 MB more
+    assert pieced_growth < max(0.1 * whole_growth, 20), res

@@ -577,18 +577,21 @@ def test_a_stage_timeout_names_the_stage_and_the_setting(
 ) -> None:
     import time
 
+    finished: list[int] = []
+
     def slow(i: int, k: int) -> None:
-        for _ in range(400):  # 20 s in short sleeps: Prefect interrupts a worker thread between them
+        for _ in range(600):  # 30 s in short sleeps: Prefect interrupts a worker thread between them
             time.sleep(0.05)
+        finished.append(i)
 
     calls = documents_shards(monkeypatch, slow)
     cfg = write_config(tmp_path, runner={"timeouts": {"documents": 1.0}, "retry_delay_s": 0})
-    t0 = time.perf_counter()
     with pytest.raises(
         StageTimeoutError, match=r"stage 'documents' ran past runner\.timeouts\.documents = 1 s"
     ):
         flows.stages(["documents"], cfg)
-    assert time.perf_counter() - t0 < 15 and set(calls.values()) == {1}  # a timeout is not retried
+    # the flow ends only once every shard task has: none ran to its end, and none was retried
+    assert calls and finished == [] and set(calls.values()) == {1}
 
 
 @pytest.mark.prefect
@@ -735,7 +738,7 @@ def test_child_runs_are_named_after_flow_config_and_targets(write_config: Any, t
 
 
 BUILD_HOLDING_THE_LOCK = """
-import sys, time
+import os, sys, time
 from pipeline.config import load_config
 from pipeline.executor import open_build, pending_shards, publish, resolve, run_shard
 from pipeline.locks import build_lock
@@ -745,7 +748,9 @@ run = load_config(sys.argv[1])
 node = resolve("documents", run)
 with build_lock(ArtifactStore(run.root()), node.stage, node.version):
     print("locked", flush=True)
-    time.sleep(2)  # the flow starts meanwhile: it must wait, not build beside this process
+    deadline = time.monotonic() + 300
+    while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the test has seen the flow wait for this build
     ctx = open_build(node, {})
     todo, done = pending_shards(ctx, node.impl.plan(ctx))
     publish(ctx, node, done + [run_shard(ctx, s) for s in todo], {})
@@ -757,22 +762,60 @@ def test_a_flow_waits_for_another_process_building_the_same_version(
     prefect_server: Any, write_config: Any, tmp_path: Path
 ) -> None:
     """A manual `rpt run` and a scheduled flow on one store: the flow waits for the version the other
-    process is building, then finds it instead of building it a second time."""
+    process is building (it holds the lock until the test has seen the flow wait), then finds it instead
+    of building it a second time."""
     import subprocess
     import sys
+    import threading
+    import time
 
     from tests.conftest import REPO
 
     cfg = write_config(tmp_path / "a")
+    version = resolve("documents", load_config(cfg)).version
+    marker = tmp_path / "go-on"
+    waiting = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if f"documents@{version} is being built by" in record.getMessage():
+                waiting.set()
+
+    handler = Waiting(logging.INFO)
+    locks_log = logging.getLogger("rpt.locks")
+    level = locks_log.level
+    locks_log.addHandler(handler)
+    locks_log.setLevel(logging.INFO)
     proc = subprocess.Popen(
-        [sys.executable, "-c", BUILD_HOLDING_THE_LOCK, cfg],
+        [sys.executable, "-c", BUILD_HOLDING_THE_LOCK, cfg, str(marker)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout.readline().strip() == "locked"
-    report = flows.stages(["documents"], cfg)
-    _, err = proc.communicate(timeout=120)
+    result: dict[str, Any] = {}
+
+    def flow() -> None:
+        try:
+            result["report"] = flows.stages(["documents"], cfg)
+        except BaseException as e:  # handed to the test's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=flow, daemon=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        thread.start()
+        deadline = time.monotonic() + 90
+        while not waiting.wait(timeout=0.2) and thread.is_alive() and time.monotonic() < deadline:
+            pass
+        assert waiting.is_set(), f"the flow did not wait for the other process's build: {result}"
+        assert thread.is_alive()  # still waiting: the other process has not built it yet
+    finally:
+        marker.touch()  # the other process goes on (and ends) whatever happened
+        thread.join(timeout=120)
+        _, err = proc.communicate(timeout=120)
+        locks_log.removeHandler(handler)
+        locks_log.setLevel(level)
     assert proc.returncode == 0, err[-2000:]
-    assert statuses(report) == [("documents", "found")]  # built once, by the other process
+    assert not thread.is_alive() and "error" not in result, result.get("error")
+    assert statuses(result["report"]) == [("documents", "found")]  # built once, by the other process

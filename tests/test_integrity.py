@@ -65,6 +65,36 @@ def test_an_intact_input_is_hashed_once_per_process(private, monkeypatch):
 
 # ------------------------------------------------------------------------------ concurrent builds
 
+# Process A: builds `stage` (and its inputs), but its first shard of `stage` announces itself and then
+# waits for a marker file, so that B surely starts while A holds the build lock.
+HOLDER = """
+import os
+import sys
+import time
+
+from pipeline.config import load_config
+from pipeline.executor import build
+from pipeline.registry import get_stage
+
+cfg, stage, marker = sys.argv[1:4]
+impl = get_stage(stage)
+real = impl.run_shard
+
+
+def held(ctx, shard):
+    print("building", stage, flush=True)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return real(ctx, shard)
+
+
+impl.run_shard = held
+art = build(stage, load_config(cfg), with_deps=True)
+print("built", art.ref, flush=True)
+"""
+
+# Process B: a plain build of the same version.
 TWIN = """
 import logging
 import sys
@@ -74,20 +104,32 @@ from pipeline.executor import build
 
 logging.basicConfig(level=logging.INFO)
 art = build(sys.argv[2], load_config(sys.argv[1]), with_deps=True)
-print("built", art.ref)
+print("built", art.ref, flush=True)
 """
+
+
+def _lines(stream, q) -> None:
+    for line in stream:
+        q.put(line)
+    q.put(None)
 
 
 @pytest.mark.parametrize("stage", ["chunks", "tokenizer"])
 def test_two_processes_building_the_same_version_both_succeed(tmp_path, gutenberg_dir, stage):
     """Before: the loser crashed with FileNotFoundError on a temp file (20 of 20 pairs); now the second
-    waits for the first and finds the artifact. `chunks` is sharded (one shard per book) and builds its
-    inputs too; `tokenizer` is a single shard."""
+    waits for the first and finds the artifact. A holds `stage`'s build lock (its shard waits for a marker
+    file) until B has logged that it waits for that very version. `chunks` is sharded (one shard per book)
+    and builds its inputs too; `tokenizer` is a single shard."""
+    import os
+    import queue
     import subprocess
     import sys
+    import threading
+    import time
 
     import yaml
 
+    from pipeline.config import load_config
     from tests.conftest import REPO
 
     books = tmp_path / "books"
@@ -105,26 +147,69 @@ def test_two_processes_building_the_same_version_both_succeed(tmp_path, gutenber
             }
         )
     )
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", TWIN, str(cfg), stage],
+    run = load_config(cfg)
+    version = resolve(stage, run).version
+    marker = tmp_path / "go-on"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(script: str) -> tuple[subprocess.Popen, dict[str, queue.Queue]]:
+        p = subprocess.Popen(
+            [sys.executable, "-c", script, str(cfg), stage, str(marker)],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-        assert "built" in out
-    from pipeline.config import load_config
+        qs: dict[str, queue.Queue] = {"out": queue.Queue(), "err": queue.Queue()}
+        for stream, q in ((p.stdout, qs["out"]), (p.stderr, qs["err"])):
+            threading.Thread(target=_lines, args=(stream, q), daemon=True).start()
+        return p, qs
 
-    run = load_config(cfg)
+    def wait_for(q: queue.Queue, want: str, what: str, seen: list[str]) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                line = q.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                q.put(None)  # the process closed the stream: it ended
+                break
+            seen.append(line)
+            if want in line:
+                return
+        pytest.fail(f"{what}; it said:\n{''.join(seen)[-3000:]}")
+
+    def rest(q: queue.Queue, seen: list[str]) -> str:
+        """Everything the stream said, once its process has closed it."""
+        while (line := q.get(timeout=300)) is not None:
+            seen.append(line)
+        return "".join(seen)
+
+    a, a_qs = start(HOLDER)
+    b, b_qs = None, None
+    seen: dict[str, list[str]] = {k: [] for k in ("a_out", "a_err", "b_out", "b_err")}
+    try:
+        wait_for(a_qs["out"], f"building {stage}", f"A never started building {stage}", seen["a_out"])
+        b, b_qs = start(TWIN)
+        wait_for(
+            b_qs["err"],
+            f"{stage}@{version} is being built by pid {a.pid}",
+            f"B did not wait for A's build of {stage}@{version}",
+            seen["b_err"],
+        )
+    finally:
+        marker.touch()  # A goes on (and ends) whatever happened
+        a.wait(timeout=300)
+        if b is not None:
+            b.wait(timeout=300)
+    a_out, a_err = rest(a_qs["out"], seen["a_out"]), rest(a_qs["err"], seen["a_err"])
+    b_out, b_err = rest(b_qs["out"], seen["b_out"]), rest(b_qs["err"], seen["b_err"])
+    assert a.returncode == 0, a_err[-3000:]
+    assert b.returncode == 0, b_err[-3000:]
+    assert "built" in a_out and "built" in b_out
+    assert f"{stage}@{version}: the other build ended" in b_err  # B went on only once A was done
     store = ArtifactStore(run.root())
-    art = store.get(stage, resolve(stage, run).version)
+    art = store.get(stage, version)
     assert art.verify() == [] and store.partials(stage) == []
-    assert sum("being built by" in err for _, err in outs) >= 1  # one of them really waited
