@@ -119,27 +119,28 @@ class ArtifactStore:
             return None
         if not self.is_local:
             # An object store has no atomic rename: trust a manifest only when its files are all there.
-            problems = self._file_problems(folder, m)
+            problems = list(self._file_problems(folder, m).values())
             if problems:
                 log.warning("ignoring %s: %s", path, "; ".join(problems[:3]))
                 return None
         return m
 
-    def _file_problems(self, folder: str, manifest: Manifest) -> list[str]:
-        """Files `manifest` lists that are absent from `folder` or of another size (one listing; the
-        checksums are left to `verify`, as reading every byte on each lookup would be too slow)."""
+    def _file_problems(self, folder: str, manifest: Manifest) -> dict[str, str]:
+        """{file: problem} for the files `manifest` lists that are absent from `folder` or of another size
+        (one listing; the checksums are left to `verify`, as reading every byte on each lookup would be
+        too slow)."""
         try:
             found = self.fs.find(folder, detail=True)
         except FileNotFoundError:
             found = {}
         base = self.fs._strip_protocol(folder).rstrip("/") + "/"
         sizes = {self.fs._strip_protocol(p)[len(base) :]: info.get("size") for p, info in found.items()}
-        problems = []
+        problems = {}
         for e in manifest.files:
             if e.path not in sizes:
-                problems.append(f"missing file {e.path}")
+                problems[e.path] = f"missing file {e.path}"
             elif sizes[e.path] != e.bytes:
-                problems.append(f"{e.path} has {sizes[e.path]} bytes, manifest says {e.bytes}")
+                problems[e.path] = f"{e.path} has {sizes[e.path]} bytes, manifest says {e.bytes}"
         return problems
 
     def exists(self, stage: str, version: str) -> bool:
@@ -305,7 +306,7 @@ class ArtifactStore:
         names = [e.path for e in manifest.files]
         if names:
             self.fs.copy([f"{workdir}/{n}" for n in names], [f"{final}/{n}" for n in names])
-        problems = self._file_problems(final, manifest)
+        problems = list(self._file_problems(final, manifest).values())
         if problems:
             raise ArtifactError(
                 f"publishing {manifest.ref} to {self.fs.unstrip_protocol(final)} failed, the manifest was "
@@ -430,16 +431,7 @@ class Artifact:
             return json.load(f)
 
     def _size_problems(self) -> dict[str, str]:
-        out = {}
-        for entry in self.manifest.files:
-            path = self.file(entry.path)
-            if not self.fs.exists(path):
-                out[entry.path] = f"{self.ref}: missing file {entry.path}"
-                continue
-            size = self.fs.size(path)
-            if size != entry.bytes:
-                out[entry.path] = f"{self.ref}: {entry.path} has {size} bytes, manifest says {entry.bytes}"
-        return out
+        return {f: f"{self.ref}: {p}" for f, p in self.store._file_problems(self.path, self.manifest).items()}
 
     def size_problems(self) -> list[str]:
         """Files of the manifest that are missing or of another size (no file is read)."""
