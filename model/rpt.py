@@ -95,7 +95,6 @@ class RPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
-
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
