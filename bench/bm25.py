@@ -127,7 +127,7 @@ def peer_bm25s(docs: list[np.ndarray], sample: int, rng: np.random.Generator) ->
 
 
 def ours_in_process(docs: list[np.ndarray], **params: object) -> Clock:
-    from stages.bm25 import Params, document_neighbors
+    from retrieval.bm25 import Params, document_neighbors
 
     p = Params(**params)
     document_neighbors(docs[0][:40], p)  # load the compiled kernels
@@ -140,7 +140,7 @@ def ours_in_process(docs: list[np.ndarray], **params: object) -> Clock:
 
 def check_agreement(agree: list, n_check: int = 200) -> float:
     """Share of the rank-bm25 sample whose top-k ids our okapi/document table reproduces exactly."""
-    from stages.bm25 import Params, document_neighbors
+    from retrieval.bm25 import Params, document_neighbors
 
     same = total = 0
     for doc, pick, tops in agree:
@@ -206,7 +206,8 @@ def full_corpus(root: Path, run: object, out: dict, with_corpus: bool) -> None:
 def corpus_scope(reader: object, sample: int, rng: np.random.Generator, out: dict) -> None:
     import bm25s
 
-    from stages.bm25 import Params, corpus_index
+    from retrieval.bm25 import Params
+    from stages.bm25 import corpus_index
 
     p = Params()
     t0 = time.perf_counter()

@@ -17,7 +17,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.executor import build, open_build, resolve, run_shard
 from pipeline.formats import ChunkReader, causal_retrievable, load_tokenizer, read_neighbors
 from pipeline.store import ArtifactStore
-from stages.bm25 import Params, corpus_index, document_neighbors, plan_groups
+from retrieval.bm25 import Params, document_neighbors
+from stages.bm25 import corpus_index, plan_groups
 from tests.conftest import make_config
 
 K = 20
