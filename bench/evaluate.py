@@ -4,7 +4,7 @@
     python -m bench.evaluate forward [--chunks 1900 --preset tiny --vocab 4096 --threads 1]
 
 metrics: Table 3's ranking metrics (precision@2, recall@10, nDCG@20) over synthetic rankings of 20
-chunks against up to 20 graded gold chunks per query: ours (pipeline.ranking, numpy, vectorised over
+chunks against up to 20 graded gold chunks per query: ours (retrieval.ranking, numpy, vectorised over
 queries) against ranx (numba; its Qrels/Run built from dicts as a user would, and the evaluate call
 alone), after one warm-up call each (ranx compiles on first use). Checks that the values agree.
 
@@ -43,7 +43,7 @@ def synthetic(q: int, r: int = 20, g: int = 20, seed: int = 0) -> tuple[np.ndarr
 def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
     from ranx import Qrels, Run, evaluate
 
-    from pipeline.ranking import ranking_metrics
+    from retrieval.ranking import ranking_metrics
 
     mets = ["precision@2", "recall@10", "ndcg@20"]
     ranked, gold, grades = synthetic(args.queries)

@@ -19,7 +19,7 @@ candidate (BM25 chunk+target top-`scores.candidates`) with delta = log P(c_i+1 |
 log P(c_i+1 | c_i-2, c_i-1, c_i) > 0; grade = delta. Universe: the chunks c_i may retrieve (same document,
 j <= i - 1 - exclude_recent). Rankings: the bm25 table (query = chunk), the dense table (frozen encoder,
 document-causal) and the learned retrievers of rpt_lex / rpt_sem (their scores over the same universe).
-Metrics: pipeline.ranking. Token overlap (Fig. 4): the best neighbor (c_j with c_j+1) against c_i and c_i+1.
+Metrics: retrieval.ranking. Token overlap (Fig. 4): the best neighbor (c_j with c_j+1) against c_i and c_i+1.
 
 Shards: one per variant (its perplexity rows, and its retriever's rankings); finalize computes the
 retrieval metrics and writes the report. A killed evaluation resumes at the next variant.
@@ -695,7 +695,7 @@ def _retrieval_rows(
     """Table 3 and Fig. 4 rows, and the per-query table (details/retrieval.parquet)."""
     from data.neighbors import neighbor_table as neighbor_chunk_table
     from data.neighbors import scores_table
-    from pipeline.ranking import distinct_overlap, ranking_metrics
+    from retrieval.ranking import distinct_overlap, ranking_metrics
 
     cfg: Config = ctx.cfg
     w = _universe_exclude_recent(ctx)

@@ -18,8 +18,8 @@ from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.executor import build, resolve
 from pipeline.formats import TOKEN_PAD, ChunkReader, read_neighbors
-from pipeline.ranking import distinct_overlap, ranking_metrics
 from pipeline.store import ArtifactStore
+from retrieval.ranking import distinct_overlap, ranking_metrics
 from stages.evaluate import EvalDoc, doc_batch, gold_positions, select_documents
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "window": 128, "stride": 64}

@@ -83,3 +83,16 @@ def distinct_overlap(a: np.ndarray, b: np.ndarray, pad: int = PAD) -> tuple[int,
     sa = set(np.asarray(a)[np.asarray(a) != pad].tolist())
     n = len(sa & sb)
     return n, n / len(sb)
+
+
+def recall(got: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |got ∩ exact| / |exact| (chunk ids, -1 = none); queries with no exact neighbor skip.
+    The recall of an approximate neighbor table against exact search (ungraded, unordered)."""
+    total, n = 0.0, 0
+    for g, e in zip(got, exact):
+        e = e[e != PAD]
+        if len(e) == 0:
+            continue
+        total += len(np.intersect1d(g[g != PAD], e)) / len(e)
+        n += 1
+    return total / n if n else 1.0
