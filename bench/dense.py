@@ -162,13 +162,9 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
 
     from pipeline.executor import build
     from pipeline.formats import ChunkReader, read_embeddings
-    from stages.dense import (
-        _default_pq_m,
-        exact_corpus_search,
-        faiss_search,
-        recall,
-        set_search_param,
-    )
+    from retrieval.exact import exact_corpus_search
+    from retrieval.faiss_index import default_pq_m, faiss_search, set_search_param
+    from retrieval.ranking import recall
 
     t0 = time.perf_counter()
     emb_art = build("embeddings", run, with_deps=True)
@@ -223,7 +219,7 @@ def bench_corpus(run: Any, repeat: int, k: int) -> dict[str, Any]:
 
     # IVF-PQ as the stage builds it: nlist = 4 sqrt(N) (at most N/39), PQ dim/4, trained on a seeded sample
     nlist = max(1, min(round(4 * np.sqrt(N)), N // 39))
-    m = _default_pq_m(db.shape[1])
+    m = default_pq_m(db.shape[1])
     rng = np.random.default_rng(0)
     sample = db[np.sort(rng.choice(N, size=min(N, max(256 * nlist, 65536)), replace=False))]
     t0 = time.perf_counter()
@@ -292,7 +288,8 @@ def bench_scale(n_db: int, repeat: int, k: int = 20) -> dict[str, Any]:
     import faiss
     import torch
 
-    from stages.dense import exact_corpus_search, set_search_param
+    from retrieval.exact import exact_corpus_search
+    from retrieval.faiss_index import set_search_param
 
     rng = np.random.default_rng(0)
     d, nq = 384, 2000
@@ -325,7 +322,7 @@ def bench_scale(n_db: int, repeat: int, k: int = 20) -> dict[str, Any]:
         print(line("ours: torch on cuda", nq / t_gpu, "q/s", nq / t_flat))
         out["torch_cuda_qps"] = nq / t_gpu
         if faiss.get_num_gpus() > 0:
-            from stages.dense import to_gpu
+            from retrieval.faiss_index import to_gpu
 
             g = to_gpu(flat)
             t_fg, _ = best_of(lambda: g.search(q, k), repeat)
@@ -340,7 +337,7 @@ def bench_scale(n_db: int, repeat: int, k: int = 20) -> dict[str, Any]:
 def bench_causal(sizes: list[int], repeat: int, k: int = 20, exclude_recent: int = 16) -> dict[str, Any]:
     import torch
 
-    from stages.dense import causal_document_search
+    from retrieval.exact import causal_document_search
 
     print(
         f"\n[4] document-causal exact search within one document (d=384, k={k}, exclude_recent={exclude_recent})"

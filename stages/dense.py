@@ -17,6 +17,9 @@ Two scopes, with the same output schema as `bm25` (`pipeline.formats.neighbor_ta
 Scores are higher-is-better: the inner product (`metric: ip`) or the negative squared L2 distance
 (`metric: l2`). Rows are ordered by score, ties broken by the more recent chunk (higher chunk_id),
 as in the bm25 tables.
+
+The search kernels are a library: exact search in `retrieval.exact`, faiss indexes in
+`retrieval.faiss_index`; this module is the stage around them (samples, files, shards, stats).
 """
 
 from __future__ import annotations
@@ -40,22 +43,32 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.formats import (
     NEIGHBOR_PAD,
     ChunkReader,
-    causal_retrievable,
     neighbor_schema,
     neighbor_table,
     read_embeddings,
 )
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
+from retrieval.exact import causal_document_search, exact_corpus_search, exact_rescore
+from retrieval.faiss_index import (
+    GPU_MAX_K,
+    build_index,
+    default_pq_m,
+    faiss_metric,
+    faiss_search,
+    search_ladder,
+    set_search_param,
+    to_cpu,
+    to_gpu,
+    tune_search_param,
+    write_index,
+)
+from retrieval.ranking import recall
 
 log = logging.getLogger("rpt.dense")
 
 INDEX_FILE = "index.faiss"
 INDEX_INFO = "index.json"
-# Rows of the score block are chosen so that a block holds about this many scores.
-BLOCK_ELEMS = 1 << 24
-GPU_MAX_K = 2048  # faiss GPU indexes cap k and nprobe at 2048
-TIE_MARGIN = 8  # extra entries fetched by the float top-k to settle ties at the k-th score
 
 
 class Config(StageConfig):
@@ -105,258 +118,9 @@ class Config(StageConfig):
     UNHASHED = frozenset({"backend", "device", "batch_size", "shard_chunks"})
 
 
-# ----------------------------------------------------------------------------------------- exact search
-
-
-def _order_key(scores: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """int64 keys that sort like (score, position): a float32's bits made monotone, then the position.
-    The largest keys are the highest scores, ties broken by the higher position (the later chunk)."""
-    b = (np.asarray(scores, np.float32) + np.float32(0)).view(np.int32).astype(np.int64)  # + 0 makes -0.0 0.0
-    b = np.where(b < 0, b ^ 0x7FFFFFFF, b)
-    return b * (1 << 32) + pos
-
-
-def select_top(vals: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top k of each row of a few candidates (scores, positions) by score, ties to the higher position;
-    non-finite scores (not retrievable) become -1 / -inf at the tail. Returns ([B, k] positions, scores)."""
-    B, f = vals.shape
-    out_pos = np.full((B, k), NEIGHBOR_PAD, np.int64)
-    out_sc = np.full((B, k), -np.inf, np.float32)
-    if f == 0 or B == 0:
-        return out_pos, out_sc
-    key = _order_key(vals, pos)
-    kk = min(k, f)
-    idx = (
-        np.argpartition(key, f - kk, axis=1)[:, f - kk :] if kk < f else np.broadcast_to(np.arange(f), (B, f))
-    )
-    idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(key, idx, 1), axis=1), 1)
-    v, p = np.take_along_axis(vals, idx, 1), np.take_along_axis(pos, idx, 1)
-    ok = np.isfinite(v)
-    out_pos[:, :kk] = np.where(ok, p, NEIGHBOR_PAD)
-    out_sc[:, :kk] = np.where(ok, v, -np.inf)
-    return out_pos, out_sc
-
-
-def topk_rows(scores: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k of a float32 torch score block (-inf = not retrievable; CPU or GPU), ties to the
-    higher column. Returns numpy (columns int64 [B, k], scores [B, k]), -1 / -inf padded.
-
-    A partial top-k fetches a few extra entries and only those are ordered exactly; rows whose tie at
-    the k-th score may reach past the fetched entries are redone on their full row."""
-    import torch
-
-    B, N = scores.shape
-    if N == 0 or B == 0:
-        return select_top(np.zeros((B, 0), np.float32), np.zeros((B, 0), np.int64), k)
-    kk = min(N, k + TIE_MARGIN)
-    if scores.device.type == "cpu" and N <= 16384:  # numpy's partition beat torch.topk on short rows here
-        s = scores.numpy()
-        # partitioning the negated block for its smallest runs several times faster than for the largest
-        sel = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < N else np.broadcast_to(np.arange(N), (B, N))
-        vals = np.take_along_axis(s, sel, 1)
-        p = sel
-    else:
-        vals_t, sel_t = torch.topk(scores, kk, dim=1, sorted=False)
-        vals, p = vals_t.cpu().numpy(), sel_t.cpu().numpy()
-    if kk < N:
-        kth = np.partition(vals, kk - min(k, kk), axis=1)[:, kk - min(k, kk)]  # the k-th largest fetched
-        low = vals.min(1)
-        ambiguous = np.flatnonzero((low == kth) & np.isfinite(kth))
-        if len(ambiguous):
-            rows = torch.from_numpy(ambiguous).to(scores.device)
-            full_v = scores[rows].cpu().numpy()
-            full_p = np.broadcast_to(np.arange(N), full_v.shape)
-            p2, v2 = select_top(full_v, full_p, kk)
-            vals[ambiguous], p[ambiguous] = v2, p2
-    return select_top(vals, p, k)
-
-
-def score_block(q: Any, x: Any, metric: str, x_sq: Any | None = None) -> Any:
-    """Scores of queries [B, d] against vectors [N, d] (torch): inner products or negative squared L2."""
-    import torch
-
-    if q.device.type == "cpu":  # numpy's OpenBLAS sgemm ran 1.3-1.5x faster than torch's on the dev machine
-        s = torch.from_numpy(q.numpy() @ x.numpy().T)
-    else:
-        s = q @ x.T
-    if metric == "l2":
-        if x_sq is None:
-            x_sq = (x * x).sum(1)
-        s = -((q * q).sum(1, keepdim=True) + x_sq[None, :] - 2 * s).clamp_min_(0)
-    return s
-
-
-def fill_masked(scores: Any, mask: np.ndarray) -> None:
-    """scores[mask] = -inf in place; on the CPU through numpy (torch's threaded elementwise kernels stall
-    on a busy machine), on a GPU with a device mask."""
-    import torch
-
-    if scores.device.type == "cpu":
-        scores.numpy()[mask] = -np.inf
-    else:
-        scores.masked_fill_(torch.from_numpy(mask).to(scores.device), float("-inf"))
-
-
-def mask_ranges(scores: Any, lo: np.ndarray, hi: np.ndarray) -> None:
-    """Set scores[r, lo[r]:hi[r]] = -inf (each row's own document), one slice per distinct range."""
-    pairs = np.stack([lo, hi], 1)
-    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    target = scores.numpy() if scores.device.type == "cpu" else scores
-    for u, (a, b) in enumerate(uniq):
-        if b > a:
-            rows = np.flatnonzero(inverse == u)
-            if target is scores:
-                import torch
-
-                rows = torch.from_numpy(rows).to(scores.device)
-            target[rows, int(a) : int(b)] = float("-inf")
-
-
-def exact_corpus_search(
-    q: np.ndarray,
-    db: Any,
-    k: int,
-    own_lo: np.ndarray,
-    own_hi: np.ndarray,
-    metric: str,
-    device: str = "cpu",
-    desc: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each query over the database, excluding db positions [own_lo, own_hi) per query (the
-    query's own document). `db` is a float32 torch tensor on `device`. Returns (db positions, scores)."""
-    import torch
-
-    n, N = len(q), db.shape[0]
-    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
-    out_sc = np.full((n, k), -np.inf, np.float32)
-    x_sq = (db * db).sum(1) if metric == "l2" else None
-    rows = max(1, min(n, BLOCK_ELEMS // max(N, 1)))
-    bar = progress(total=n, desc=desc, unit="query", **({"disable": True} if desc is None else {}))
-    with torch.inference_mode():
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            qb = torch.from_numpy(np.ascontiguousarray(q[s:e], np.float32)).to(device)
-            sc = score_block(qb, db, metric, x_sq)
-            mask_ranges(sc, own_lo[s:e], own_hi[s:e])
-            out_pos[s:e], out_sc[s:e] = topk_rows(sc, k)
-            bar.update(e - s)
-    bar.close()
-    return out_pos, out_sc
-
-
-def causal_document_search(x: Any, k: int, exclude_recent: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact document-causal neighbors within one document: x is its chunks' embeddings [n, d] (torch,
-    float32, in chunk order). Returns (positions within the document, scores), -1 / -inf padded."""
-    import torch
-
-    n = x.shape[0]
-    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
-    out_sc = np.full((n, k), -np.inf, np.float32)
-    x_sq = (x * x).sum(1) if metric == "l2" else None
-    rows = max(1, min(n, BLOCK_ELEMS // max(n, 1)))
-    cand = np.arange(n)
-    with torch.inference_mode():
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            # only candidates that some row of this block may retrieve enter the product
-            last = e - 1 - 1 - exclude_recent
-            if last < 0:
-                continue
-            sc = score_block(x[s:e], x[: last + 1], metric, None if x_sq is None else x_sq[: last + 1])
-            allowed = causal_retrievable(np.arange(s, e)[:, None], cand[None, : last + 1], exclude_recent)
-            fill_masked(sc, ~allowed)
-            out_pos[s:e], out_sc[s:e] = topk_rows(sc, k)
-    return out_pos, out_sc
-
-
-# ----------------------------------------------------------------------------------------- faiss search
-
-
-def rerank_filter(
-    q: np.ndarray,
-    cand: np.ndarray,
-    k: int,
-    q_doc: np.ndarray,
-    db_doc: np.ndarray,
-    db: np.ndarray,
-    metric: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Drop candidates (db positions, -1 = none) from the query's own document, score the rest exactly
-    and keep the top k. Returns (positions, scores, number of surviving candidates per row)."""
-    n, f = cand.shape
-    valid = cand >= 0
-    safe = np.where(valid, cand, 0)
-    valid &= db_doc[safe] != q_doc[:, None]
-    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
-    out_sc = np.full((n, k), -np.inf, np.float32)
-    rows = max(1, BLOCK_ELEMS // max(1, f * db.shape[1]))
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        qb = np.asarray(q[s:e], np.float32)
-        cb = db[safe[s:e]]  # [B, f, d]
-        sc = np.matmul(cb, qb[:, :, None])[:, :, 0]
-        if metric == "l2":
-            sc = -np.maximum((qb * qb).sum(1)[:, None] + (cb * cb).sum(2) - 2 * sc, 0)
-        sc[~valid[s:e]] = -np.inf
-        out_pos[s:e], out_sc[s:e] = select_top(sc.astype(np.float32), np.where(valid[s:e], cand[s:e], -1), k)
-    return out_pos, out_sc, valid.sum(1)
-
-
-def exact_rescore(
-    q: np.ndarray, x: np.ndarray, pos: np.ndarray, metric: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Recompute the chosen neighbors' scores (x positions, -1 = none) in float64 with numpy's fixed
-    summation order and re-sort them (ties: the later chunk first). BLAS scores change in the last bit
-    with its thread count and the device; these do not, so a version has the same bytes under every
-    runner (threads, Dask workers with one BLAS thread each, a GPU)."""
-    out_pos = np.full(pos.shape, NEIGHBOR_PAD, np.int64)
-    out_sc = np.full(pos.shape, -np.inf, np.float32)
-    n, k = pos.shape
-    rows = max(1, BLOCK_ELEMS // max(1, 2 * k * q.shape[1]))
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        ok = pos[s:e] >= 0
-        qd = np.asarray(q[s:e], np.float64)[:, None, :]
-        xd = np.asarray(x[np.where(ok, pos[s:e], 0)], np.float64)  # [B, k, d]
-        sc = (qd * xd).sum(-1) if metric == "ip" else -((qd - xd) ** 2).sum(-1)
-        sc = np.where(ok, sc, -np.inf).astype(np.float32)
-        out_pos[s:e], out_sc[s:e] = select_top(sc, np.where(ok, pos[s:e], NEIGHBOR_PAD), k)
-    return out_pos, out_sc
-
-
-def faiss_search(
-    index: Any,
-    q: np.ndarray,
-    k: int,
-    fetch: int,
-    q_doc: np.ndarray,
-    db_doc: np.ndarray,
-    db: np.ndarray,
-    metric: str,
-    max_fetch: int,
-) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Over-fetch from a faiss index, filter the own document, re-score exactly; rows left with fewer
-    than k neighbors while the index still had more to give are searched again with 4x the fetch."""
-    n = len(q)
-    N = index.ntotal
-    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
-    out_sc = np.full((n, k), -np.inf, np.float32)
-    todo = np.arange(n)
-    f = min(max(fetch, k), N, max_fetch)
-    refetched = 0
-    while len(todo):
-        _, cand = index.search(np.ascontiguousarray(q[todo], np.float32), f)
-        p, v, kept = rerank_filter(q[todo], cand, k, q_doc[todo], db_doc, db, metric)
-        out_pos[todo], out_sc[todo] = p, v
-        # short rows whose candidate list was full: the index may hold more of other documents
-        short = (kept < k) & (cand[:, -1] >= 0)
-        if f >= min(N, max_fetch) or not short.any():
-            break
-        todo = todo[short]
-        refetched += len(todo)
-        f = min(f * 4, N, max_fetch)
-    return out_pos, out_sc, {"refetched_rows": refetched}
+# ----------------------------------------------------------------------------------------- faiss
+# The search itself is retrieval.faiss_index; what stays here turns a missing faiss or GPU into a
+# ConfigError that names the settings to change.
 
 
 def faiss_module() -> Any:
@@ -371,12 +135,6 @@ def faiss_module() -> Any:
     return faiss
 
 
-def _faiss_metric(metric: str) -> int:
-    faiss = faiss_module()
-
-    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-
-
 def use_faiss_gpu(device: str) -> bool:
     if device == "cpu":
         return False
@@ -389,32 +147,6 @@ def use_faiss_gpu(device: str) -> bool:
             "or use dense.backend: torch for exact search on the GPU"
         )
     return n > 0
-
-
-_GPU_RES: list[Any] = []  # faiss GPU resources must outlive every index that uses them
-
-
-def to_gpu(index: Any) -> Any:
-    """Move an IVF/flat index to GPU 0 (float16 PQ lookup tables: needed above 48 code bytes); layouts the
-    GPU does not support stay on the CPU, with a warning."""
-    faiss = faiss_module()
-
-    try:
-        if not _GPU_RES:
-            _GPU_RES.append(faiss.StandardGpuResources())
-        co = faiss.GpuClonerOptions()
-        co.useFloat16 = True
-        return faiss.index_cpu_to_gpu(_GPU_RES[0], 0, index, co)
-    except (RuntimeError, AttributeError) as e:
-        log.warning("faiss could not move %s to the GPU (%s); searching on the CPU", type(index).__name__, e)
-        return index
-
-
-def set_search_param(index: Any, name: str, value: int) -> None:
-    faiss = faiss_module()
-
-    ps = faiss.GpuParameterSpace() if type(index).__name__.startswith("Gpu") else faiss.ParameterSpace()
-    ps.set_index_parameter(index, name, int(value))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -525,10 +257,10 @@ def plan_index(cfg: Config, n_db: int, dim: int) -> IndexPlan:
         backend = "torch"
     if kind != "ivfpq":
         return IndexPlan(kind, backend)
-    pq_m = cfg.pq_m or _default_pq_m(dim)
+    pq_m = cfg.pq_m or default_pq_m(dim)
     if dim % pq_m:
         raise ConfigError(
-            f"dense.pq_m={pq_m} must divide the embedding dimension {dim}; e.g. dense.pq_m: {_default_pq_m(dim)}"
+            f"dense.pq_m={pq_m} must divide the embedding dimension {dim}; e.g. dense.pq_m: {default_pq_m(dim)}"
         )
     avail = min(cfg.train_sample or n_db, n_db)
     nlist = cfg.nlist or max(1, min(round(4 * math.sqrt(n_db)), avail // 39))
@@ -547,13 +279,6 @@ def plan_index(cfg: Config, n_db: int, dim: int) -> IndexPlan:
             "use dense.index: flat for a database this small"
         )
     return IndexPlan(kind, backend, nlist, pq_m, n_train)
-
-
-def _default_pq_m(dim: int) -> int:
-    """About 4 dimensions per sub-quantizer (96 bytes for 384 dims): the largest divisor of dim not above
-    dim/4. Coarser codes (dim/8) lost 1.5-3 points of recall@10 at equal nprobe in our measurements."""
-    target = max(1, dim // 4)
-    return next(m for m in range(target, 0, -1) if dim % m == 0)
 
 
 def _samples(
@@ -649,48 +374,34 @@ class DenseStage(Stage):
         return ok
 
     def _build_index(self, ctx: StageContext, db: Database, ip: IndexPlan, n_queries: int) -> None:
-        faiss = faiss_module()
+        faiss_module()  # a missing faiss is a ConfigError naming the extras, before any work
 
         cfg: Config = ctx.cfg
         dim = db.emb.shape[1]
         factory = ip.factory(dim, cfg.hnsw_m)
         gpu = ip.kind == "ivfpq" and use_faiss_gpu(cfg.device)  # faiss has no GPU HNSW
         train, tune_q, _ = _samples(cfg, n_queries, len(db.ids), ip.n_train)
-        t0 = time.perf_counter()
-        index = faiss.index_factory(dim, factory, _faiss_metric(cfg.metric))
-        if ip.kind == "hnsw":
-            index.hnsw.efConstruction = max(40, 2 * cfg.hnsw_m)
-        work = to_gpu(index) if gpu else index
-        if ip.kind == "ivfpq":
-            log.info(
-                "training %s on %d of %d database vectors (seed %d)",
-                factory,
-                len(train),
-                len(db.ids),
-                cfg.seed,
-            )
-            work.train(np.ascontiguousarray(db.emb[train]))
-        t_train = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        step = 1 << 16
         bar = progress(total=len(db.ids), desc=f"dense: adding to {factory}", unit="vec")
-        for s in range(0, len(db.ids), step):
-            work.add(np.ascontiguousarray(db.emb[s : s + step]))
-            bar.update(min(step, len(db.ids) - s))
+        index, work, t_train, t_add = build_index(
+            db.emb,
+            factory,
+            cfg.metric,
+            train_rows=train if ip.kind == "ivfpq" else None,
+            hnsw_m=cfg.hnsw_m if ip.kind == "hnsw" else None,
+            gpu=gpu,
+            seed=cfg.seed,
+            on_add=bar.update,
+        )
         bar.close()
-        t_add = time.perf_counter() - t0
         param = "nprobe" if ip.kind == "ivfpq" else "efSearch"
         given = cfg.nprobe if ip.kind == "ivfpq" else cfg.ef_search
         t0 = time.perf_counter()
         value, curve = (given, []) if given else self._tune(ctx, work, db, ip, tune_q, param, gpu)
         t_tune = time.perf_counter() - t0
         on_gpu = work is not index
-        if on_gpu:
-            index = faiss.index_gpu_to_cpu(work)
+        index = to_cpu(index, work)
         with ctx.local_dir("") as root:
-            tmp = root / f"{INDEX_FILE}.tmp-{os.getpid()}"
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, root / INDEX_FILE)
+            write_index(index, root / INDEX_FILE)
         info = {
             "kind": ip.kind,
             "backend": "faiss",
@@ -731,43 +442,37 @@ class DenseStage(Stage):
         """The smallest nprobe/efSearch on a geometric ladder whose recall@k on the tuning queries reaches
         target_recall (the largest tried when none does)."""
         cfg: Config = ctx.cfg
-        fetch = cfg.k + cfg.overfetch
-        if ip.kind == "ivfpq":
-            # steps of sqrt(2): 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, ... up to every list
-            ladder = sorted(
-                {min(round(2 ** (i / 2)), ip.nlist) for i in range(0, 2 * int(math.log2(ip.nlist)) + 3)}
-            )
-            if gpu:
-                ladder = [v for v in ladder if v <= GPU_MAX_K] or [GPU_MAX_K]
-        else:
-            ladder = [2**i for i in range(4, 13)]
+        ladder = search_ladder(ip.kind, ip.nlist, gpu)
         if not len(tune_q):
             return ladder[-1], []
         exact, _ = self._exact(ctx, db, tune_q)
-        q = _embeddings_at(ctx, tune_q)
-        q_doc = ChunkReader(ctx.inputs["chunks"]).chunk_doc[tune_q]
-        curve = []
-        for v in ladder:
-            set_search_param(index, param, v)
-            got, _, _ = faiss_search(
-                index, q, cfg.k, fetch, q_doc, db.doc, db.emb, cfg.metric, GPU_MAX_K if gpu else len(db.ids)
-            )
-            r = recall(db.chunk_ids(got), db.chunk_ids(exact))
-            curve.append([v, round(r, 4)])
-            log.info("tuning %s=%d: recall@%d %.4f", param, v, cfg.k, r)
-            if r >= cfg.target_recall:
-                return v, curve
-        log.warning(
-            "no %s reached recall@%d >= %.2f (best %.4f at %s=%d); raise dense.overfetch or use a finer "
-            "index",
+        value, curve = tune_search_param(
+            index,
             param,
+            ladder,
+            _embeddings_at(ctx, tune_q),
+            ChunkReader(ctx.inputs["chunks"]).chunk_doc[tune_q],
+            db.doc,
+            db.emb,
             cfg.k,
+            cfg.k + cfg.overfetch,
+            cfg.metric,
+            GPU_MAX_K if gpu else len(db.ids),
+            lambda got: recall(db.chunk_ids(got), db.chunk_ids(exact)),
             cfg.target_recall,
-            curve[-1][1],
-            param,
-            ladder[-1],
         )
-        return ladder[-1], curve
+        if curve[-1][1] < cfg.target_recall:
+            log.warning(
+                "no %s reached recall@%d >= %.2f (best %.4f at %s=%d); raise dense.overfetch or use a finer "
+                "index",
+                param,
+                cfg.k,
+                cfg.target_recall,
+                curve[-1][1],
+                param,
+                ladder[-1],
+            )
+        return value, curve
 
     def _exact(self, ctx: StageContext, db: Database, q_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact corpus-scope neighbors (database positions, scores) of the given query chunk ids."""
@@ -842,6 +547,7 @@ class DenseStage(Stage):
         if info.get("kind") == "flat" and info.get("backend") == "torch":
             device = _torch_device(cfg.device)
             own_lo, own_hi = own_doc_ranges(reader, db, q_ids)
+            bar = progress(total=len(q), desc=f"dense exact {lo}..{hi}", unit="query")
             pos, sc = exact_corpus_search(
                 q,
                 _db_tensor(ctx, db, device),
@@ -850,8 +556,9 @@ class DenseStage(Stage):
                 own_hi,
                 cfg.metric,
                 device,
-                desc=f"dense exact {lo}..{hi}",
+                on_progress=bar.update,
             )
+            bar.close()
         else:
             index, gpu = self._search_index(ctx, db, info)
             q_doc = reader.chunk_doc[lo:hi]
@@ -888,7 +595,7 @@ class DenseStage(Stage):
 
         def make() -> Any:
             if info.get("kind") == "flat":
-                index = faiss.index_factory(db.emb.shape[1], "Flat", _faiss_metric(cfg.metric))
+                index = faiss.index_factory(db.emb.shape[1], "Flat", faiss_metric(cfg.metric))
                 index.add(db.emb)
             else:
                 index = faiss.read_index(_local_file(ctx, INDEX_FILE))
@@ -966,18 +673,6 @@ class DenseStage(Stage):
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def recall(got: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over queries of |got ∩ exact| / |exact| (chunk ids, -1 = none); queries with no exact neighbor skip."""
-    total, n = 0.0, 0
-    for g, e in zip(got, exact):
-        e = e[e != NEIGHBOR_PAD]
-        if len(e) == 0:
-            continue
-        total += len(np.intersect1d(g[g != NEIGHBOR_PAD], e)) / len(e)
-        n += 1
-    return total / n if n else 1.0
 
 
 def _torch_device(device: str) -> str:

@@ -189,7 +189,7 @@ def test_topk_ties_go_to_the_later_chunk_and_short_rows_pad():
     """Against a lexsort on many small rows full of ties (the k-th score tied past the fetched margin)."""
     import torch
 
-    from stages.dense import topk_rows
+    from retrieval.exact import topk_rows
 
     rng = np.random.default_rng(1)
     for _ in range(200):
