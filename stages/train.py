@@ -31,12 +31,11 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from pydantic import Field, ValidationError, field_validator
 
 from model.config import RPTConfig, Variant, preset
@@ -45,6 +44,11 @@ from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from pipeline.supervision import supervision_bm25
+
+# torch is imported by the functions that train, not here: `rpt config`, the registry and the flows
+# load this module for its Config, and importing torch costs them over a second.
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("rpt.train")
 
@@ -315,6 +319,8 @@ def launch_torchrun(job: TrainJob, nproc: int) -> None:
 
 # ------------------------------------------------------------------------------------------ training loop
 def _device(spec: str, local_rank: int) -> torch.device:
+    import torch
+
     if spec in ("auto", "cuda") and torch.cuda.is_available():
         # under torchrun: the rank's GPU; in one process: the flow lane's GPU, or a free one
         return torch.device(f"cuda:{local_rank}") if "LOCAL_RANK" in os.environ else resolve_device("auto")
@@ -339,17 +345,23 @@ class _Dist:
         self.world = world
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if self.world > 1:
             torch.distributed.all_reduce(t)
         return t
 
     def barrier(self) -> None:
+        import torch
+
         if self.world > 1:
             torch.distributed.barrier()
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
+        import torch
+
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
@@ -384,6 +396,8 @@ def _metrics_bytes(rows: list[dict[str, Any]]) -> bytes:
 
 
 def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    import torch
+
     out = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
@@ -439,6 +453,7 @@ def _checkpoint(root: Path, step: int, save: Any, keep: int = 1) -> None:
 def _restore(
     folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, device: torch.device
 ) -> tuple[int, list[dict[str, Any]]]:
+    import torch
     from safetensors.torch import load_file
 
     from model.checkpoint import load_optimizer_state, load_weights
@@ -478,6 +493,8 @@ def _gold_draw(seed: int, step: int, micro: int, p: float) -> bool:
 
 def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
     """The training loop (one process of `world`). Rank 0 writes checkpoints and the final files."""
+    import torch
+
     from data.loader import StreamSampler, TrainSequences, close_batches, make_loader
     from data.neighbors import lex_targets, neighbor_table, scores_table, supervision_stats
     from data.sequences import plan_sequences
@@ -733,6 +750,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="an RPT training worker (started by the train stage)")
     ap.add_argument("--job", required=True)
     args = ap.parse_args(argv)
+    import torch
+
     from pipeline.progress import setup_logging
 
     setup_logging("INFO")
