@@ -32,7 +32,7 @@ from data.synthetic import (
     CopyDoc,
     copy_batch,
     copy_corpus,
-    copy_lm_delta,
+    copy_lm_deltas,
     distractor_neighbors,
     predictable,
     retrievable_copies,
@@ -81,10 +81,7 @@ def supervision(doc: CopyDoc, kind: str) -> tuple[np.ndarray, np.ndarray]:
     pos, score = bm25_candidates(doc)
     if kind == "lex":
         return pos, lex_targets(ChunkTable(pos, np.where(pos < 0, np.nan, score).astype(np.float32))).values
-    delta = np.full(pos.shape, np.nan)
-    for u in range(N - 1):  # the scores stage's delta, under a bigram copy model as the scoring LM
-        delta[u] = copy_lm_delta(doc, u, pos[u], V)
-    return pos, delta
+    return pos, copy_lm_deltas(doc, pos, V)  # the scores stage's delta, a copy model as the scoring LM
 
 
 def supervised_batch(seed: int, kind: str) -> dict:
