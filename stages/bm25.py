@@ -110,17 +110,6 @@ class Config(StageConfig):
         return d
 
 
-def __getattr__(name: str) -> Any:
-    # Params and document_neighbors lived here before retrieval.bm25; tests/test_mechanism.py and
-    # tests/test_synthetic.py (not ours to edit) still import them from here. Resolved on first use so
-    # that importing this module does not load numba.
-    if name in ("Params", "document_neighbors"):
-        import retrieval.bm25
-
-        return getattr(retrieval.bm25, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def params_of(cfg: Config) -> Params:
     """The scoring settings of a bm25 config section."""
     from retrieval.bm25 import Params

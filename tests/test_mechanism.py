@@ -41,7 +41,7 @@ from data.synthetic import (
 from model.config import preset
 from model.rpt import RPT
 from model.training import Schedule, forward_loss
-from stages.bm25 import Params, document_neighbors
+from retrieval.bm25 import Params, document_neighbors
 
 pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 

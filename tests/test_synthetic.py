@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from data.synthetic import copy_corpus, copy_lm_delta, copy_lm_deltas
-from stages.bm25 import Params, document_neighbors
+from retrieval.bm25 import Params, document_neighbors
 
 M, N, V = 8, 32, 256
 
