@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Variant = Literal["baseline", "retro_bm25", "rpt_lex", "rpt_sem"]
 VARIANTS: tuple[str, ...] = ("baseline", "retro_bm25", "rpt_lex", "rpt_sem")
 RETRIEVER_VARIANTS = ("rpt_lex", "rpt_sem")
+# the label of a position without a target (no loss): torch's cross-entropy ignore_index. Here, not in
+# model.losses, because data and stages (which must not import torch at module level) use it too.
+IGNORE = -100
 
 
 class RPTConfig(BaseModel):

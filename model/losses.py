@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from model.config import IGNORE
+
 RECALL_AT = (2, 5, 10, 20)
 
 

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from model.config import RETRIEVER_VARIANTS, VARIANTS, Variant
+from model.config import IGNORE, RETRIEVER_VARIANTS, VARIANTS, Variant
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.formats import (
@@ -56,7 +56,6 @@ from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 
 log = logging.getLogger("rpt.evaluate")
 
-IGNORE = -100  # label of a position without a target (model.losses.IGNORE; that module imports torch)
 PPL_DETAIL_SCHEMA = pa.schema(
     [
         ("model", pa.string()),
