@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_args
+from typing import Any, Literal, NoReturn
 
 from prefect import flow, task
 from prefect.artifacts import (
@@ -59,6 +59,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel, Field
 
+from model.config import VARIANTS, Variant
 from pipeline.config import RunConfigBase, load_config
 from pipeline.devices import gpu_lane
 from pipeline.errors import ConfigError, RptError, StageTimeoutError
@@ -73,9 +74,9 @@ from pipeline.supervision import supervision_bm25
 
 log = logging.getLogger("rpt.flows")
 
-# Literal types make Prefect's parameter schema list the choices, so the UI form offers them.
-Variant = Literal["baseline", "retro_bm25", "rpt_lex", "rpt_sem"]
-TRAIN_VARIANTS: tuple[Variant, ...] = get_args(Variant)
+# Literal types (model.config.Variant, StageName) make Prefect's parameter schema list the choices, so
+# the UI form offers them.
+TRAIN_VARIANTS: tuple[Variant, ...] = VARIANTS
 StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]  # the registry, as it is at import
 CACHE_DIR = ".prefect-cache"  # inside the artifact store root; dot-folders are not stages
 

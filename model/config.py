@@ -10,12 +10,12 @@ One config (and one model class) for all variants; the variant decides which mod
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Variant = Literal["baseline", "retro_bm25", "rpt_lex", "rpt_sem"]
-VARIANTS: tuple[str, ...] = ("baseline", "retro_bm25", "rpt_lex", "rpt_sem")
+VARIANTS: tuple[Variant, ...] = get_args(Variant)  # the one list of variants (flows, evaluate, train)
 RETRIEVER_VARIANTS = ("rpt_lex", "rpt_sem")
 # the label of a position without a target (no loss): torch's cross-entropy ignore_index. Here, not in
 # model.losses, because data and stages (which must not import torch at module level) use it too.

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, ValidationError, field_validator
 
-from model.config import RPTConfig, Variant, preset
+from model.config import VARIANTS, RPTConfig, Variant, preset
 from pipeline.config import RunConfigBase, StageConfig, bool_where_number
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError, RptError
@@ -93,7 +93,7 @@ METRICS_SCHEMA = pa.schema(
 
 
 class Config(StageConfig):
-    variant: Variant = Field("rpt_sem", description="baseline | retro_bm25 | rpt_lex | rpt_sem")
+    variant: Variant = Field("rpt_sem", description=" | ".join(VARIANTS))
     preset: Literal["tiny", "small", "paper"] = "tiny"
     model: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the preset's RPTConfig fields"
