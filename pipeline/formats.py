@@ -193,6 +193,27 @@ def read_neighbors(art: Artifact) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, ids, sc
 
 
+def neighbor_counts(ids: np.ndarray, k: int) -> dict[str, int]:
+    """Slot counts of neighbor ids [n, k] (-1 padded), to sum over shards (pipeline.stage.merge_stats):
+    rows, full_rows (all k filled), valid_neighbors (filled slots), empty_rows (none filled)."""
+    valid = (ids != NEIGHBOR_PAD).sum(1)
+    return {
+        "rows": len(ids),
+        "full_rows": int((valid == k).sum()),
+        "valid_neighbors": int(valid.sum()),
+        "empty_rows": int((valid == 0).sum()),
+    }
+
+
+def neighbor_rates(counts: dict[str, Any]) -> dict[str, float | None]:
+    """fill_rate (rows with all k filled) and mean_valid_neighbors (per row) of summed neighbor_counts."""
+    rows = counts.get("rows", 0)
+    return {
+        "fill_rate": round(counts.get("full_rows", 0) / rows, 6) if rows else None,
+        "mean_valid_neighbors": round(counts.get("valid_neighbors", 0) / rows, 4) if rows else None,
+    }
+
+
 def causal_retrievable(
     query_pos: int | np.ndarray, cand_pos: int | np.ndarray, exclude_recent: int, example_chunks: int = 0
 ) -> Any:

@@ -32,7 +32,14 @@ from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.errors import InputError
-from pipeline.formats import ChunkReader, DocSpan, neighbor_schema, neighbor_table
+from pipeline.formats import (
+    ChunkReader,
+    DocSpan,
+    neighbor_counts,
+    neighbor_rates,
+    neighbor_schema,
+    neighbor_table,
+)
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 
@@ -262,17 +269,15 @@ class BM25Stage(Stage):
                 tokens, own, p, overfetch=cfg.overfetch, own_ids=(d.first, d.first + d.n)
             )
         stats["score_s"] += time.perf_counter() - t0
-        valid = (ids >= 0).sum(1)
-        stats["rows"] += d.n
-        stats["full_rows"] += int((valid == p.k).sum())
-        stats["valid_neighbors"] += int(valid.sum())
+        counts = neighbor_counts(ids, p.k)
+        for key in ("rows", "full_rows", "valid_neighbors"):  # no empty_rows in this manifest (dense has it)
+            stats[key] += counts[key]
         return neighbor_table(d.chunk_ids, ids, scores)
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         s = merge_stats(r.stats for r in results)
         rows = s.get("rows", 0)
-        s["fill_rate"] = round(s.get("full_rows", 0) / rows, 6) if rows else None
-        s["mean_valid_neighbors"] = round(s.get("valid_neighbors", 0) / rows, 4) if rows else None
+        s.update(neighbor_rates(s))
         s["chunks_per_cpu_s"] = round(rows / s["score_s"], 1) if s.get("score_s") else None
         s["k"] = ctx.cfg.k
         return s

@@ -43,6 +43,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.formats import (
     NEIGHBOR_PAD,
     ChunkReader,
+    neighbor_counts,
+    neighbor_rates,
     neighbor_schema,
     neighbor_table,
     read_embeddings,
@@ -499,15 +501,7 @@ class DenseStage(Stage):
             neighbor_table(np.arange(lo, hi), ids, scores),
             schema=neighbor_schema(cfg.k),
         )
-        valid = (ids != NEIGHBOR_PAD).sum(1)
-        return {
-            "rows": hi - lo,
-            "full_rows": int((valid == cfg.k).sum()),
-            "valid_neighbors": int(valid.sum()),
-            "empty_rows": int((valid == 0).sum()),
-            "search_s": time.perf_counter() - t0,
-            **extra,
-        }
+        return {**neighbor_counts(ids, cfg.k), "search_s": time.perf_counter() - t0, **extra}
 
     def _causal_shard(
         self, ctx: StageContext, lo: int, hi: int
@@ -613,8 +607,7 @@ class DenseStage(Stage):
         cfg: Config = ctx.cfg
         stats = merge_stats(r.stats for r in results)
         rows = stats.get("rows", 0)
-        stats["fill_rate"] = round(stats.get("full_rows", 0) / rows, 6) if rows else None
-        stats["mean_valid_neighbors"] = round(stats.get("valid_neighbors", 0) / rows, 4) if rows else None
+        stats.update(neighbor_rates(stats))
         secs = stats.get("search_s", 0.0)
         stats["queries_per_s"] = round(rows / secs, 1) if secs else None
         if cfg.scope == "corpus":
