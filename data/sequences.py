@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.config import IGNORE
 from pipeline.formats import TOKEN_PAD, ChunkReader
 
 
@@ -63,17 +64,17 @@ def plan_sequences(reader: ChunkReader, split: str, n_chunks: int) -> SequencePl
 
 
 def example_tokens(reader_tokens: np.ndarray, plan: SequencePlan, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [l*m] int64 with padding as 0, labels [l*m] int64 with -100 where nothing is predicted)."""
+    """(tokens [l*m] int64 with padding as 0, labels [l*m] int64 with IGNORE (-100) where nothing is predicted)."""
     f, n, l_ = int(plan.first_chunk[i]), int(plan.n_real[i]), plan.n_chunks
     m = reader_tokens.shape[1]
     raw = np.full((l_, m), TOKEN_PAD, np.int64)
     raw[:n] = reader_tokens[f : f + n]
     flat = raw.reshape(-1)
-    labels = np.full_like(flat, -100)
+    labels = np.full_like(flat, IGNORE)
     labels[:-1] = flat[1:]
     nxt = int(plan.next_token_chunk[i])
     if nxt >= 0:  # the chunk before a next chunk is full, so the example's last real token is at n*m-1
         labels[n * m - 1] = int(reader_tokens[nxt, 0])
-    labels[labels == TOKEN_PAD] = -100
-    labels[flat == TOKEN_PAD] = -100
+    labels[labels == TOKEN_PAD] = IGNORE
+    labels[flat == TOKEN_PAD] = IGNORE
     return np.where(flat == TOKEN_PAD, 0, flat), labels

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from model.config import IGNORE
+
 
 @dataclass
 class CopyDoc:
@@ -276,7 +278,7 @@ def copy_batch(
     import torch
 
     tok = torch.from_numpy(np.stack([d.tokens for d in docs]))
-    labels = torch.cat([tok[:, 1:], torch.full_like(tok[:, :1], -100)], dim=1)
+    labels = torch.cat([tok[:, 1:], torch.full_like(tok[:, :1], IGNORE)], dim=1)
     batch: dict[str, Any] = {"tokens": tok, "labels": labels}
     if neighbor_pos is not None:
         batch["neighbor_pos"] = torch.from_numpy(np.stack(neighbor_pos))
