@@ -1,4 +1,5 @@
-"""Stage name -> module. Stage modules import heavy libraries lazily, so this stays cheap."""
+"""Stage name -> module. Stage modules import torch, numba and faiss only inside the functions that run
+shards, so loading every stage for its Config stays cheap (tests/test_imports.py checks `rpt config`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from pipeline.stage import Stage
 
-# In pipeline order. Each module defines `STAGE`, an instance of pipeline.stage.Stage.
+# Every stage the framework knows (the order is not the DAG's: each stage's inputs decide that). Each
+# module defines `STAGE`, an instance of pipeline.stage.Stage.
 STAGES: dict[str, str] = {
     "documents": "stages.documents",
     "tokenizer": "stages.tokenizer",
