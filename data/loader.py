@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.neighbors import ChunkTable, compact, to_positions
 from data.sequences import SequencePlan, example_tokens
-from model.config import IGNORE as IGNORE  # re-exported: the label value of padding
 
 
 class TrainSequences(Dataset):

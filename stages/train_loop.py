@@ -159,23 +159,17 @@ class _Dist:
         self.world = world
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        import torch
-
         if self.world > 1:
             torch.distributed.all_reduce(t)
         return t
 
     def barrier(self) -> None:
-        import torch
-
         if self.world > 1:
             torch.distributed.barrier()
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
-        import torch
-
         out: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
@@ -210,8 +204,6 @@ def _metrics_bytes(rows: list[dict[str, Any]]) -> bytes:
 
 
 def _rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
-    import torch
-
     out = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
@@ -267,7 +259,6 @@ def _checkpoint(root: Path, step: int, save: Any, keep: int = 1) -> None:
 def _restore(
     folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, device: torch.device
 ) -> tuple[int, list[dict[str, Any]]]:
-    import torch
     from safetensors.torch import load_file
 
     from model.checkpoint import load_optimizer_state, load_weights

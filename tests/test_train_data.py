@@ -9,9 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data.loader import IGNORE, StreamSampler, TrainSequences, close_batches, make_loader
+from data.loader import StreamSampler, TrainSequences, close_batches, make_loader
 from data.neighbors import ChunkTable, compact, exclude_recent_of, neighbor_table, scores_table, to_positions
 from data.sequences import plan_sequences
+from model.config import IGNORE
 from pipeline.errors import InputError
 from pipeline.formats import SCORES_SCHEMA, TOKENS_NPY, ChunkReader
 from pipeline.formats import neighbor_table as make_neighbor_table
