@@ -106,7 +106,8 @@ def decode(data: bytes) -> tuple[str, str]:
 
 
 def decode_as(data: bytes, encoding: str) -> tuple[str, str]:
-    """UTF-8 if the bytes are UTF-8, else the given legacy encoding (strict)."""
+    """UTF-8 if the bytes are UTF-8, else the given legacy encoding (strict, except cp1252's five undefined
+    bytes, which are read as Latin-1 like everywhere else here)."""
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -114,7 +115,9 @@ def decode_as(data: bytes, encoding: str) -> tuple[str, str]:
     try:
         return data.decode(encoding, errors="rpt_latin1" if encoding == "cp1252" else "strict"), encoding
     except UnicodeDecodeError as e:
-        raise UnknownEncoding(f"not UTF-8 and not {encoding} like the file's earlier lines ({e})") from None
+        raise UnknownEncoding(
+            f"not UTF-8 and not {encoding} like the file's earlier lines ({e}): convert the file to UTF-8"
+        ) from None
 
 
 _WORD = re.compile(r"[^\W\d_]{3,}")
@@ -371,7 +374,9 @@ def iter_jsonl(
                 n_records += 1
                 try:
                     line, enc = decode(raw) if legacy is None else decode_as(raw, legacy)
-                    if enc not in ("utf-8", "utf-8-sig"):
+                    # lock only an encoding that was detected: a line read as cp1252 (the fallback, which
+                    # never fails) may be punctuation that cp1251 and others share with it
+                    if enc not in ("utf-8", "utf-8-sig", "cp1252"):
                         legacy = enc
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -403,7 +408,7 @@ def iter_jsonl(
                     s = strip_gutenberg(text)
                     text, title = s.text, title or s.title
                 doc_id = f"{f.rel}:{lineno}" if not id_field else str(rec.get(id_field, f"{f.rel}:{lineno}"))
-                yield RawDoc(doc_id, f.rel, title or doc_id, text)
+                yield RawDoc(doc_id, f.rel, title or doc_id, text, enc)
         except (OSError, EOFError) as e:  # truncated gzip and the like
             yield Skip("unreadable", f"cannot read past this point: {e}", f.path)
     if n_records == 0:

@@ -504,3 +504,16 @@ def test_a_jsonl_file_decides_its_encoding_once(tmp_path):
     )
     art = build("documents", make_config(tmp_path / "s", documents={"paths": [str(d)], "min_chars": 5}))
     assert sorted(art.read(columns=["text"])["text"].to_pylist()) == sorted(r["text"] for r in lines)
+
+
+def test_a_jsonl_line_that_only_looks_western_does_not_decide_the_encoding(tmp_path):
+    # ’ and — have the same bytes in cp1251 and cp1252: the first line reads as cp1252, the second is Cyrillic
+    d = tmp_path / "in"
+    d.mkdir()
+    lines = [{"text": "Don’t panic — chapter one"}, {"text": "Война и мир. Лев Николаевич Толстой. " * 20}]
+    (d / "ru.jsonl").write_bytes(
+        b"".join(json.dumps(r, ensure_ascii=False).encode("cp1251") + b"\n" for r in lines)
+    )
+    art = build("documents", make_config(tmp_path / "s", documents={"paths": [str(d)], "min_chars": 5}))
+    assert sorted(art.read(columns=["text"])["text"].to_pylist()) == sorted(r["text"] for r in lines)
+    assert art.manifest.stats["encodings"].get("cp1251") == 1
