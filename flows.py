@@ -306,7 +306,8 @@ def retry_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) 
 
 
 def task_options(run: RunConfigBase, stage: str) -> dict[str, Any]:
-    """Retry and timeout options of a stage's tasks (plan, shards, publish), from the `runner` section."""
+    """Retry and timeout options of a stage's plan and shard tasks, from the `runner` section (publish is
+    not retried: its task sets retries to 0)."""
     rc = run.runner
     return {
         "retries": rc.retries,
@@ -631,8 +632,7 @@ def dag_flow(
         fut.wait()
         release(ref)
         if not fut.state.is_completed():
-            for h in helpers.get(ref, []):
-                h.wait()
+            for h in helpers.get(ref, []):  # release() has waited for each of them
                 if h.state.is_failed() or h.state.is_crashed():
                     result_of(h, by_ref[ref])  # raises the shard's exception
         return StageSummary.model_validate(result_of(fut, by_ref[ref]))  # a cache hit reads back JSON

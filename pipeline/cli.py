@@ -451,7 +451,10 @@ def artifacts_gc(
     for stage, name, v in plan.drop_refs:
         typer.echo(f"remove  {stage + '@' + name:{w}}  {'':>10}  ref to {stage}@{v}, which is removed")
     if yes:
+        n_spared = len(plan.spared)
         hk.apply_gc(store, plan)
+        for i in plan.spared[n_spared:]:  # re-checked at removal and left alone after all
+            typer.echo(f"spare   {i.entry.label:{w}}  {hk.human_size(i.bytes):>10}  {i.why}")
         typer.echo(f"removed {len(plan.remove)} item(s), {hk.human_size(plan.total)} freed under {store.uri}")
     else:
         typer.echo(

@@ -122,8 +122,8 @@ class RunnerConfig(NoBoolNumbers):
     retries: int = Field(
         2,
         ge=0,
-        description="flows: retries of a task (plan, shard, publish) after a transient failure (an I/O or "
-        "network error, a lost Dask worker); never after a user error (bad config or input) or a timeout",
+        description="flows: retries of a plan or shard task (publish is not retried) after a transient "
+        "failure (an I/O or network error, a lost Dask worker); never after a user error (bad config or input) or a timeout",
     )
     retry_delay_s: float = Field(
         10.0,

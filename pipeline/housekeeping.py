@@ -124,21 +124,14 @@ def _summarize(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
-def read_manifest_strict(store: ArtifactStore, stage: str, version: str) -> tuple[Manifest | None, str]:
-    """(manifest, "") when valid, (None, "") when there is none, (None, problem) when it is broken or
-    cannot be read.
+def read_manifest_state(store: ArtifactStore, stage: str, version: str) -> tuple[Manifest | None, str, bool]:
+    """(manifest, "", False) when valid, (None, "", False) when there is none, (None, problem, unreadable)
+    when it is broken or cannot be read; `unreadable` is True when the manifest could not be read at all
+    (an OSError: permissions, the network, a throttled object store): then its state is unknown, and gc
+    must not take it for broken.
 
     Unlike the store's readers, which treat a bad manifest as no artifact (correctly: nothing may be
-    built on it), listing and verification must show it, or an artifact would vanish without a word.
-    """
-    m, problem, _ = read_manifest_state(store, stage, version)
-    return m, problem
-
-
-def read_manifest_state(store: ArtifactStore, stage: str, version: str) -> tuple[Manifest | None, str, bool]:
-    """`read_manifest_strict`, and whether the problem is that the manifest could not be read at all
-    (an OSError: permissions, the network, a throttled object store): then its state is unknown, and
-    gc must not take it for broken."""
+    built on it), listing and verification must show it, or an artifact would vanish without a word."""
     path = f"{store.version_dir(stage, version)}/{MANIFEST_NAME}"
     try:
         with store.fs.open(path, "rb") as f:
@@ -384,7 +377,7 @@ class Item:
 @dataclass
 class GcPlan:
     remove: list[Item] = field(default_factory=list)
-    spared: list[Item] = field(default_factory=list)  # debris changed too recently to be presumed dead
+    spared: list[Item] = field(default_factory=list)  # what gc leaves alone, each with the reason
     keep: dict[str, str] = field(default_factory=dict)  # published stage@version -> why
     drop_refs: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, ref name, version)
     bad_refs: list[str] = field(default_factory=list)
