@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@set -o pipefail; $(BIN)/python -m pip install -q -c requirements/lock.txt -e ".[dev,$(FAISS)$(EXTRAS)]" 2>&1 | { $(PIPQUIET); }
 	@# from outside the checkout, so the import proves the install (not the repo root on sys.path), and
 	@# through the console script that `make demo` calls
-	@cd / && $(abspath $(BIN))/python -c "import torch, faiss, pipeline, stages, model, data, flows; print('setup ok: torch', torch.__version__)"
+	@cd / && $(abspath $(BIN))/python -c "import torch, faiss, app.cli, app.flows, pipeline, stages, model, data; print('setup ok: torch', torch.__version__)"
 	@$(RPT) --help >/dev/null
 	@rm -f $(VENV)/.installed-*; touch $@
 

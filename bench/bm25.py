@@ -63,8 +63,8 @@ class Clock:
 
 def chunks_store(root: Path) -> tuple[object, object]:
     """The gutenberg chunks artifact (built once under `root` if missing) and its run config."""
-    from pipeline.config import load_config
     from pipeline.executor import build
+    from stages import load_config
 
     run = load_config(REPO / "configs" / "gutenberg.yaml", [f"artifacts_root={root}"])
     os.chdir(REPO)  # the config's corpus path is relative to the repository
@@ -165,7 +165,7 @@ def full_corpus(root: Path, run: object, out: dict, with_corpus: bool) -> None:
         data = run.model_dump(mode="json")
         data["artifacts_root"] = str(store)
         cfg.write_text(json.dumps(data))
-        rpt = [sys.executable, "-m", "pipeline.cli", "run", "bm25", "-c", str(cfg)]
+        rpt = [sys.executable, "-m", "app.cli", "run", "bm25", "-c", str(cfg)]
         env = {"RPT_PROGRESS": "0"}
         run_measured([*rpt, "--set", "bm25.k=3", "--set", "runner.workers=1"], env=env)  # warm numba's cache
         from pipeline.store import ArtifactStore

@@ -33,7 +33,7 @@ from bench.common import REPO, run_measured, save
 
 CHILD = r"""
 import json, resource, sys, time
-from pipeline.config import config_from_dict
+from stages import config_from_dict
 from pipeline.executor import build
 
 def peak_mb():
@@ -131,8 +131,8 @@ def main() -> None:
             base.mkdir()
             modes.append((f"baseline {args.baseline}", {}, extract(args.baseline, base)))
         # one tokenizer for every size: trained on the smallest document's first 2 MB
-        from pipeline.config import config_from_dict
         from pipeline.executor import build
+        from stages import config_from_dict
 
         train_doc = tmp / "train" / "train.txt"
         train_doc.parent.mkdir()

@@ -58,7 +58,7 @@ def line(name: str, value: float, unit: str, base: float | None = None) -> str:
 
 def slice_run(store: Path, chars: int, books: int) -> Any:
     """A run config over `chars`-character slices of the books (past the headers), MiniLM embeddings."""
-    from pipeline.config import config_from_dict
+    from stages import config_from_dict
 
     folder = store / "corpus" / "slices"
     folder.mkdir(parents=True, exist_ok=True)

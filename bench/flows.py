@@ -18,11 +18,11 @@ from typing import Any
 
 os.environ.setdefault("RPT_PROGRESS", "0")
 
-import flows  # first: it sets Prefect's environment before prefect is imported
+from app import flows  # first: it sets Prefect's environment before prefect is imported
 from bench.common import REPO, save
-from pipeline.config import load_config
 from pipeline.executor import build
 from pipeline.store import ArtifactStore
+from stages import load_config
 
 
 def digests(root: str, r: dict[str, Any]) -> list[tuple[str, str]]:

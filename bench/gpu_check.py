@@ -27,9 +27,9 @@ def main() -> None:
     import torch
 
     from bench.train import meta_flops, peak_flops
-    from pipeline.config import load_config
     from pipeline.executor import resolve
     from pipeline.store import ArtifactStore
+    from stages import load_config
 
     if not torch.cuda.is_available():
         sys.exit(
@@ -37,7 +37,7 @@ def main() -> None:
         )
     env = {**os.environ, "RPT_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "pipeline.cli", "flow", "full", "-c", args.config]
+    cmd = [sys.executable, "-m", "app.cli", "flow", "full", "-c", args.config]
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     wall = time.perf_counter() - t0
     run = load_config(args.config)

@@ -65,7 +65,7 @@ def main() -> None:
         for b in books:
             (corpus / b.name).symlink_to(b)
         root = Path(tmp) / "store"
-        rpt = [sys.executable, "-m", "pipeline.cli", "run"]
+        rpt = [sys.executable, "-m", "app.cli", "run"]
         sets = ["--set", f"artifacts_root={root}", "--set", f"documents.paths=[{corpus}]"]
         env = {"RPT_PROGRESS": "0"}
         ours = {}

@@ -144,7 +144,7 @@ def sync(device: Any) -> None:
 def speed(args: argparse.Namespace) -> None:
     import torch
 
-    from stages.scores import ScoringLM, score_queries
+    from model.lm_scoring import ScoringLM, score_queries
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,7 +226,7 @@ def speed(args: argparse.Namespace) -> None:
 def mfu(args: argparse.Namespace) -> None:
     import torch
 
-    from stages.scores import ScoringLM, score_queries
+    from model.lm_scoring import ScoringLM, score_queries
 
     if not torch.cuda.is_available():
         print("mfu: no CUDA device on this machine; MFU is measured on a GPU only (nothing run)")
@@ -292,11 +292,12 @@ def headroom(args: argparse.Namespace) -> None:
     """Train the reference LM with the pipeline on the shared books, then score a sample of queries."""
     import torch
 
-    from pipeline.config import load_config
+    from model.lm_scoring import score_queries
     from pipeline.executor import build_node, resolve
     from pipeline.formats import REFERENCE_MODEL_DIR, ChunkReader
     from pipeline.progress import setup_logging
-    from stages.scores import HEADROOM_K, ChunkTokens, document_bounds, score_queries, scoring_lm
+    from stages import load_config
+    from stages.scores import HEADROOM_K, ChunkTokens, document_bounds, scoring_lm
 
     setup_logging("INFO")
     if args.threads:

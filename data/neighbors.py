@@ -70,7 +70,7 @@ def _done(table: ChunkTable, cache: Path | None, name: str) -> ChunkTable:
     )
 
 
-def neighbor_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:
+def load_neighbor_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:
     """A bm25/dense neighbor artifact as a ChunkTable (values: the neighbor scores). Read batch by batch;
     with `cache` (a local folder) the table is written there as .npy and returned memory-mapped, so a
     training process and its loader workers share one copy in the page cache instead of each its own."""
@@ -84,9 +84,9 @@ def neighbor_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> C
     return _done(table or _alloc(n_chunks, 1, cache, art.version), cache, art.version)
 
 
-def scores_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:
+def load_scores_table(art: Artifact, n_chunks: int, cache: Path | None = None) -> ChunkTable:
     """A scores artifact as a ChunkTable (values: delta = log P(target | candidate) - log P(target | local)).
-    Two passes over the batches (the width, then the values); `cache` as in `neighbor_table`."""
+    Two passes over the batches (the width, then the values); `cache` as in `load_neighbor_table`."""
     width = 1
     for b in art.iter_batches(columns=["candidate_ids"]):
         lens = pc.list_value_length(b.column("candidate_ids")).to_numpy(zero_copy_only=False)

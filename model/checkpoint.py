@@ -1,7 +1,8 @@
 """Model checkpoints: `model.safetensors` (weights) + `config.json` ({"model": RPTConfig, ...}).
 
 `load_checkpoint(path)` is what evaluation uses: a folder (a train artifact, or a checkpoint folder
-inside a partial one) or the path of its model.safetensors.
+inside a partial one) or the path of its model.safetensors. The optimizer and RNG state beside them,
+and the checkpoint folders of a run, are `model.checkpointer`'s (shared with the reference stage).
 """
 
 from __future__ import annotations
@@ -89,41 +90,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def load_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return st_load(data)
-
-
-# ------------------------------------------------------------------------------------------ training state
-OPTIM_FILE = "optimizer.safetensors"
-STATE_FILE = "train_state.json"
-
-
-def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer's state dict split into tensors (for safetensors) and JSON (hyperparameters)."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for idx, st in sd["state"].items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"state.{idx}.{key}"] = val.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = val
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def load_optimizer_state(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, val in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = val
-    for name, val in meta.get("scalars", {}).items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = val
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -31,10 +31,18 @@ def p_gold(step: int, total_steps: int, fraction: float = 0.9) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / horizon))
 
 
-def learning_rate(step: int, total_steps: int, lr: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to `min_ratio * lr` at the end."""
+def learning_rate(
+    step: int, total_steps: int, lr: float, warmup: int, min_ratio: float, *, peak_times_ratio: bool = False
+) -> float:
+    """The learning rate of both training stages: a linear warm-up to `lr` over `warmup` steps (step 0
+    trains at lr / warmup), then cosine decay to `min_ratio * lr` at `total_steps`.
+
+    `peak_times_ratio` only picks the rounding of the warm-up: (lr * (step + 1)) / warmup (the train
+    stage's) or lr * ((step + 1) / warmup), the peak times a multiplier (the reference stage's, as
+    torch's LambdaLR computed it). They differ in the last bit for about a third of the warm-up steps;
+    each stage keeps its own so its trained weights stay what they were."""
     if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
+        return lr * ((step + 1) / warmup) if peak_times_ratio else lr * (step + 1) / warmup
     span = max(total_steps - warmup, 1)
     t = min(max(step - warmup, 0) / span, 1.0)
     return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t)))

@@ -1,6 +1,6 @@
-"""What one training step computes, apart from data, devices, metrics and checkpoints (those are
-stages.train_loop's): the schedules at a step, the forward pass with its neighbor source, and the loss.
-The train stage and the mechanism tests run exactly this.
+"""What one training step computes, apart from data, devices, metrics and checkpoints (stages.train_loop,
+stages.train_metrics, model.checkpointer): the schedules at a step, the forward pass with its neighbor
+source, and the loss. The train stage and the mechanism tests run exactly this.
 
 Use diagnostics that stages.train_loop logs from each step's output (per row of metrics.parquet, means
 over its steps):

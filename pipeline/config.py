@@ -1,7 +1,8 @@
 """One config system: pydantic models per stage section, loaded from one YAML file per run.
 
-The top-level model is assembled from the stage registry, so each stage owns its section's
-model (`stages/<name>.py: Config`). Unknown keys and bad values are errors naming the key.
+The top-level model is assembled from a stage registry (pipeline.registry.Registry) handed to the
+loader, so each stage owns its section's model (`stages/<name>.py: Config`) and the framework names no
+stage. Unknown keys and bad values are errors naming the key.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import os
 from collections import abc
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -22,9 +22,13 @@ from pydantic import (
     ValidationInfo,
     create_model,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.registry import Registry
 
 _SEQUENCES = (list, tuple, set, frozenset, abc.Sequence, abc.Set)
 _MAPPINGS = (dict, abc.Mapping)
@@ -118,7 +122,7 @@ class RunnerConfig(NoBoolNumbers):
         "evaluate) one at a time across the flow; > 1 lets them run side by side, as many as the task "
         "runner's workers (use kind: processes, and OMP_NUM_THREADS = cores / workers)",
     )
-    # The settings below apply to the Prefect flows (flows.py); `rpt run` neither retries nor times out.
+    # The settings below apply to the Prefect flows (app/flows.py); `rpt run` neither retries nor times out.
     retries: int = Field(
         2,
         ge=0,
@@ -142,17 +146,6 @@ class RunnerConfig(NoBoolNumbers):
         "that ends sooner shows none)",
     )
 
-    @field_validator("timeouts")
-    @classmethod
-    def _known_stages(cls, v: dict[str, float]) -> dict[str, float]:
-        names = stage_names()
-        for stage, seconds in v.items():
-            if stage not in names:
-                raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(names)})")
-            if not seconds > 0:
-                raise ValueError(f"{stage}: a timeout must be > 0 seconds, got {seconds}")
-        return v
-
 
 class RunConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -164,6 +157,18 @@ class RunConfigBase(BaseModel):
 
     # filled in by load_config, never part of a version
     source_file: str | None = Field(None, exclude=True)
+    # the stages this config has sections for (set on the model class by build_run_config)
+    registry: ClassVar[Registry]
+
+    @model_validator(mode="after")
+    def _timeouts_name_stages(self) -> RunConfigBase:
+        names = self.registry.names()
+        for stage, seconds in self.runner.timeouts.items():
+            if stage not in names:
+                raise ValueError(f"runner.timeouts: unknown stage {stage!r} (stages: {', '.join(names)})")
+            if not seconds > 0:
+                raise ValueError(f"runner.timeouts: {stage}: a timeout must be > 0 seconds, got {seconds}")
+        return self
 
     def root(self) -> str:
         return os.environ.get("RPT_ARTIFACTS") or self.artifacts_root
@@ -173,7 +178,7 @@ class RunConfigBase(BaseModel):
             return getattr(self, stage)
         except AttributeError as e:
             raise ConfigError(
-                f"no config section '{stage}' (known stages: {', '.join(stage_names())})"
+                f"no config section '{stage}' (known stages: {', '.join(self.registry.names())})"
             ) from e
 
     def with_section(self, stage: str, overrides: Mapping[str, Any]) -> RunConfigBase:
@@ -184,40 +189,29 @@ class RunConfigBase(BaseModel):
         sec = dict(data.get(stage, {}))
         sec.update(overrides)
         data[stage] = sec
-        return _validate(data, source=self.source_file)
+        return _validate(self.registry, data, source=self.source_file)
 
 
-def stage_names() -> list[str]:
-    from pipeline.registry import STAGES
-
-    return list(STAGES)
-
-
-@lru_cache(maxsize=1)
-def run_config_model() -> type[RunConfigBase]:
-    from pipeline.registry import get_stage
-
+def build_run_config(registry: Registry) -> type[RunConfigBase]:
+    """The run config model of `registry`'s stages (use `registry.run_config()`, which builds it once).
+    Its module is the registry's home, whose `RunConfig` attribute must return it (pickle looks there)."""
     fields: dict[str, Any] = {}
-    for name in stage_names():
-        cls = get_stage(name).Config
+    for name in registry.names():
+        cls = registry.get(name).Config
         fields[name] = (cls, Field(default_factory=cls))
-    return create_model("RunConfig", __base__=RunConfigBase, __module__=__name__, **fields)
+    model = create_model("RunConfig", __base__=RunConfigBase, __module__=registry.home, **fields)
+    model.registry = registry
+    return model
 
 
-def __getattr__(name: str) -> Any:
-    # `pipeline.config.RunConfig` is built on first use; this lets pickle (process and Dask runners) find it.
-    if name == "RunConfig":
-        return run_config_model()
-    raise AttributeError(name)
-
-
-def _format_errors(err: ValidationError, source: str | None) -> str:
+def _format_errors(model: type[RunConfigBase], err: ValidationError, source: str | None) -> str:
     where = f" in {source}" if source else ""
     lines = [f"invalid config{where}:"]
-    model = run_config_model()
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if not loc:  # a check across sections (it names its keys itself)
+            lines.append(f"  {e['msg']}")
+        elif e["type"] == "extra_forbidden":
             parent = _model_at(model, e["loc"][:-1])
             allowed = ", ".join(sorted(set(parent.model_fields) - {"source_file"})) if parent else "?"
             lines.append(f"  {loc}: unknown key (valid keys here: {allowed})")
@@ -238,14 +232,15 @@ def _model_at(model: type[BaseModel], loc: Iterable[Any]) -> type[BaseModel] | N
     return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
 
 
-def _validate(data: Mapping[str, Any], source: str | None = None) -> RunConfigBase:
+def _validate(registry: Registry, data: Mapping[str, Any], source: str | None = None) -> RunConfigBase:
     if "source_file" in data:  # set by the loader, not a setting
         where = f"{source}: " if source else ""
         raise ConfigError(f"{where}source_file: unknown key (it is set from the path given with -c)")
+    model = registry.run_config()
     try:
-        cfg = run_config_model().model_validate(dict(data))
+        cfg = model.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(model, e, source)) from None
     cfg.source_file = source
     return cfg
 
@@ -300,8 +295,11 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> RunConfigBase:
-    """Load a run config from YAML (None: all defaults), apply `--set` overrides, validate."""
+def load_config(
+    registry: Registry, path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()
+) -> RunConfigBase:
+    """Load a run config of `registry`'s stages from YAML (None: all defaults), apply `--set` overrides,
+    validate."""
     data: dict[str, Any] = {}
     source = None
     if path is not None:
@@ -319,8 +317,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
             raise ConfigError(f"config file {p}: top level must be a mapping of sections")
         data = loaded
     data = apply_overrides(data, overrides)
-    return _validate(data, source=source)
+    return _validate(registry, data, source=source)
 
 
-def config_from_dict(data: Mapping[str, Any]) -> RunConfigBase:
-    return _validate(dict(data))
+def config_from_dict(registry: Registry, data: Mapping[str, Any]) -> RunConfigBase:
+    return _validate(registry, dict(data))

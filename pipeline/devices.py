@@ -1,4 +1,5 @@
-"""Torch device and dtype selection shared by the GPU-capable stages (reference, scores, train, evaluate)."""
+"""Torch device and dtype selection: the one place a stage's `device` / `dtype` setting becomes a torch
+device and dtype (reference, scores, train, evaluate, embeddings, dense, and the GPU faiss indexes)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pipeline.config import RunConfigBase
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # accepted as well
 
 
 _LANE = threading.local()  # the GPU a flow's lane gave this thread (see `gpu_lane`)
@@ -34,54 +39,115 @@ def lane_slot() -> int | None:
     return getattr(_LANE, "slot", None)
 
 
-def resolve_device(spec: str) -> Any:
-    """'auto' -> this worker's GPU when CUDA is present, else the CPU. A worker's GPU is LOCAL_RANK under
-    torchrun, else the GPU of the flow lane running it (`gpu_lane`); otherwise, with several GPUs visible,
-    each worker (process or thread) claims a free one (see `claim_slot`), so `runner.kind=processes` with
-    one worker per GPU spreads shards over the GPUs."""
+@contextmanager
+def on_gpu(slot: int | None) -> Iterator[None]:
+    """Run a shard on GPU `slot`: the thread's lane for `resolve_device("auto")` and its current CUDA
+    device (for `cuda` without an index). None, or no CUDA: nothing changes."""
+    if slot is None:
+        yield
+        return
     import torch
 
-    if spec == "auto":
-        if not torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        yield
+        return
+    # modulo: under Ray a task sees only the GPU it was given (CUDA_VISIBLE_DEVICES), as device 0
+    slot %= max(1, torch.cuda.device_count())
+    prev = torch.cuda.current_device()
+    torch.cuda.set_device(slot)
+    try:
+        with gpu_lane(slot):
+            yield
+    finally:
+        torch.cuda.set_device(prev)
+
+
+def visible_gpus(run: RunConfigBase) -> int:
+    """GPUs the runners give lanes to: runner.gpus when set, else the GPUs torch sees (0 without torch)."""
+    if run.runner.gpus is not None:
+        return run.runner.gpus
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(spec: str, setting: str = "device") -> Any:
+    """The torch device of a stage's `device` setting; every GPU stage resolves its device here.
+
+    'auto' -> this worker's GPU when CUDA is present, else the CPU; 'cuda' -> this worker's GPU (an error
+    without CUDA); 'cpu', 'cuda:N' -> that device. A worker's GPU is LOCAL_RANK's under torchrun, else the
+    GPU of the flow lane running it (`gpu_lane`); otherwise, with several GPUs visible, each worker
+    (process or thread) claims a free one (see `claim_slot`), so `runner.kind=processes` with one worker
+    per GPU spreads shards over the GPUs. `setting` names the setting in errors (e.g. `dense.device`)."""
+    import torch
+
+    if spec in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return worker_gpu()
+        if spec == "auto":
             return torch.device("cpu")
-        n = torch.cuda.device_count()
-        if "LOCAL_RANK" in os.environ:
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % n)
-        if lane_slot() is not None:
-            return torch.device("cuda", lane_slot() % n)
-        if n == 1:
-            return torch.device("cuda", 0)
-        names = [str(torch.cuda.get_device_properties(i).uuid) for i in range(n)]
-        return torch.device("cuda", claim_slot(names))
     try:
         dev = torch.device(spec)
     except RuntimeError as e:
         raise ConfigError(
-            f"device {spec!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N"
+            f"{setting} {spec!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r}: CUDA is not available on this machine; use device=auto or cpu")
+        raise ConfigError(
+            f"{setting} {spec!r}: CUDA is not available on this machine; use {setting}: auto or cpu"
+        )
     return dev
 
 
-_CLAIMS: dict[int, int] = {}  # thread id -> claimed slot; the lock files stay open (held) for the process
-_HELD: list[Any] = []
+def worker_gpu() -> Any:
+    """This worker's GPU (CUDA present): LOCAL_RANK's, the flow lane's, the only one, or a claimed one."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % n)
+    if lane_slot() is not None:
+        return torch.device("cuda", lane_slot() % n)
+    if n == 1:
+        return torch.device("cuda", 0)
+    names = [str(torch.cuda.get_device_properties(i).uuid) for i in range(n)]
+    return torch.device("cuda", claim_slot(names))
+
+
+class _Claim:
+    """A thread's claim on a slot: the open, flock-ed lock file (None when it shares a slot). It lives in
+    the thread's local storage, so the lock is released when the thread ends (a thread id that Python
+    reuses for a new thread does not inherit it)."""
+
+    def __init__(self, slot: int, lock_file: Any = None):
+        self.slot, self.lock_file = slot, lock_file
+
+    def __del__(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.close()  # closing the file drops its flock
+
+
+_CLAIMS = threading.local()  # .by_key: {(lock dir, slot names): _Claim} of this thread
 _CLAIM_LOCK = threading.Lock()
+_SHARED = [0]  # claims that found every slot taken, for the round-robin
 
 
 def claim_slot(names: list[str], lock_dir: str | Path | None = None) -> int:
     """Index of a slot (e.g. a GPU, by its UUID) that no other live worker on this machine holds.
 
-    A worker claims a slot with an exclusive `flock` on `<lock_dir>/<name>.lock`, held until the process
-    exits (the OS drops it if the process is killed). When every slot is taken, workers share them
-    round-robin. The claim is per thread, so a threads runner spreads as well."""
+    A worker claims a slot with an exclusive `flock` on `<lock_dir>/<name>.lock`, held while the thread
+    that claimed it lives (the OS drops it if the process is killed). When every slot is taken, workers
+    share them round-robin. The claim is per thread, so a threads runner spreads as well."""
     import fcntl
 
-    tid = threading.get_ident()
+    d = Path(lock_dir or Path(tempfile.gettempdir()) / "rpt-device-locks")
+    key = (str(d), tuple(names))
+    mine: dict[tuple[str, tuple[str, ...]], _Claim] = _CLAIMS.__dict__.setdefault("by_key", {})
+    if key in mine:
+        return mine[key].slot
     with _CLAIM_LOCK:
-        if tid in _CLAIMS:
-            return _CLAIMS[tid]
-        d = Path(lock_dir or Path(tempfile.gettempdir()) / "rpt-device-locks")
         d.mkdir(parents=True, exist_ok=True)
         for i, name in enumerate(names):
             f = open(d / f"{name}.lock", "w")  # noqa: SIM115 (held open on purpose)
@@ -90,19 +156,54 @@ def claim_slot(names: list[str], lock_dir: str | Path | None = None) -> int:
             except OSError:
                 f.close()
                 continue
-            _HELD.append(f)
-            _CLAIMS[tid] = i
+            mine[key] = _Claim(i, f)
             return i
-        _CLAIMS[tid] = (os.getpid() + len(_CLAIMS)) % len(names)
-        return _CLAIMS[tid]
+        _SHARED[0] += 1
+        mine[key] = _Claim((os.getpid() + _SHARED[0]) % len(names))
+        return mine[key].slot
 
 
-def resolve_dtype(spec: str, device: Any) -> Any:
-    """'auto' -> bfloat16 on a GPU, float32 on the CPU (bf16 matmuls are slow and lossy on most CPUs)."""
+def resolve_dtype(spec: str, device: Any, setting: str = "dtype") -> Any:
+    """The torch dtype of a stage's `dtype` setting: float32, bfloat16, float16 or their short names
+    fp32, bf16, fp16. 'auto' -> bfloat16 on a GPU (float16 where the GPU has no bfloat16), float32 on the
+    CPU (bf16 matmuls are slow and lossy on most CPUs)."""
     import torch
 
-    if spec not in DTYPES:
-        raise ConfigError(f"dtype {spec!r}: expected one of {', '.join(DTYPES)}")
-    if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, spec)
+    name = DTYPE_ALIASES.get(spec, spec)
+    if name not in DTYPES:
+        raise ConfigError(
+            f"{setting} {spec!r}: expected one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})"
+        )
+    if name == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def dtype_alias(dtype: Any) -> str:
+    """The short name of a torch dtype (torch.bfloat16 -> 'bf16'), as the embeddings stage spells it."""
+    name = str(dtype).removeprefix("torch.")
+    return {v: k for k, v in DTYPE_ALIASES.items()}.get(name, name)
+
+
+class Lanes:
+    """Chains of tasks that run one after another: task k on a lane waits for the task before it there.
+
+    The flows keep one set of lanes for every GPU stage, one lane per GPU (one on CPU), handed out round
+    robin, so each GPU runs one shard at a time across all stages of the flow; a serial stage gets one lane.
+    `rpt run` (pipeline.executor.run_shards) gives a GPU stage's shards the same lanes.
+    """
+
+    def __init__(self, n: int):
+        self.last: list[Any] = [None] * max(1, n)
+        self.turn = 0
+
+    def take(self) -> tuple[int, Any]:
+        """(lane, the task the next one on it must wait for, or None)."""
+        lane = self.turn % len(self.last)
+        self.turn += 1
+        return lane, self.last[lane]
+
+    def put(self, lane: int, fut: Any) -> None:
+        self.last[lane] = fut

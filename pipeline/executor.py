@@ -1,7 +1,9 @@
 """Resolve a stage's version from the config DAG, and build it shard by shard with resume.
 
-The pieces (`resolve`, `open_build`, `pending_shards`, `run_shard`, `publish`) are separate so that the
-Prefect flows can map shards over any task runner; `build` chains them for the CLI.
+The build API, one for `rpt run` and the Prefect flows: `resolve` (versions), `open_plan` (open the work
+folder, plan, find the shards a killed build finished), `run_shard` (one shard, anywhere: a thread, a
+process, a Dask or Ray worker, a Prefect task), `finish` (finalize and publish). `build` chains them
+with this module's runners for the CLI; the flows map the shards over their task runner instead.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ import logging
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.config import RunConfigBase
+from pipeline.devices import on_gpu, visible_gpus
 from pipeline.errors import ArtifactError
 from pipeline.locks import build_lock
 from pipeline.manifest import FileEntry, Manifest, host_info, package_versions, schema_to_dict
 from pipeline.parquet import parquet_rows, parquet_schema
 from pipeline.progress import progress
-from pipeline.registry import get_stage
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.versioning import artifact_version, canonical_json, sha256_file
@@ -50,7 +53,7 @@ class Node:
 
     @property
     def impl(self) -> Stage:
-        return get_stage(self.stage)
+        return self.run.registry.get(self.stage)
 
     @property
     def cfg(self) -> Any:
@@ -75,7 +78,7 @@ def resolve(stage: str, run: RunConfigBase, _memo: dict[str, Node] | None = None
     key = stage + "|" + canonical_json(run.model_dump(mode="json"))
     if key in memo:
         return memo[key]
-    impl = get_stage(stage)
+    impl = run.registry.get(stage)
     refs = impl.inputs(run)
     inputs = {
         role: resolve(ref.stage, run.with_section(ref.stage, ref.overrides), memo)
@@ -180,7 +183,7 @@ def pending_shards(ctx: StageContext, shards: list[Shard]) -> tuple[list[Shard],
 
 def run_shard(ctx: StageContext, shard: Shard) -> ShardResult:
     """Run one shard and record it as done. Safe to call in another thread, process or Dask worker."""
-    impl = get_stage(ctx.stage)
+    impl = ctx.run.registry.get(ctx.stage)
     t0 = time.perf_counter()
     sctx = dataclasses.replace(ctx, written=[])
     stats = impl.run_shard(sctx, shard) or {}
@@ -235,6 +238,44 @@ def drop_stale_parts(ctx: StageContext, results: list[ShardResult]) -> list[str]
     if stale:
         log.info("%s@%s: removed %d part file(s) of an earlier plan", ctx.stage, ctx.version, len(stale))
     return stale
+
+
+@dataclass
+class OpenPlan:
+    """A missing artifact's open build: its context and the shards still to run (finished ones resume)."""
+
+    ctx: StageContext
+    todo: list[Shard]
+    done: list[ShardResult]
+    plan_s: float
+    started: float  # time.time() once planned: the shards may run in other processes
+
+
+def open_plan(node: Node, inputs: dict[str, Artifact] | None = None) -> OpenPlan:
+    """Open the build of `node` (its inputs: given, or read from the store), plan its shards and sort out
+    those a killed build already finished. The caller holds the build lock (pipeline.locks.build_lock)."""
+    if inputs is None:
+        store = ArtifactStore(node.run.root())
+        inputs = {role: store.get(c.stage, c.version) for role, c in node.inputs.items()}
+    ctx = open_build(node, inputs)
+    t0 = time.perf_counter()
+    shards = node.impl.plan(ctx)
+    plan_s = time.perf_counter() - t0
+    todo, done = pending_shards(ctx, shards)
+    if done:
+        log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
+    return OpenPlan(ctx, todo, done, plan_s, time.time())
+
+
+def finish(node: Node, plan: OpenPlan, results: list[ShardResult]) -> Artifact:
+    """Finalize and publish the build `plan` opened, given the results of the shards it had left."""
+    results = plan.done + list(results)
+    timings = {
+        "plan_s": plan.plan_s,
+        "shards_wall_s": time.time() - plan.started,
+        "shards_cpu_s": sum(r.seconds for r in results),
+    }
+    return publish(plan.ctx, node, results, timings)
 
 
 def publish(ctx: StageContext, node: Node, results: list[ShardResult], timings: dict[str, float]) -> Artifact:
@@ -294,17 +335,45 @@ def _workers(node: Node, n_tasks: int) -> int:
     return max(1, min(w, n_tasks))
 
 
+def run_shard_on(ctx: StageContext, shard: Shard, gpu: int | None) -> ShardResult:
+    """`run_shard` on GPU lane `gpu` (None: no lane): what a runner calls for a GPU stage's shard."""
+    with on_gpu(gpu):
+        return run_shard(ctx, shard)
+
+
+def _on_lanes(pool: cf.Executor, ctx: StageContext, shards: list[Shard], lanes: int) -> Iterator[ShardResult]:
+    """Run the shards in `pool`, at most one per lane at a time, each told its lane (its GPU): the same
+    lanes the flows give GPU shards, so a stage never runs two shards on one GPU."""
+    queue = list(shards)
+    free = list(range(lanes))
+    running: dict[cf.Future[ShardResult], int] = {}
+    while queue or running:
+        while queue and free:
+            lane = free.pop(0)
+            running[pool.submit(run_shard_on, ctx, queue.pop(0), lane)] = lane
+        done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+        for f in done:
+            free.append(running.pop(f))
+            yield f.result()
+
+
 def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[ShardResult]:
+    """Run the shards on `runner.kind`. A GPU stage's shards get one lane per visible GPU (at most one
+    shard per GPU at a time) on the serial, thread and process runners; on Dask and Ray each worker
+    resolves its own GPU (pipeline.devices.resolve_device)."""
     if not shards:
         return []
     kind = _runner_kind(node)
     workers = _workers(node, len(shards))
+    gpus = visible_gpus(node.run) if node.impl.uses_gpu else 0
+    if gpus and kind in ("threads", "processes"):
+        workers = min(workers, gpus)
     bar = progress(total=len(shards), desc=f"{node.stage} shards", unit="shard")
     results: list[ShardResult] = []
     try:
         if kind == "serial" or workers == 1 or len(shards) == 1:
             for s in shards:
-                results.append(run_shard(ctx, s))
+                results.append(run_shard_on(ctx, s, 0 if gpus else None))
                 bar.update(1)
         elif kind in ("threads", "processes"):
             pool: cf.Executor
@@ -313,10 +382,15 @@ def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[Shard
             else:
                 pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
             with pool:
-                futs = [pool.submit(run_shard, ctx, s) for s in shards]
-                for f in cf.as_completed(futs):
-                    results.append(f.result())
-                    bar.update(1)
+                if gpus:
+                    for r in _on_lanes(pool, ctx, shards, workers):
+                        results.append(r)
+                        bar.update(1)
+                else:
+                    futs = [pool.submit(run_shard, ctx, s) for s in shards]
+                    for f in cf.as_completed(futs):
+                        results.append(f.result())
+                        bar.update(1)
         elif kind == "dask":
             from distributed import Client, LocalCluster, as_completed
 
@@ -383,22 +457,8 @@ def build_node(node: Node, with_deps: bool = False) -> Artifact:
         if store.exists(node.stage, node.version):  # a concurrent build of the same version finished it
             log.info("%s was built by another process meanwhile", node.ref)
             return store.get(node.stage, node.version)
-        ctx = open_build(node, inputs)
-        t0 = time.perf_counter()
-        shards = node.impl.plan(ctx)
-        t_plan = time.perf_counter() - t0
-        todo, done = pending_shards(ctx, shards)
-        if done:
-            log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
-        t0 = time.perf_counter()
-        results = done + run_shards(node, ctx, todo)
-        t_shards = time.perf_counter() - t0
-        timings = {
-            "plan_s": t_plan,
-            "shards_wall_s": t_shards,
-            "shards_cpu_s": sum(r.seconds for r in results),
-        }
-        return publish(ctx, node, results, timings)
+        plan = open_plan(node, inputs)
+        return finish(node, plan, run_shards(node, plan.ctx, plan.todo))
 
 
 def build(stage: str, run: RunConfigBase, with_deps: bool = False) -> Artifact:

@@ -168,7 +168,7 @@ def neighbor_schema(k: int) -> pa.Schema:
     )
 
 
-def neighbor_table(chunk_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
+def build_neighbor_table(chunk_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
     """Build a neighbor table from int64 [n] query ids, int64 [n, k] neighbor ids and float [n, k] scores.
     Padded slots must hold id -1; their score is stored as NaN."""
     _n, k = ids.shape

@@ -317,11 +317,10 @@ def format_age(seconds: float) -> str:
 def resolved_versions(label: str, run: RunConfigBase) -> list[str]:
     """stage@version of every stage under `run` and of their inputs, as the executor computes them."""
     from pipeline.executor import resolve
-    from pipeline.registry import STAGES
 
     memo: dict[str, Any] = {}
     refs: dict[str, None] = {}
-    for stage in STAGES:
+    for stage in run.registry.names():
         try:
             node = resolve(stage, run, memo)
         except RptError as e:

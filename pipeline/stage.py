@@ -10,21 +10,24 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import pyarrow as pa
 
 from pipeline.manifest import FileEntry
 from pipeline.parquet import write_parquet
 from pipeline.versioning import sha256_file
+from pipeline.worker_cache import worker_cache
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfigBase, StageConfig
     from pipeline.store import Artifact, ArtifactStore
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,18 @@ class StageContext:
 
     def local_input(self, role: str, name: str = "") -> Path:
         return self.inputs[role].local_path(name)
+
+    def worker_cache(
+        self,
+        key: tuple[Hashable, ...],
+        factory: Callable[[], T],
+        *,
+        owner: Hashable = None,
+        max_entries: int | None = None,
+    ) -> T:
+        """An object built once per worker process and shared by the shards it runs (a model, an index):
+        `pipeline.worker_cache`. key = (kind, ...); `owner` / `max_entries` bound the entries of a kind."""
+        return worker_cache(key, factory, owner=owner, max_entries=max_entries)
 
 
 class Stage:

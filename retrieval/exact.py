@@ -8,12 +8,14 @@ costs numpy only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-PAD = -1  # "no neighbor", the same value as pipeline.formats.NEIGHBOR_PAD (checked by tests/test_imports.py)
+NEIGHBOR_PAD = (
+    -1
+)  # "no neighbor", the same value as pipeline.formats.NEIGHBOR_PAD (checked by tests/test_imports.py)
 # Rows of the score block are chosen so that a block holds about this many scores.
 BLOCK_ELEMS = 1 << 24
 TIE_MARGIN = 8  # extra entries fetched by the float top-k to settle ties at the k-th score
@@ -31,7 +33,7 @@ def select_top(vals: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, n
     """Top k of each row of a few candidates (scores, positions) by score, ties to the higher position;
     non-finite scores (not retrievable) become -1 / -inf at the tail. Returns ([B, k] positions, scores)."""
     B, f = vals.shape
-    out_pos = np.full((B, k), PAD, np.int64)
+    out_pos = np.full((B, k), NEIGHBOR_PAD, np.int64)
     out_sc = np.full((B, k), -np.inf, np.float32)
     if f == 0 or B == 0:
         return out_pos, out_sc
@@ -43,7 +45,7 @@ def select_top(vals: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, n
     idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(key, idx, 1), axis=1), 1)
     v, p = np.take_along_axis(vals, idx, 1), np.take_along_axis(pos, idx, 1)
     ok = np.isfinite(v)
-    out_pos[:, :kk] = np.where(ok, p, PAD)
+    out_pos[:, :kk] = np.where(ok, p, NEIGHBOR_PAD)
     out_sc[:, :kk] = np.where(ok, v, -np.inf)
     return out_pos, out_sc
 
@@ -131,7 +133,7 @@ def exact_corpus_search(
     own_lo: np.ndarray,
     own_hi: np.ndarray,
     metric: str,
-    device: str = "cpu",
+    device: Any = "cpu",
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of each query over the database, excluding db positions [own_lo, own_hi) per query (the
@@ -140,7 +142,7 @@ def exact_corpus_search(
     import torch
 
     n, N = len(q), db.shape[0]
-    out_pos = np.full((n, k), PAD, np.int64)
+    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
     out_sc = np.full((n, k), -np.inf, np.float32)
     x_sq = (db * db).sum(1) if metric == "l2" else None
     rows = max(1, min(n, BLOCK_ELEMS // max(N, 1)))
@@ -162,7 +164,7 @@ def causal_document_search(x: Any, k: int, exclude_recent: int, metric: str) -> 
     import torch
 
     n = x.shape[0]
-    out_pos = np.full((n, k), PAD, np.int64)
+    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
     out_sc = np.full((n, k), -np.inf, np.float32)
     x_sq = (x * x).sum(1) if metric == "l2" else None
     rows = max(1, min(n, BLOCK_ELEMS // max(n, 1)))
@@ -184,6 +186,32 @@ def causal_document_search(x: Any, k: int, exclude_recent: int, metric: str) -> 
     return out_pos, out_sc
 
 
+def causal_search_documents(
+    x: np.ndarray,
+    bounds: Sequence[tuple[int, int]],
+    k: int,
+    exclude_recent: int,
+    metric: str,
+    device: Any = "cpu",
+    on_document: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Document-causal neighbors of the chunks of consecutive documents: x holds their embeddings (float32
+    [n, d], numpy), `bounds` each document's row range [start, end). Each document is searched exactly on
+    `device` (`causal_document_search`), then the neighbors are re-scored with `exact_rescore`, so the
+    result does not depend on the device. Returns (row positions in x, scores), -1 / -inf padded;
+    on_document(1) is called after each document."""
+    import torch
+
+    xt = torch.from_numpy(x).to(device)
+    pos = np.full((len(x), k), NEIGHBOR_PAD, np.int64)
+    for a, b in bounds:
+        p, _ = causal_document_search(xt[a:b], k, exclude_recent, metric)
+        pos[a:b] = np.where(p >= 0, p + a, NEIGHBOR_PAD)
+        if on_document is not None:
+            on_document(1)
+    return exact_rescore(x, x, pos, metric)
+
+
 def exact_rescore(
     q: np.ndarray, x: np.ndarray, pos: np.ndarray, metric: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +219,7 @@ def exact_rescore(
     summation order and re-sort them (ties: the later chunk first). BLAS scores change in the last bit
     with its thread count and the device; these do not, so a version has the same bytes under every
     runner (threads, Dask workers with one BLAS thread each, a GPU)."""
-    out_pos = np.full(pos.shape, PAD, np.int64)
+    out_pos = np.full(pos.shape, NEIGHBOR_PAD, np.int64)
     out_sc = np.full(pos.shape, -np.inf, np.float32)
     n, k = pos.shape
     rows = max(1, BLOCK_ELEMS // max(1, 2 * k * q.shape[1]))
@@ -202,5 +230,5 @@ def exact_rescore(
         xd = np.asarray(x[np.where(ok, pos[s:e], 0)], np.float64)  # [B, k, d]
         sc = (qd * xd).sum(-1) if metric == "ip" else -((qd - xd) ** 2).sum(-1)
         sc = np.where(ok, sc, -np.inf).astype(np.float32)
-        out_pos[s:e], out_sc[s:e] = select_top(sc, np.where(ok, pos[s:e], PAD), k)
+        out_pos[s:e], out_sc[s:e] = select_top(sc, np.where(ok, pos[s:e], NEIGHBOR_PAD), k)
     return out_pos, out_sc

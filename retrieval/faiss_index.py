@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.exact import BLOCK_ELEMS, PAD, select_top
+from retrieval.exact import BLOCK_ELEMS, NEIGHBOR_PAD, select_top
 
 # the dense stage's logger: these messages are the stage's progress, and keep the name they always had
 log = logging.getLogger("rpt.dense")
@@ -40,7 +40,7 @@ def rerank_filter(
     valid = cand >= 0
     safe = np.where(valid, cand, 0)
     valid &= db_doc[safe] != q_doc[:, None]
-    out_pos = np.full((n, k), PAD, np.int64)
+    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
     out_sc = np.full((n, k), -np.inf, np.float32)
     rows = max(1, BLOCK_ELEMS // max(1, f * db.shape[1]))
     for s in range(0, n, rows):
@@ -70,7 +70,7 @@ def faiss_search(
     than k neighbors while the index still had more to give are searched again with 4x the fetch."""
     n = len(q)
     N = index.ntotal
-    out_pos = np.full((n, k), PAD, np.int64)
+    out_pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
     out_sc = np.full((n, k), -np.inf, np.float32)
     todo = np.arange(n)
     f = min(max(fetch, k), N, max_fetch)
@@ -89,6 +89,36 @@ def faiss_search(
     return out_pos, out_sc, {"refetched_rows": refetched}
 
 
+def faiss_search_batched(
+    index: Any,
+    q: np.ndarray,
+    k: int,
+    fetch: int,
+    q_doc: np.ndarray,
+    db_doc: np.ndarray,
+    db: np.ndarray,
+    metric: str,
+    max_fetch: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """`faiss_search` over the queries in batches of `batch_size` (on_batch(1) after each one). Returns
+    (db positions, scores, rows searched again)."""
+    n = len(q)
+    pos = np.full((n, k), NEIGHBOR_PAD, np.int64)
+    sc = np.full((n, k), -np.inf, np.float32)
+    refetched = 0
+    for s in range(0, n, batch_size):
+        e = min(n, s + batch_size)
+        pos[s:e], sc[s:e], st = faiss_search(
+            index, q[s:e], k, fetch, q_doc[s:e], db_doc, db, metric, max_fetch
+        )
+        refetched += st["refetched_rows"]
+        if on_batch is not None:
+            on_batch(1)
+    return pos, sc, refetched
+
+
 def faiss_metric(metric: str) -> int:
     import faiss
 
@@ -98,9 +128,9 @@ def faiss_metric(metric: str) -> int:
 _GPU_RES: list[Any] = []  # faiss GPU resources must outlive every index that uses them
 
 
-def to_gpu(index: Any) -> Any:
-    """Move an IVF/flat index to GPU 0 (float16 PQ lookup tables: needed above 48 code bytes); layouts the
-    GPU does not support stay on the CPU, with a warning."""
+def to_gpu(index: Any, device: int = 0) -> Any:
+    """Move an IVF/flat index to GPU `device` (the worker's GPU: the caller resolves it; float16 PQ lookup
+    tables: needed above 48 code bytes); layouts the GPU does not support stay on the CPU, with a warning."""
     import faiss
 
     try:
@@ -108,10 +138,34 @@ def to_gpu(index: Any) -> Any:
             _GPU_RES.append(faiss.StandardGpuResources())
         co = faiss.GpuClonerOptions()
         co.useFloat16 = True
-        return faiss.index_cpu_to_gpu(_GPU_RES[0], 0, index, co)
+        return faiss.index_cpu_to_gpu(_GPU_RES[0], device, index, co)
     except (RuntimeError, AttributeError) as e:
         log.warning("faiss could not move %s to the GPU (%s); searching on the CPU", type(index).__name__, e)
         return index
+
+
+def open_index(
+    vectors: np.ndarray,
+    metric: str,
+    path: str | os.PathLike[str] | None = None,
+    gpu: int | None = None,
+    search_param: str | None = None,
+    search_value: int | None = None,
+) -> Any:
+    """A search index: the saved one at `path`, or (path None) an exact IndexFlat over `vectors`; moved to
+    GPU `gpu` (None: the CPU), with its search parameter (nprobe, efSearch) set when given."""
+    import faiss
+
+    if path is None:
+        index = faiss.index_factory(vectors.shape[1], "Flat", faiss_metric(metric))
+        index.add(vectors)
+    else:
+        index = faiss.read_index(os.fspath(path))
+    if gpu is not None:
+        index = to_gpu(index, gpu)
+    if search_param:
+        set_search_param(index, search_param, int(search_value or 0))
+    return index
 
 
 def set_search_param(index: Any, name: str, value: int) -> None:
@@ -134,14 +188,14 @@ def build_index(
     metric: str,
     train_rows: np.ndarray | None = None,
     hnsw_m: int | None = None,
-    gpu: bool = False,
+    gpu: int | None = None,
     seed: int | None = None,
     on_add: Callable[[int], None] | None = None,
     add_step: int = 1 << 16,
 ) -> tuple[Any, Any, float, float]:
     """A faiss index of `vectors` (float32 [N, d]) from a factory string, trained on vectors[train_rows]
-    when given (IVF-PQ), with efConstruction max(40, 2 hnsw_m) when hnsw_m is given (HNSW), built on GPU 0
-    when `gpu` and the layout allows. `seed` (of the training sample) only appears in the log.
+    when given (IVF-PQ), with efConstruction max(40, 2 hnsw_m) when hnsw_m is given (HNSW), built on GPU
+    `gpu` (None: the CPU) when the layout allows. `seed` (of the training sample) only appears in the log.
 
     Returns (index, work, train_s, add_s): `work` is the GPU clone that was trained and filled, or `index`
     itself on the CPU; `to_cpu(index, work)` gives the CPU index to save."""
@@ -151,7 +205,7 @@ def build_index(
     index = faiss.index_factory(vectors.shape[1], factory, faiss_metric(metric))
     if hnsw_m is not None:
         index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-    work = to_gpu(index) if gpu else index
+    work = to_gpu(index, gpu) if gpu is not None else index
     if train_rows is not None:
         log.info(
             "training %s on %d of %d database vectors (seed %s)", factory, len(train_rows), len(vectors), seed

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD = -1
+NEIGHBOR_PAD = -1  # "no neighbor", as pipeline.formats.NEIGHBOR_PAD (checked by tests/test_imports.py)
 
 
 def _gains(ranked: np.ndarray, gold_ids: np.ndarray, gold_grades: np.ndarray) -> np.ndarray:
     """float [Q, R]: the grade of each ranked id (0 when it is not gold or a pad)."""
-    match = (ranked[:, :, None] == gold_ids[:, None, :]) & (ranked[:, :, None] != PAD)  # [Q, R, G]
-    grades = np.where(gold_ids != PAD, gold_grades, 0.0)
+    match = (ranked[:, :, None] == gold_ids[:, None, :]) & (ranked[:, :, None] != NEIGHBOR_PAD)  # [Q, R, G]
+    grades = np.where(gold_ids != NEIGHBOR_PAD, gold_grades, 0.0)
     return (match * grades[:, None, :]).max(axis=2, initial=0.0)
 
 
@@ -32,11 +32,11 @@ def _check(ranked: np.ndarray, gold_ids: np.ndarray, gold_grades: np.ndarray) ->
         raise ValueError("expected ranked [Q, R], gold_ids [Q, G] and gold_grades [Q, G]")
     if len(ranked) != len(gold_ids):
         raise ValueError(f"{len(ranked)} rankings but {len(gold_ids)} gold rows")
-    ok = gold_ids != PAD
+    ok = gold_ids != NEIGHBOR_PAD
     if np.any(ok & ~(gold_grades > 0)):
         raise ValueError("gold grades must be > 0 (only positives are gold)")
     s = np.sort(ranked, axis=1)  # a ranking must not repeat an id (it would be counted twice)
-    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] != PAD)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] != NEIGHBOR_PAD)
     if dup.any():
         raise ValueError(f"the ranking of query row {int(np.argmax(dup.any(axis=1)))} repeats a chunk id")
 
@@ -57,14 +57,14 @@ def ranking_metrics(
     _check(ranked, gold_ids, gold_grades)
     gains = _gains(ranked, gold_ids, gold_grades)
     hits = gains > 0
-    n_gold = (gold_ids != PAD).sum(axis=1)
+    n_gold = (gold_ids != NEIGHBOR_PAD).sum(axis=1)
     out: dict[str, np.ndarray] = {}
     for k in precision_at:
         out[f"precision@{k}"] = hits[:, :k].sum(axis=1) / k
     for k in recall_at:
         out[f"recall@{k}"] = hits[:, :k].sum(axis=1) / np.maximum(n_gold, 1)
     if ndcg_at:
-        ideal = -np.sort(-np.where(gold_ids != PAD, gold_grades, 0.0), axis=1)
+        ideal = -np.sort(-np.where(gold_ids != NEIGHBOR_PAD, gold_grades, 0.0), axis=1)
         for k in ndcg_at:
             disc = 1.0 / np.log2(np.arange(2, k + 2))
             g = gains[:, :k]
@@ -75,7 +75,7 @@ def ranking_metrics(
     return out
 
 
-def distinct_overlap(a: np.ndarray, b: np.ndarray, pad: int = PAD) -> tuple[int, float]:
+def distinct_overlap(a: np.ndarray, b: np.ndarray, pad: int = NEIGHBOR_PAD) -> tuple[int, float]:
     """(number of distinct token ids of `b` that also occur in `a`, that number / distinct ids of `b`)."""
     sb = set(np.asarray(b)[np.asarray(b) != pad].tolist())
     if not sb:
@@ -90,9 +90,9 @@ def recall(got: np.ndarray, exact: np.ndarray) -> float:
     The recall of an approximate neighbor table against exact search (ungraded, unordered)."""
     total, n = 0.0, 0
     for g, e in zip(got, exact):
-        e = e[e != PAD]
+        e = e[e != NEIGHBOR_PAD]
         if len(e) == 0:
             continue
-        total += len(np.intersect1d(g[g != PAD], e)) / len(e)
+        total += len(np.intersect1d(g[g != NEIGHBOR_PAD], e)) / len(e)
         n += 1
     return total / n if n else 1.0

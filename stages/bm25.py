@@ -21,7 +21,6 @@ start numba.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -35,13 +34,14 @@ from pipeline.errors import InputError
 from pipeline.formats import (
     ChunkReader,
     DocSpan,
+    build_neighbor_table,
     neighbor_counts,
     neighbor_rates,
     neighbor_schema,
-    neighbor_table,
 )
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
+from pipeline.worker_cache import worker_cache
 
 if TYPE_CHECKING:
     from retrieval.bm25 import CorpusIndex, Params
@@ -126,30 +126,23 @@ def params_of(cfg: Config) -> Params:
 
 # ----------------------------------------------------------------------------------------- the stage
 
-_INDEX_CACHE: dict[tuple[Any, ...], CorpusIndex] = {}
-_INDEX_LOCK = threading.Lock()  # the threads runner: build the index once
-
 
 def corpus_index(reader: ChunkReader, p: Params) -> tuple[CorpusIndex, dict[int, tuple[int, int]]]:
-    """The database index (cached per process: every shard of a build shares it) and, per train
-    document, its database row range."""
+    """The database index (built once per worker process: every shard of a build shares it; the worker
+    cache holds one, a new key replaces it) and, per train document, its database row range."""
     train = reader.docs("train")
     if not train:
         raise InputError(
             f"bm25 scope 'corpus' needs train-split chunks as its database, but {reader.art.ref} has none; "
             "assign some documents to the train split (documents.split_lists) or use scope 'document-causal'"
         )
-    key = (reader.art.path, reader.art.version, p.variant, p.k1, p.b, p.epsilon)
+    key = ("bm25.corpus_index", reader.art.path, reader.art.version, p.variant, p.k1, p.b, p.epsilon)
     rows: dict[int, tuple[int, int]] = {}
     start = 0
     for d in train:
         rows[d.doc_idx] = (start, start + d.n)
         start += d.n
-    with _INDEX_LOCK:
-        if key not in _INDEX_CACHE:
-            _INDEX_CACHE.clear()
-            _INDEX_CACHE[key] = _build_corpus_index(reader, train, p)
-    return _INDEX_CACHE[key], rows
+    return worker_cache(key, lambda: _build_corpus_index(reader, train, p), max_entries=1), rows
 
 
 def _build_corpus_index(reader: ChunkReader, train: list[DocSpan], p: Params) -> CorpusIndex:
@@ -272,7 +265,7 @@ class BM25Stage(Stage):
         counts = neighbor_counts(ids, p.k)
         for key in ("rows", "full_rows", "valid_neighbors"):  # no empty_rows in this manifest (dense has it)
             stats[key] += counts[key]
-        return neighbor_table(d.chunk_ids, ids, scores)
+        return build_neighbor_table(d.chunk_ids, ids, scores)
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         s = merge_stats(r.stats for r in results)

@@ -33,7 +33,6 @@ from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, me
 log = logging.getLogger("rpt.chunks")
 
 SCHEMA = CHUNKS_SCHEMA
-PAD = TOKEN_PAD
 # a piece's encoding holds ~150 bytes per byte of text: ~40 MB, times batch_docs pieces per batch
 PIECE_BYTES = 1 << 18
 
@@ -292,7 +291,7 @@ class ChunksStage(Stage):
                 # fixed-width export for training
                 lens = t.column("n_tokens").to_numpy()
                 flat = pc.list_flatten(t.column("tokens")).to_numpy()
-                block = np.full((t.num_rows, L), PAD, dtype=np.int32)
+                block = np.full((t.num_rows, L), TOKEN_PAD, dtype=np.int32)
                 mask = np.arange(L)[None, :] < lens[:, None]
                 block[mask] = flat
                 tokens[offset : offset + t.num_rows] = block

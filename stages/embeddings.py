@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -27,12 +26,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
-from pipeline.devices import resolve_device as gpu_device
+from pipeline.devices import dtype_alias, resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import ChunkReader, embeddings_schema
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 from pipeline.versioning import tree_digest
+from pipeline.worker_cache import worker_cache
 
 log = logging.getLogger("rpt.embeddings")
 
@@ -137,71 +137,47 @@ def encoder_info(path: Path, cfg: Config) -> dict[str, Any]:
     }
 
 
-def resolve_device(device: str) -> str:
-    """'cpu' or 'cuda:N': this worker's GPU (the flow lane's, LOCAL_RANK's or a free one: `pipeline.devices`)."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("embeddings.device=cuda but no CUDA device is visible; use device: auto or cpu")
-    if device in ("auto", "cuda"):
-        return str(gpu_device("auto"))
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    import torch
-
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
 def folder_settings(path: Path) -> dict[str, Any]:
     """The folder's sentence_bert_config.json (max_seq_length, do_lower_case), if it has one."""
     p = path / "sentence_bert_config.json"
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
 
 
-_MODELS: dict[tuple[Any, ...], Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
 def load_encoder(path: Path, device: str, max_seq_length: int | None, normalize: bool) -> Any:
-    """A SentenceTransformer of (transformer, mean pooling[, normalize]); loaded once per worker process."""
-    key = (str(path), device, max_seq_length, normalize)
-    with _MODELS_LOCK:
-        model = _MODELS.get(key)
-        if model is None:
-            from sentence_transformers import SentenceTransformer
-            from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    """A SentenceTransformer of (transformer, mean pooling[, normalize]); loaded once per worker process
+    (`pipeline.worker_cache`)."""
 
-            t0 = time.perf_counter()
-            own = folder_settings(path)
-            transformer = Transformer(
-                str(path),
-                max_seq_length=max_seq_length or own.get("max_seq_length"),
-                do_lower_case=bool(own.get("do_lower_case", False)),
-            )
-            modules = [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
-            if normalize:
-                modules.append(Normalize())
-            model = SentenceTransformer(modules=modules, device=device).eval()
-            _MODELS[key] = model
-            log.info("loaded encoder %s on %s in %.1f s", path, device, time.perf_counter() - t0)
-    return model
+    def load() -> Any:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
+        t0 = time.perf_counter()
+        own = folder_settings(path)
+        transformer = Transformer(
+            str(path),
+            max_seq_length=max_seq_length or own.get("max_seq_length"),
+            do_lower_case=bool(own.get("do_lower_case", False)),
+        )
+        modules = [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
+        if normalize:
+            modules.append(Normalize())
+        model = SentenceTransformer(modules=modules, device=device).eval()
+        log.info("loaded encoder %s on %s in %.1f s", path, device, time.perf_counter() - t0)
+        return model
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+    return worker_cache(("embeddings.encoder", str(path), device, max_seq_length, normalize), load)
 
 
 def encode(
-    model: Any, texts: list[str], batch_size: int, dtype: str, desc: str = "embedding"
+    model: Any, texts: list[str], batch_size: int, dtype: Any, desc: str = "embedding"
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Embed texts (float32 [n, d], in input order). Texts are sorted by word-piece length, so that each
-    batch pads little; half precision is autocast on the model's device."""
+    batch pads little; half precision is autocast on the model's device. dtype: a torch dtype or a
+    setting (`pipeline.devices.resolve_dtype`: fp32, bf16, fp16, auto)."""
     import torch
+
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, model.device, "embeddings.dtype")
 
     n = len(texts)
     # renamed in sentence-transformers 6
@@ -217,8 +193,8 @@ def encode(
     )
     order = np.argsort(-lengths, kind="stable")
     # half precision on GPU as autocast: LayerNorm and the pooled mean stay in fp32
-    half = _DTYPES.get(dtype)
-    amp = torch.autocast(model.device.type, dtype=getattr(torch, half)) if half else contextlib.nullcontext()
+    half = dtype != torch.float32
+    amp = torch.autocast(model.device.type, dtype=dtype) if half else contextlib.nullcontext()
     bar = progress(total=n, desc=desc, unit="chunk")
     try:
         for s in range(0, n, batch_size):
@@ -296,8 +272,9 @@ class EmbeddingsStage(Stage):
                 "the chunks artifact is inconsistent, rebuild it (rpt artifacts verify chunks)"
             )
         texts = t.column("text").to_pylist()
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        dev = resolve_device(cfg.device, "embeddings.device")  # this worker's GPU, or the CPU
+        dtype = resolve_dtype(cfg.dtype, dev, "embeddings.dtype")
+        device = str(dev)
         if cfg.workers and device == "cpu":
             import torch
 
@@ -315,7 +292,7 @@ class EmbeddingsStage(Stage):
         ctx.write_parquet(f"part-{shard.name}.parquet", embedding_table(ids, emb))
         settings = {
             "device": device,
-            "dtype": dtype,
+            "dtype": dtype_alias(dtype),
             "batch_size": batch,
             "dim": int(emb.shape[1]),
             "max_seq_length": model.max_seq_length,

@@ -4,8 +4,9 @@ Either adopt a local Hugging Face causal-LM folder (`reference.path`, e.g. Pythi
 enters the version by a checksum of its files, never by its path) or train a small, randomly
 initialised GPT-NeoX (the Pythia architecture) with the pipeline's tokenizer on the train split.
 Both end as the same thing: `model/` in the artifact, written by `save_pretrained` (safetensors) with
-the tokenizer.json beside it, so `scores` has one code path. Training checkpoints (weights, optimizer,
-scheduler and RNG state, all safetensors + JSON) go to the build's partial folder every
+the tokenizer.json beside it, so `scores` has one code path. The training (stages.reference_lm) uses
+the train stage's optimizer, learning-rate schedule and checkpoints (model.checkpointer: weights,
+optimizer and RNG state as safetensors + JSON), written to the build's partial folder every
 `checkpoint_every` steps; a killed run resumes from the last one and ends bit-identical to an
 uninterrupted run. The manifest records the validation perplexity (valid split) and parameter counts.
 """
@@ -14,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,6 @@ from pipeline.formats import (
     same_tokenizer,
     tokenizer_identity,
 )
-from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from pipeline.versioning import tree_digest
 
@@ -172,165 +170,7 @@ def doc_token_arrays(
     return out
 
 
-def perplexity(
-    model: Any, docs: list[np.ndarray], seq_len: int, batch: int, device: Any, amp: Any
-) -> dict[str, Any]:
-    """Perplexity over non-overlapping windows of `seq_len` tokens (a window's first token is not predicted)."""
-    import torch
-    import torch.nn.functional as F
-
-    windows = [d[i : i + seq_len] for d in docs for i in range(0, len(d), seq_len)]
-    windows = [w for w in windows if len(w) >= 2]
-    if not windows:
-        return {"valid_ppl": None, "valid_tokens": 0}
-    windows.sort(key=len)
-    nll, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        i = 0
-        while i < len(windows):
-            n = len(windows[i])
-            j = i
-            while j < len(windows) and j - i < batch and len(windows[j]) == n:
-                j += 1
-            x = torch.from_numpy(np.stack(windows[i:j])).to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(input_ids=x).logits[:, :-1].float()
-            nll += float(
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-            )
-            count += (j - i) * (n - 1)
-            i = j
-    model.train(was_training)
-    return {"valid_ppl": math.exp(nll / count), "valid_nll": nll / count, "valid_tokens": count}
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def _after_step(step: int) -> None:
-    """Called after every optimizer step (tests replace it to simulate a kill)."""
-
-
-def save_checkpoint(ctx: StageContext, step: int, model: Any, opt: Any, sched: Any) -> None:
-    """Weights, optimizer tensors and RNG state as safetensors, the rest as JSON; `state.json` last marks
-    the checkpoint complete. Older checkpoints are removed once the new one is complete."""
-    import torch
-    from safetensors.torch import save_file, save_model
-
-    name = f"{CKPT_DIR}/step-{step:08d}"
-    with ctx.local_dir(name) as d:
-        save_model(model, str(d / "model.safetensors"))
-        osd = opt.state_dict()
-        tensors = {
-            f"{i}.{k}": v.detach().cpu().contiguous()
-            for i, st in osd["state"].items()
-            for k, v in st.items()
-            if torch.is_tensor(v)
-        }
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        save_file(tensors, str(d / "optimizer.safetensors"))
-        state = {"step": step, "param_groups": osd["param_groups"], "scheduler": sched.state_dict()}
-        (d / "state.json").write_text(json.dumps(state))
-    for p in ctx.fs.ls(ctx.path(CKPT_DIR), detail=False):
-        if p.rstrip("/").rsplit("/", 1)[-1] < f"step-{step:08d}":
-            ctx.fs.rm(p, recursive=True)
-
-
-def latest_checkpoint(ctx: StageContext) -> str | None:
-    if not ctx.fs.exists(ctx.path(CKPT_DIR)):
-        return None
-    done = sorted(
-        p.rstrip("/")
-        for p in ctx.fs.ls(ctx.path(CKPT_DIR), detail=False)
-        if ctx.fs.exists(p.rstrip("/") + "/state.json")
-    )
-    return done[-1] if done else None
-
-
-def load_checkpoint(ctx: StageContext, path: str, model: Any, opt: Any, sched: Any) -> int:
-    import torch
-    from safetensors.torch import load_file, load_model
-
-    local = Path(path)
-    tmp = None
-    if not ctx.store.is_local:
-        tmp = Path(tempfile.mkdtemp(prefix="rpt-ckpt-"))
-        ctx.fs.get(path, str(tmp), recursive=True)
-        local = tmp
-    try:
-        state = json.loads((local / "state.json").read_text())
-        load_model(model, str(local / "model.safetensors"))
-        tensors = load_file(str(local / "optimizer.safetensors"))
-        dev = next(model.parameters()).device
-        per_param: dict[int, dict[str, Any]] = {}
-        for key, t in tensors.items():
-            if key.startswith("rng."):
-                continue
-            i, name = key.split(".", 1)
-            # AdamW keeps `step` on the CPU and the moments beside the parameter
-            per_param.setdefault(int(i), {})[name] = t if name == "step" else t.to(dev)
-        opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        return int(state["step"])
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------ the stage
-
-
-def build_model(cfg: Config, vocab_size: int, eos_id: int | None) -> Any:
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    if cfg.hidden % cfg.heads:
-        raise ConfigError(f"reference.hidden={cfg.hidden} must be divisible by reference.heads={cfg.heads}")
-    mcfg = GPTNeoXConfig(
-        vocab_size=-(-vocab_size // 64) * 64,  # padded like Pythia's, for matmul-friendly shapes
-        hidden_size=cfg.hidden,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        intermediate_size=cfg.intermediate,
-        max_position_embeddings=max(cfg.seq_len, 256),
-        rotary_pct=0.25,
-        use_parallel_residual=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
-    torch.manual_seed(cfg.seed)
-    return GPTNeoXForCausalLM(mcfg)
-
-
-def param_counts(model: Any) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel()
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is not model.get_input_embeddings().weight:
-        emb += out.weight.numel()
-    return {"params": int(total), "non_embedding_params": int(total - emb)}
-
-
-def lr_lambda(warmup: int, steps: int) -> Any:
-    """Linear warmup, then cosine decay to 0.1 x the peak (Pythia's schedule)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
 
 
 class ReferenceStage(Stage):
@@ -371,6 +211,8 @@ class ReferenceStage(Stage):
         stats = self._adopt(ctx, cfg) if cfg.path else self._train(ctx, cfg, reader, device, amp)
         # validation perplexity, with the model as saved (one code path for both sources)
         from transformers import AutoModelForCausalLM
+
+        from stages.reference_lm import param_counts, perplexity
 
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
             model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(
@@ -429,72 +271,17 @@ class ReferenceStage(Stage):
     def _train(
         self, ctx: StageContext, cfg: Config, reader: ChunkReader, device: Any, amp: Any
     ) -> dict[str, Any]:
-        import torch
+        from stages.reference_lm import ReferenceTrainer
 
-        tok = load_tokenizer(ctx.inputs["tokenizer"])
+        vocab = load_tokenizer(ctx.inputs["tokenizer"]).get_vocab_size()
         eos_id = ctx.inputs["tokenizer"].meta.get("eos_id")
         sampler = WindowSampler(reader, "train", cfg.seq_len, cfg.seed)
-        model = build_model(cfg, tok.get_vocab_size(), eos_id).to(device)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, 0.95),
-            eps=1e-8,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
-        start = 0
-        ck = latest_checkpoint(ctx)
-        if ck is not None:
-            start = load_checkpoint(ctx, ck, model, opt, sched)
-            log.info("reference: resuming training from step %d (%s)", start, ck.rsplit("/", 1)[-1])
-        model.train()
-        log.info(
-            "reference: training GPT-NeoX (%s params) for %d steps of %d x %d tokens on %s",
-            f"{param_counts(model)['params']:,}",
-            cfg.steps,
-            cfg.batch,
-            cfg.seq_len,
-            device,
-        )
-        t0 = time.perf_counter()
-        loss_v = float("nan")
-        bar = progress(total=cfg.steps, initial=start, desc="reference train", unit="step")
-        try:
-            for step in range(start, cfg.steps):
-                x = torch.from_numpy(sampler.batch(step, cfg.batch)).to(device)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                loss_v = float(loss.detach())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-                done = step + 1
-                if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                    save_checkpoint(ctx, done, model, opt, sched)
-                _after_step(done)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - t0
-        trained = cfg.steps - start
+        trainer = ReferenceTrainer(ctx, cfg, sampler, vocab, eos_id, device, amp)
+        stats = trainer.train()
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
-            model.save_pretrained(str(mdir))
+            trainer.model.save_pretrained(str(mdir))
             shutil.copyfile(ctx.local_input("tokenizer", TOKENIZER_FILE), mdir / TOKENIZER_FILE)
-        return {
-            "source": "trained",
-            "steps": cfg.steps,
-            "resumed_from_step": start,
-            "final_train_loss": loss_v,
-            "train_tokens_seen": cfg.steps * cfg.batch * cfg.seq_len,
-            "train_split_tokens": sampler.n_tokens,
-            "train_s": seconds,
-            "train_tokens_per_s": trained * cfg.batch * cfg.seq_len / seconds if seconds > 0 else None,
-        }
+        return stats
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         if ctx.fs.exists(ctx.path(CKPT_DIR)):

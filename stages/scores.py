@@ -6,13 +6,10 @@ training example) gets
     s = log P(c_t | c_j, c_{j+1}, c_q) - log P(c_t | c_{i-2}, c_{i-1}, c_q),
 log-probabilities summed over the target's tokens; positives are s > 0.
 
-How it is fast: every score is log P(c_t | prefix, c_q, c_t) with a prefix of one or two chunks
-(the candidate pair, or the local pair, which is the candidate pair of j = i-2). A prefix sits at
-positions 0..P-1 whatever follows, so its key/value states are computed once (per shard of documents)
-and each scored pair runs only its (c_q, c_t) tokens against the gathered cache: about half the forward
-tokens of one forward per pair. Logits are computed only where a target token is predicted, in float32.
-Pairs are grouped by prefix length and sorted by suffix length, so batches carry no padding when the
-pipeline's tokenizer is used (all chunks but a document's last have the same length).
+The scoring is `model.lm_scoring` (how it is fast: each prefix's key/value states are computed once per
+shard of documents and reused by every pair that starts with it); this module is the stage around it:
+shards of whole documents, candidates from the bm25 table, chunk tokens (re-tokenized when the LM has
+its own tokenizer), the scores table and its statistics.
 
 Edge conventions (see docs/supervision.md): a document's last chunk has no target and gets no row; the
 local context is whatever of (c_{i-2}, c_{i-1}) exists (nothing for i = 0); a candidate's continuation is
@@ -22,11 +19,8 @@ dropped when c_j ends its document; a query without candidates still gets its ro
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +42,10 @@ from pipeline.formats import (
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 from pipeline.supervision import supervision_bm25
+from pipeline.worker_cache import worker_cache
+
+if TYPE_CHECKING:
+    from model.lm_scoring import QueryScores, ScoringLM
 
 log = logging.getLogger("rpt.scores")
 
@@ -74,339 +72,26 @@ class Config(StageConfig):
 
 
 # ------------------------------------------------------------------------------------------ the scoring LM
-
-
-class ScoringLM:
-    """A causal LM that scores log P(target | prefix, query) with reusable prefix key/value states."""
-
-    def __init__(self, model: Any, device: Any, dtype: Any):
-        self.model = model.eval()
-        self.base = model.base_model
-        self.device = device
-        self.dtype = dtype
-        head = model.get_output_embeddings()
-        self.head_w = head.weight
-        self.head_b = getattr(head, "bias", None)
-        cfg = model.config
-        self.logit_scale = getattr(cfg, "logit_scale", None)
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        self._head_w32: Any = None
-        self._kv_bytes: int | None = None
-
-    @classmethod
-    def load(cls, model_dir: str, device: Any, dtype: Any) -> ScoringLM:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-        return cls(model.to(device), device, dtype)
-
-    @property
-    def params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-    def kv_bytes_per_token(self) -> int:
-        if self._kv_bytes is None:
-            kv = self.prefix_kv([np.zeros(1, np.int64)])
-            self._kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        return self._kv_bytes
-
-    def _ids(self, seqs: Sequence[np.ndarray]) -> Any:
-        """[B, max_len] ids; callers batch equal lengths, and any right padding would sit after every
-        real token, where a causal model's outputs at real positions cannot see it."""
-        import torch
-
-        n = max(len(s) for s in seqs)
-        out = np.zeros((len(seqs), n), dtype=np.int64)
-        for r, s in enumerate(seqs):
-            out[r, : len(s)] = s
-        return torch.from_numpy(out).to(self.device)
-
-    def prefix_kv(self, seqs: Sequence[np.ndarray]) -> list[tuple[Any, Any]]:
-        """Per layer (keys, values) [B, heads, max_len, head_dim] of a batch of prefixes."""
-        import torch
-
-        with torch.inference_mode():
-            cache = self.base(input_ids=self._ids(seqs), use_cache=True).past_key_values
-        return [(layer.keys, layer.values) for layer in cache.layers]
-
-    def logits(self, h: Any) -> Any:
-        """float32 logits of hidden states h [N, d] (bf16 GEMM with fp32 output on GPUs that have it)."""
-        import torch
-
-        if h.dtype == torch.float32:
-            out = h @ self.head_w.t()
-        else:
-            try:
-                out = torch.mm(h, self.head_w.t(), out_dtype=torch.float32)
-            except (RuntimeError, TypeError):
-                if self._head_w32 is None:
-                    self._head_w32 = self.head_w.float()
-                out = h.float() @ self._head_w32.t()
-        if self.head_b is not None:
-            out = out + self.head_b.float()
-        if self.logit_scale is not None:
-            out = out * self.logit_scale
-        if self.softcap is not None:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
-
-    def target_logp(self, h: Any, targets: Any, rows: Any, n_rows: int) -> Any:
-        """Sum over each row's target tokens of log P(token): h [N, d] are the hidden states that predict
-        `targets` [N]; `rows` [N] says which row each belongs to. Returns float64 [n_rows]."""
-        import torch
-
-        out = torch.zeros(n_rows, dtype=torch.float64, device=h.device)
-        vocab = self.head_w.shape[0]
-        # float32 logits in blocks: cache-sized on a CPU (about 2x faster than large blocks), large on a GPU
-        block_bytes = (512 << 20) if h.device.type == "cuda" else (4 << 20)
-        step = max(1, block_bytes // (4 * vocab))
-        for a in range(0, h.shape[0], step):
-            # fused log-softmax + gather (one pass over the logits block)
-            nll = torch.nn.functional.cross_entropy(
-                self.logits(h[a : a + step]), targets[a : a + step], reduction="none"
-            )
-            out.index_add_(0, rows[a : a + step], -nll.double())
-        return out
-
-    def suffix_logp(
-        self,
-        kv: list[tuple[Any, Any]] | None,
-        q_lens: np.ndarray,
-        suffixes: Sequence[np.ndarray],
-    ) -> np.ndarray:
-        """log P(target | prefix, query) for a batch of rows that share one prefix length. `kv` holds each
-        row's prefix states (None when the prefix is empty); suffix r = query tokens (q_lens[r]) + target."""
-        import torch
-        from transformers import DynamicCache
-
-        ids = self._ids(suffixes)
-        b_idx, pos, tgt, row = [], [], [], []
-        empty_prefix = kv is None
-        for r, (s, lq) in enumerate(zip(suffixes, q_lens)):
-            p = np.arange(int(lq) - 1, len(s) - 1)
-            if lq == 0:  # an empty query (possible after re-tokenization): its target's first token is
-                p = p[1:]  # predicted from no state of this suffix, so no pair of this query scores it
-            b_idx.append(np.full(len(p), r))
-            pos.append(p)
-            tgt.append(s[p + 1])
-            row.append(np.full(len(p), r))
-        to = lambda a: torch.from_numpy(np.concatenate(a).astype(np.int64)).to(self.device)  # noqa: E731
-        with torch.inference_mode():
-            cache = None if empty_prefix else DynamicCache(ddp_cache_data=kv)
-            h = self.base(input_ids=ids, past_key_values=cache, use_cache=cache is not None).last_hidden_state
-            h = h[to(b_idx), to(pos)]
-            return self.target_logp(h, to(tgt), to(row), len(suffixes)).cpu().numpy()
-
-
-_LM_CACHE: dict[tuple[str, str, str], ScoringLM] = {}
-_LM_LOCK = threading.Lock()
+# The scoring itself (batching, prefix key/value reuse, the LM forward) is model.lm_scoring; this module
+# is the stage around it: candidates and tokens from artifacts in, the scores table out.
 
 
 def scoring_lm(model_dir: str, device: Any, dtype: Any) -> ScoringLM:
     """The model, loaded once per worker process (shards that run in the same worker reuse it)."""
-    key = (model_dir, str(device), str(dtype))
-    with _LM_LOCK:
-        if key not in _LM_CACHE:
-            log.info("scores: loading the reference LM from %s on %s (%s)", model_dir, device, dtype)
-            _LM_CACHE[key] = ScoringLM.load(model_dir, device, dtype)
-        return _LM_CACHE[key]
+
+    def load() -> ScoringLM:
+        from model.lm_scoring import ScoringLM
+
+        log.info("scores: loading the reference LM from %s on %s (%s)", model_dir, device, dtype)
+        return ScoringLM.load(model_dir, device, dtype)
+
+    return worker_cache(("scores.lm", model_dir, str(device), str(dtype)), load)
 
 
-# ------------------------------------------------------------------------------------------ scoring core
+# ------------------------------------------------------------------------------------------ the table
 
 
-@dataclass
-class PairWork:
-    """What to score: unique prefixes, (query, target) token pairs, and pairs (prefix index, query index)."""
-
-    prefixes: list[np.ndarray]
-    queries: list[np.ndarray]
-    targets: list[np.ndarray]
-    pair_prefix: np.ndarray  # int64 [n_pairs]
-    pair_query: np.ndarray  # int64 [n_pairs]
-
-
-def score_pairs(
-    lm: ScoringLM,
-    work: PairWork,
-    batch_tokens: int,
-    kv_cache_mb: int,
-    bar: Any = None,
-) -> tuple[np.ndarray, dict[str, int]]:
-    """log P(target | prefix, query) of every pair, summed over target tokens (float64 [n_pairs]).
-
-    Prefixes are processed in blocks that fit `kv_cache_mb`; each prefix's key/value states are computed
-    once, then every pair that uses a prefix of the block runs its query+target tokens against the cached
-    states gathered per row. Returns the scores and counts of forward tokens.
-    """
-    import torch
-
-    n_pairs = len(work.pair_prefix)
-    out = np.full(n_pairs, np.nan)
-    plen = np.array([len(p) for p in work.prefixes], dtype=np.int64)
-    slen = np.array([len(q) + len(t) for q, t in zip(work.queries, work.targets)], dtype=np.int64)
-    counts = {"prefix_tokens": 0, "suffix_tokens": 0, "pairs": n_pairs, "batches": 0}
-    by_prefix = np.argsort(work.pair_prefix, kind="stable")
-    pair_starts = np.searchsorted(work.pair_prefix[by_prefix], np.arange(len(plen) + 1))
-
-    def run_pairs(
-        pairs: np.ndarray, kv_rows: np.ndarray | None, kv: list[tuple[Any, Any]] | None, P: int
-    ) -> None:
-        """Score pairs that all have prefix length P; kv_rows[i] = row of pair i's prefix in kv."""
-        order = np.argsort(slen[work.pair_query[pairs]], kind="stable")
-        pairs = pairs[order]
-        rows = kv_rows[order] if kv_rows is not None else None
-        s_sorted = slen[work.pair_query[pairs]]
-        i = 0
-        while i < len(pairs):
-            j = i + 1  # one suffix length per batch (no padding), as many rows as batch_tokens allows
-            cap = max(1, batch_tokens // int(s_sorted[i]))
-            while j < len(pairs) and j - i < cap and s_sorted[j] == s_sorted[i]:
-                j += 1
-            batch = pairs[i:j]
-            qi = work.pair_query[batch]
-            suffixes = [np.concatenate([work.queries[q], work.targets[q]]) for q in qi]
-            q_lens = np.array([len(work.queries[q]) for q in qi])
-            bkv = None
-            if kv is not None and P > 0:
-                idx = torch.from_numpy(rows[i:j]).to(lm.device)
-                bkv = [(k.index_select(0, idx)[:, :, :P], v.index_select(0, idx)[:, :, :P]) for k, v in kv]
-            out[batch] = lm.suffix_logp(bkv, q_lens, suffixes)
-            counts["suffix_tokens"] += int(slen[qi].sum())
-            counts["batches"] += 1
-            if bar is not None:
-                bar.update(len(batch))
-            i = j
-
-    # prefixes that some pair uses, longest first; the empty prefix needs no cache
-    used = np.flatnonzero(np.diff(pair_starts) > 0)
-    empty = used[plen[used] == 0]
-    for p in empty:
-        run_pairs(by_prefix[pair_starts[p] : pair_starts[p + 1]], None, None, 0)
-    used = used[plen[used] > 0]
-    used = used[np.argsort(-plen[used], kind="stable")]
-    per_token = lm.kv_bytes_per_token()
-    b0 = 0
-    while b0 < len(used):
-        pmax = int(plen[used[b0]])
-        n_fit = max(1, (kv_cache_mb << 20) // (per_token * pmax))
-        block = used[b0 : b0 + n_fit]
-        b0 += len(block)
-        # the block's prefix states, computed in batches of <= batch_tokens, one prefix length per batch
-        kv: list[tuple[Any, Any]] = []
-        a = 0
-        while a < len(block):
-            n = max(1, batch_tokens // int(plen[block[a]]))
-            other = np.flatnonzero(plen[block[a : a + n]] != plen[block[a]])
-            sub = block[a : a + (int(other[0]) if len(other) else n)]
-            part = lm.prefix_kv([work.prefixes[p] for p in sub])
-            if not kv:  # one tensor per layer for the whole block, padded in time to its longest prefix
-                kv = [
-                    (
-                        k.new_zeros((len(block), k.shape[1], pmax, k.shape[3])),
-                        v.new_zeros((len(block), v.shape[1], pmax, v.shape[3])),
-                    )
-                    for k, v in part
-                ]
-            for (bk, bv), (k, v) in zip(kv, part):
-                bk[a : a + len(sub), :, : k.shape[2]] = k
-                bv[a : a + len(sub), :, : v.shape[2]] = v
-            del part
-            counts["prefix_tokens"] += int(plen[sub].sum())
-            a += len(sub)
-        # the block's pairs, grouped by exact prefix length (no padding inside the cache)
-        block_row = {int(p): r for r, p in enumerate(block)}
-        for P in np.unique(plen[block]):
-            members = block[plen[block] == P]
-            pairs = np.concatenate([by_prefix[pair_starts[p] : pair_starts[p + 1]] for p in members])
-            kv_rows = np.array([block_row[int(work.pair_prefix[x])] for x in pairs], dtype=np.int64)
-            run_pairs(pairs, kv_rows, kv, int(P))
-        del kv
-    return out, counts
-
-
-# ------------------------------------------------------------------------------------------ queries -> pairs
-
-
-@dataclass
-class QueryScores:
-    chunk_id: np.ndarray  # [n] query chunk ids
-    candidates: list[np.ndarray]  # per query: candidate ids in bm25 order
-    logp_candidate: list[np.ndarray]
-    logp_local: np.ndarray
-
-
-def plan_pairs(
-    query_ids: np.ndarray,
-    candidates: list[np.ndarray],
-    doc_start: np.ndarray,
-    doc_end: np.ndarray,
-    tokens_of: Any,
-) -> tuple[PairWork, list[np.ndarray], np.ndarray]:
-    """Build the pair work for queries (each must have a target in its document).
-
-    doc_start/doc_end: first and one-past-last chunk id of each chunk's document (indexed by chunk id).
-    tokens_of(chunk_id) -> token ids. Returns the work, per query the pair index of each candidate, and
-    per query the pair index of its local-context pair.
-    """
-    prefix_index: dict[tuple[int, ...], int] = {}
-    prefixes: list[np.ndarray] = []
-
-    def prefix(chunks: tuple[int, ...]) -> int:
-        k = prefix_index.get(chunks)
-        if k is None:
-            k = prefix_index[chunks] = len(prefixes)
-            prefixes.append(
-                np.concatenate([tokens_of(c) for c in chunks]) if chunks else np.zeros(0, np.int64)
-            )
-        return k
-
-    queries, targets, pp, pq = [], [], [], []
-    cand_pairs: list[np.ndarray] = []
-    local_pairs = np.zeros(len(query_ids), dtype=np.int64)
-    for qi, (i, cands) in enumerate(zip(query_ids.tolist(), candidates)):
-        queries.append(tokens_of(i))
-        targets.append(tokens_of(i + 1))
-        local = tuple(range(max(int(doc_start[i]), i - 2), i))
-        conts = [(j, j + 1) if j + 1 < doc_end[j] else (j,) for j in cands.tolist()]
-        seen: dict[int, int] = {}  # prefix -> pair, so a candidate equal to the local pair is scored once
-        idx = []
-        for chunks in [local, *conts]:
-            p = prefix(chunks)
-            if p not in seen:
-                seen[p] = len(pp)
-                pp.append(p)
-                pq.append(qi)
-            idx.append(seen[p])
-        local_pairs[qi] = idx[0]
-        cand_pairs.append(np.asarray(idx[1:], dtype=np.int64))
-    work = PairWork(
-        prefixes, queries, targets, np.asarray(pp, dtype=np.int64), np.asarray(pq, dtype=np.int64)
-    )
-    return work, cand_pairs, local_pairs
-
-
-def score_queries(
-    lm: ScoringLM,
-    query_ids: np.ndarray,
-    candidates: list[np.ndarray],
-    doc_start: np.ndarray,
-    doc_end: np.ndarray,
-    tokens_of: Any,
-    batch_tokens: int = 16384,
-    kv_cache_mb: int = 4096,
-    bar: Any = None,
-) -> tuple[QueryScores, dict[str, int]]:
-    """Score every (query, candidate) pair and each query's local context."""
-    work, cand_pairs, local_pairs = plan_pairs(query_ids, candidates, doc_start, doc_end, tokens_of)
-    if bar is not None:
-        bar.total = (bar.total or 0) + len(work.pair_prefix)
-        bar.refresh()
-    logp, counts = score_pairs(lm, work, batch_tokens, kv_cache_mb, bar)
-    return QueryScores(query_ids, candidates, [logp[c] for c in cand_pairs], logp[local_pairs]), counts
-
-
-def scores_table(qs: QueryScores) -> pa.Table:
+def build_scores_table(qs: QueryScores) -> pa.Table:
     offs = np.concatenate([[0], np.cumsum([len(c) for c in qs.candidates])]).astype(np.int32)
     flat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     cands = flat(qs.candidates, np.int64)
@@ -563,14 +248,16 @@ class ScoresStage(Stage):
         lm = scoring_lm(str(model_dir), device, dtype)
         differs = self._tokenizer_differs(ctx)
         tokens = ChunkTokens(reader, lo, hi, load_tokenizer(model_dir / TOKENIZER_FILE) if differs else None)
+        from model import lm_scoring  # torch and transformers, loaded by the shards that score
+
         bar = progress(total=0, desc=f"scores shard {shard.name}", unit="pair")
         try:
-            qs, counts = score_queries(
+            qs, counts = lm_scoring.score_queries(
                 lm, queries, cands, doc_start, doc_end, tokens, cfg.batch_tokens, cfg.kv_cache_mb, bar
             )
         finally:
             bar.close()
-        table = scores_table(qs)
+        table = build_scores_table(qs)
         ctx.write_parquet(f"part-{shard.name}.parquet", table, schema=SCORES_SCHEMA)
         delta = [lp - loc for lp, loc in zip(qs.logp_candidate, qs.logp_local)]
         seconds = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from pipeline.versioning import file_digest
 log = logging.getLogger("rpt.tokenizer")
 
 EOS = "<|endoftext|>"
-PAD = "<|padding|>"
+PAD_TOKEN = "<|padding|>"  # the padding special token of a trained tokenizer (not an id)
 
 
 class Config(StageConfig):
@@ -28,7 +28,7 @@ class Config(StageConfig):
     )
     vocab_size: int = Field(16384, ge=260, le=1 << 20)
     min_frequency: int = Field(2, ge=1)
-    special_tokens: list[str] = Field(default_factory=lambda: [EOS, PAD])
+    special_tokens: list[str] = Field(default_factory=lambda: [EOS, PAD_TOKEN])
     max_train_chars: int | None = Field(
         500_000_000, ge=1, description="train on at most this many characters of the train split"
     )

@@ -34,7 +34,6 @@ from pydantic import Field, ValidationError, field_validator
 
 from model.config import VARIANTS, RPTConfig, Variant, preset
 from pipeline.config import RunConfigBase, StageConfig, bool_where_number
-from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from pipeline.supervision import supervision_bm25
@@ -42,7 +41,7 @@ from pipeline.supervision import supervision_bm25
 # torch is imported by the functions that train, not here: `rpt config`, the registry and the flows
 # load this module for its Config, and importing torch costs them over a second.
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger("rpt.train")
 
@@ -226,8 +225,8 @@ class TrainStage(Stage):
         cfg: Config = ctx.cfg
         chunk_len = int(ctx.inputs["chunks"].manifest.config["chunk_len"])
         vocab = load_tokenizer(ctx.inputs["tokenizer"]).get_vocab_size()
-        w = exclude_recent_of(ctx.inputs["bm25"]) if "bm25" in ctx.inputs else 0
-        mcfg = build_model_config(cfg, chunk_len, vocab, w)
+        exclude_recent = exclude_recent_of(ctx.inputs["bm25"]) if "bm25" in ctx.inputs else 0
+        mcfg = build_model_config(cfg, chunk_len, vocab, exclude_recent)
         if cfg.seq_len % chunk_len:
             raise ConfigError(
                 f"train.seq_len={cfg.seq_len} must be a multiple of chunks.chunk_len={chunk_len}"
@@ -244,11 +243,11 @@ class TrainStage(Stage):
                     "(pipeline.supervision)"
                 )
         always_seen = (mcfg.window - mcfg.stride) // chunk_len
-        if "bm25" in ctx.inputs and w != always_seen:
+        if "bm25" in ctx.inputs and exclude_recent != always_seen:
             log.info(
                 "bm25.exclude_recent=%d; the %d chunks before a chunk are always inside its attention "
                 "window (window-stride)/chunk_len, so exclude_recent=%d avoids retrieving them",
-                w,
+                exclude_recent,
                 always_seen,
                 always_seen,
             )
@@ -309,20 +308,6 @@ def launch_torchrun(job: TrainJob, nproc: int) -> None:
     if rc != 0:
         msg = err_file.read_text() if err_file.exists() else f"torchrun exited with status {rc}"
         raise RptError(msg)
-
-
-# ------------------------------------------------------------------------------------------ training loop
-def _device(spec: str, local_rank: int) -> torch.device:
-    import torch
-
-    if spec in ("auto", "cuda") and torch.cuda.is_available():
-        # under torchrun: the rank's GPU; in one process: the flow lane's GPU, or a free one
-        return torch.device(f"cuda:{local_rank}") if "LOCAL_RANK" in os.environ else resolve_device("auto")
-    if spec == "auto":
-        return torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={spec} but CUDA is not available; use train.device=cpu")
-    return torch.device(spec)
 
 
 def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:

@@ -48,7 +48,7 @@ def gutenberg_dir() -> Path:
 
 def make_config(root: Path, **sections: dict):
     """A run config rooted at `root` with the given sections, e.g. make_config(tmp, bm25={"k": 5})."""
-    from pipeline.config import config_from_dict
+    from stages import config_from_dict
 
     return config_from_dict({"artifacts_root": str(root), **sections})
 

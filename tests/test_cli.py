@@ -73,7 +73,7 @@ def config_file(path: Path, root: Path, corpus: Path, chunk_len: int = 64) -> Pa
 
 
 def built(cfg: Path):
-    from pipeline.config import load_config
+    from stages import load_config
 
     run = load_config(cfg)
     build("chunks", run, with_deps=True)
@@ -84,7 +84,7 @@ def rpt(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
 ) -> tuple[int, str, str]:
     """Run `rpt ARGS` in this process through the console script's entry point: (exit status, out, err)."""
-    from pipeline.cli import main
+    from app.cli import main
 
     monkeypatch.setattr(sys, "argv", ["rpt", *args])
     capsys.readouterr()
@@ -125,7 +125,7 @@ def test_verify_exits_nonzero_on_corruption(two):
         f.seek(50)
         f.write(bytes([b[0] ^ 0xFF]))
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "artifacts", "verify", "--root", str(two["root"])],
+        [sys.executable, "-m", "app.cli", "artifacts", "verify", "--root", str(two["root"])],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -206,7 +206,7 @@ def test_root_that_is_a_file(tmp_path, capsys, monkeypatch):
 def test_s3_root_without_s3fs(tmp_path):
     code = (
         "import sys; sys.modules['s3fs'] = None; sys.argv = ['rpt', 'artifacts', 'ls', '--root', "
-        "'s3://bucket/store']; from pipeline.cli import main; main()"
+        "'s3://bucket/store']; from app.cli import main; main()"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and one_line_error(out.stderr), out.stderr
@@ -372,7 +372,7 @@ def test_gc_partials_and_debris(two, tmp_path, corpus, capsys, monkeypatch):
 
 def built_docs(cfg: Path):
     """The run config of `cfg` with only its documents and tokenizer built."""
-    from pipeline.config import load_config
+    from stages import load_config
 
     run = load_config(cfg)
     build("tokenizer", run, with_deps=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from stages import load_config
 
 
 def write(tmp_path, text: str):

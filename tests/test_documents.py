@@ -15,7 +15,8 @@ import pytest
 from pipeline.errors import InputError
 from pipeline.executor import build, resolve
 from pipeline.store import ArtifactStore
-from pipeline.textio import decode, strip_gutenberg
+from stages.documents.decoding import decode
+from stages.documents.gutenberg import strip_gutenberg
 from tests.conftest import make_config
 
 
@@ -294,7 +295,7 @@ def test_error_loses_nothing_already_written(tmp_path, small_corpus):
 def test_a_large_file_is_streamed_in_batches(tmp_path, monkeypatch):
     """One big .jsonl is one shard; its documents are written batch by batch (bounded memory) and come
     out exactly as when written at once, doc_idx dense across the batches."""
-    import stages.documents as sd
+    import stages.documents.stage as sd
 
     d = tmp_path / "j"
     d.mkdir()
@@ -394,7 +395,7 @@ CHANGE_DURING_BUILD = """
 import sys
 from pathlib import Path
 
-import stages.documents as documents
+import stages.documents.stage as documents
 from pipeline.executor import build
 from tests.conftest import make_config
 

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.executor import build, resolve
 from pipeline.formats import TOKEN_PAD, ChunkReader, read_neighbors
 from pipeline.store import ArtifactStore
 from retrieval.ranking import distinct_overlap, ranking_metrics
-from stages.evaluate import EvalDoc, doc_batch, gold_positions, select_documents
+from stages import config_from_dict
+from stages.evaluate.perplexity import EvalDoc, doc_batch, gold_positions, select_documents
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "window": 128, "stride": 64}
 
@@ -255,7 +255,7 @@ def test_train_split_chunks_do_not_change_the_test_metrics(eval_run, tmp_path):
 def test_report_command_prints_the_tables(eval_run):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from app.cli import app
 
     run, art = eval_run
     res = CliRunner().invoke(app, ["report", "--root", run.root()])

@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
-import flows  # first: it sets Prefect's logging environment before prefect is imported
-from pipeline.config import load_config
+from app import flows  # first: it sets Prefect's logging environment before prefect is imported
 from pipeline.errors import ArtifactError, ConfigError, InputError, StageTimeoutError
 from pipeline.executor import build, resolve
-from pipeline.registry import STAGES, get_stage
 from pipeline.store import ArtifactStore
 from pipeline.supervision import supervision_bm25
+from stages import REGISTRY, load_config
 from tests.conftest import TINY_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +202,7 @@ def test_neighbors_flow_builds_what_the_executor_builds(
 def test_rerun_hits_the_cache_for_every_task(thread_run: dict[str, Any]) -> None:
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from app.cli import app
 
     store = ArtifactStore(str(thread_run["root"]))
     created = {
@@ -273,7 +272,7 @@ def test_deleted_artifact_is_rebuilt_despite_the_cache(thread_run: dict[str, Any
 def test_failed_shard_resumes_on_rerun(
     thread_run: dict[str, Any], write_config: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    bm25 = get_stage("bm25")
+    bm25 = REGISTRY.get("bm25")
     real = bm25.run_shard
     calls: list[tuple[str, int]] = []
 
@@ -325,7 +324,7 @@ def test_flows_need_registered_stages(
 ) -> None:
     cfg = write_config(tmp_path)
     load_config(cfg)  # the config model is built once, with every stage; alone this test would build it here
-    monkeypatch.delitem(STAGES, "dense")
+    monkeypatch.delitem(REGISTRY.modules, "dense")
     with pytest.raises(ConfigError, match=r"needs stage 'dense'.*pipeline/registry.py"):
         flows.flow_targets("neighbors")
     with pytest.raises(ConfigError, match="needs stage 'dense'"):  # before any server or cluster starts
@@ -354,14 +353,14 @@ def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
     }
     assert stages_of["supervision"] == sorted(SUPERVISION)
     assert stages_of["train"].count("train") == len(flows.TRAIN_VARIANTS)
-    assert set(stages_of["full"]) == set(STAGES) and stages_of["full"].count("evaluate") == 1
+    assert set(stages_of["full"]) == set(REGISTRY) and stages_of["full"].count("evaluate") == 1
     _, nodes = flows.resolve_targets(run, flows.flow_targets("neighbors"))
     assert sorted(n.stage for n in nodes) == sorted(NEIGHBORS)
     assert sorted(n.cfg.query for n in nodes if n.stage == "bm25") == ["chunk", "chunk+target"]
 
 
 def test_train_flow_targets_every_variant(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(STAGES, "train", "stages.train")  # only the name is checked here
+    monkeypatch.setitem(REGISTRY.modules, "train", "stages.train")  # only the name is checked here
     assert [dict(t.overrides) for t in flows.flow_targets("train")] == [
         {"variant": v} for v in flows.TRAIN_VARIANTS
     ]
@@ -411,7 +410,7 @@ def test_prefect_yaml_deploys_every_flow() -> None:
     deployed = {}
     for d in spec["deployments"]:
         path, _, name = d["entrypoint"].partition(":")
-        assert path == "flows.py"
+        assert path == "app/flows.py"
         fl = getattr(flows, name)
         assert isinstance(fl, Flow) and fl is flows.FLOWS[fl.name]
         assert d["work_pool"]["name"] == "rpt-process"
@@ -430,7 +429,6 @@ def test_a_gpu_lane_decides_every_gpu_stages_device(monkeypatch) -> None:
 
     from pipeline.devices import lane_slot, resolve_device
     from stages.embeddings import resolve_device as embeddings_device
-    from stages.train import _device as train_device
 
     current = {"dev": 0}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -442,20 +440,24 @@ def test_a_gpu_lane_decides_every_gpu_stages_device(monkeypatch) -> None:
 
     def shard(slot: int) -> None:
         with flows.on_gpu(slot):
-            seen[slot] = (resolve_device("auto"), embeddings_device("auto"), train_device("auto", 0))
+            seen[slot] = (
+                resolve_device("auto"),
+                embeddings_device("auto"),
+                resolve_device("cuda", "train.device"),
+            )
 
     threads = [threading.Thread(target=shard, args=(s,)) for s in (1, 3)]
     for t in threads:
         t.start()
         t.join()
     assert seen == {
-        1: (torch.device("cuda", 1), "cuda:1", torch.device("cuda", 1)),
-        3: (torch.device("cuda", 3), "cuda:3", torch.device("cuda", 3)),
+        1: (torch.device("cuda", 1),) * 3,
+        3: (torch.device("cuda", 3),) * 3,
     }
     assert lane_slot() is None and current["dev"] == 0  # the lane ends with the shard
     with flows.on_gpu(2):
         monkeypatch.setenv("LOCAL_RANK", "1")
-        assert resolve_device("auto") == torch.device("cuda", 1) == train_device("auto", 1)
+        assert resolve_device("auto") == torch.device("cuda", 1) == resolve_device("cuda", "train.device")
 
 
 def test_ray_gives_gpu_shards_a_gpu(monkeypatch) -> None:
@@ -501,7 +503,7 @@ def documents_shards(
     monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], BaseException | None]
 ) -> Any:
     """Patch the documents stage's shards: `fail(shard index, attempt)` may return an error to raise."""
-    stage = get_stage("documents")
+    stage = REGISTRY.get("documents")
     real = stage.run_shard
     calls: dict[int, int] = {}
 
@@ -547,8 +549,8 @@ def test_a_lost_dask_worker_is_retried(
     preload.write_text(
         "import os\n"
         "from pathlib import Path\n"
-        "from pipeline.registry import get_stage\n"
-        "stage = get_stage('documents')\n"
+        "from stages import REGISTRY\n"
+        "stage = REGISTRY.get('documents')\n"
         "real = type(stage).run_shard.__get__(stage)\n"
         "def dying(ctx, shard):\n"
         f"    if shard.index == 0 and not Path({str(mark)!r}).exists():\n"
@@ -722,7 +724,7 @@ def test_flow_parameters_are_typed_for_the_ui_form() -> None:
         assert all(p.get("description") for p in props.values()), name
     variants = flows.train.parameters.properties["variants"]
     assert variants["items"]["enum"] == list(flows.TRAIN_VARIANTS) == variants["default"]
-    assert set(flows.stages.parameters.properties["targets"]["items"]["enum"]) == set(STAGES)
+    assert set(flows.stages.parameters.properties["targets"]["items"]["enum"]) == set(REGISTRY)
 
 
 def test_child_runs_are_named_after_flow_config_and_targets(write_config: Any, tmp_path: Path) -> None:
@@ -739,7 +741,7 @@ def test_child_runs_are_named_after_flow_config_and_targets(write_config: Any, t
 
 BUILD_HOLDING_THE_LOCK = """
 import os, sys, time
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.executor import open_build, pending_shards, publish, resolve, run_shard
 from pipeline.locks import build_lock
 from pipeline.store import ArtifactStore

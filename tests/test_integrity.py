@@ -72,12 +72,12 @@ import os
 import sys
 import time
 
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.executor import build
-from pipeline.registry import get_stage
+from stages import REGISTRY
 
 cfg, stage, marker = sys.argv[1:4]
-impl = get_stage(stage)
+impl = REGISTRY.get(stage)
 real = impl.run_shard
 
 
@@ -99,7 +99,7 @@ TWIN = """
 import logging
 import sys
 
-from pipeline.config import load_config
+from stages import load_config
 from pipeline.executor import build
 
 logging.basicConfig(level=logging.INFO)
@@ -129,7 +129,7 @@ def test_two_processes_building_the_same_version_both_succeed(tmp_path, gutenber
 
     import yaml
 
-    from pipeline.config import load_config
+    from stages import load_config
     from tests.conftest import REPO
 
     books = tmp_path / "books"

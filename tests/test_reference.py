@@ -54,7 +54,7 @@ def weights(art) -> dict[str, torch.Tensor]:
 
 
 def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkeypatch):
-    import stages.reference as ref
+    import stages.reference_lm as ref
 
     clean = build("reference", upstream)
     st = clean.manifest.stats
@@ -78,7 +78,7 @@ def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkey
     version = resolve("reference", run2).version
     assert version == clean.version and not store2.exists("reference", version)
     ckpts = store2.fs.ls(f"{store2.partial_dir('reference', version)}/_checkpoints", detail=False)
-    assert [Path(p).name for p in ckpts] == ["step-00000004"]  # older checkpoints are pruned
+    assert sorted(Path(p).name for p in ckpts) == ["LATEST", "step-0000004"]  # older ones are pruned
 
     monkeypatch.setattr(ref, "_after_step", lambda step: None)
     resumed = build("reference", run2)
@@ -160,3 +160,54 @@ def test_bad_settings_are_clear_errors(upstream, tmp_path):
         build("reference", copy_upstream(upstream, tmp_path / "s1", hidden=30, heads=4))
     with pytest.raises(InputError, match="seq_len"):
         build("reference", copy_upstream(upstream, tmp_path / "s2", seq_len=100_000))
+
+
+def lambda_lr_sequence(lr: float, warmup: int, steps: int) -> list[float]:
+    """The reference stage's learning rates before it shared the train stage's schedule: torch's LambdaLR
+    over Pythia's multiplier (linear warm-up, cosine to 0.1 x the peak), stepped after each step."""
+    import math
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])  # what opt.step() trains this step with
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize(
+    "lr,warmup,steps",
+    [
+        (2e-3, 20, 150),  # configs/demo.yaml
+        (1e-3, 100, 1000),  # gpu-check.yaml
+        (2e-3, 50, 500),  # gutenberg-cpu.yaml
+        (1e-3, 200, 4000),  # gutenberg-gpu.yaml
+        (1e-3, 100, 1500),  # the defaults
+        (1e-3, 2, 6),  # TINY_LM
+        (3e-4, 7, 40),
+        (5e-4, 0, 30),
+        (1e-3, 30, 20),  # warm-up longer than the run
+    ],
+)
+def test_learning_rates_are_the_lambdalr_ones(lr, warmup, steps):
+    """The shared schedule (model.schedules) reproduces the reference's former LambdaLR sequence bit for
+    bit, so its trained weights did not change; the train stage's rounding of the warm-up would not."""
+    from stages.reference import Config
+    from stages.reference_lm import ReferenceTrainer
+
+    trainer = object.__new__(ReferenceTrainer)  # only its schedule
+    trainer.cfg = Config(lr=lr, warmup=warmup, steps=steps)
+    got = [trainer.lr(s) for s in range(steps)]
+    assert got == lambda_lr_sequence(lr, warmup, steps)
+    if (lr, warmup) == (2e-3, 20):  # the demo's: 5 of its 20 warm-up steps round differently
+        from model.schedules import learning_rate
+
+        assert got != [learning_rate(s, steps, lr, warmup, 0.1) for s in range(steps)]

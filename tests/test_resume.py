@@ -49,7 +49,7 @@ def test_killed_stage_resumes_to_identical_result(prepared, tmp_path, caplog):
     assert clean.version == version and len(clean.parts()) == len(list(FIXTURE_BOOKS.glob("*.txt.gz")))
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "chunks", "-c", str(cfg)],
+        [sys.executable, "-m", "app.cli", "run", "chunks", "-c", str(cfg)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

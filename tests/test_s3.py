@@ -126,7 +126,7 @@ DRIVER = r"""
 import json, sys, time
 import s3fs
 import pipeline.executor as ex
-from pipeline.config import config_from_dict
+from stages import config_from_dict
 
 run, stop_at = config_from_dict(json.loads(sys.argv[1])), sys.argv[2]
 ran = 0
@@ -222,7 +222,7 @@ def test_killed_build_resumes_to_the_uninterrupted_result(clean, tmp_path):
     assert v not in store.partials("chunks") and store.get_ref("chunks", "latest") == v
 
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "artifacts", "verify", "--root", run.root()],
+        [sys.executable, "-m", "app.cli", "artifacts", "verify", "--root", run.root()],
         capture_output=True,
         text=True,
         cwd=REPO,

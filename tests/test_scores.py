@@ -136,7 +136,8 @@ def test_rows_and_edge_chunks(scored):
 def test_core_conventions_on_hand_made_candidates(scored):
     """The scoring core on a hand-made candidate table: a candidate that ends its document has no
     continuation; a candidate equal to the local pair scores delta 0 exactly; any prefix works."""
-    from stages.scores import ScoringLM, score_queries, scores_table
+    from model.lm_scoring import ScoringLM, score_queries
+    from stages.scores import build_scores_table
 
     run, _ = scored
     model, _ = load_model(run)
@@ -158,7 +159,7 @@ def test_core_conventions_on_hand_made_candidates(scored):
     qs, counts = score_queries(
         lm, queries, cands, doc_start, doc_end, lambda c: toks[c], batch_tokens=300, kv_cache_mb=1
     )
-    table = scores_table(qs).to_pylist()
+    table = build_scores_table(qs).to_pylist()
     for r, q, c in zip(table, queries, cands):
         local = [toks[x] for x in (q - 2, q - 1) if x >= doc_start[q]]
         assert r["logp_local"] == pytest.approx(naive_logp(model, local, toks[q], toks[q + 1]), abs=1e-3)
@@ -171,7 +172,7 @@ def test_core_conventions_on_hand_made_candidates(scored):
 
 
 def test_failed_shard_resumes_to_identical_output(scored, tmp_path, monkeypatch):
-    import stages.scores as sc
+    import model.lm_scoring as sc
 
     run, clean = scored
     root = tmp_path / "store"
@@ -212,7 +213,7 @@ def test_killed_scoring_process_resumes_to_identical_output(scored, tmp_path):
     import sys
     import time
 
-    import stages.scores as sc
+    import model.lm_scoring as sc
     from tests.conftest import REPO
 
     run, clean = scored
@@ -222,14 +223,14 @@ def test_killed_scoring_process_resumes_to_identical_output(scored, tmp_path):
     cfg.write_text(json.dumps(run2.model_dump(mode="json")))
     # the worker stalls in its second shard, so the kill lands mid-shard whatever the machine's speed
     stall = (
-        "import sys, time, stages.scores as sc\n"
+        "import sys, time, model.lm_scoring as sc\n"
         "real, n = sc.score_queries, [0]\n"
         "def slow(*a, **k):\n"
         "    n[0] += 1\n"
         "    if n[0] == 2: time.sleep(600)\n"
         "    return real(*a, **k)\n"
         "sc.score_queries = slow\n"
-        "from pipeline.cli import main\n"
+        "from app.cli import main\n"
         "sys.argv = ['rpt', 'run', 'scores', '-c', sys.argv[1]]\n"
         "main()\n"
     )
@@ -324,7 +325,8 @@ def test_bad_device_is_a_config_error(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_on_gpu_close_to_fp32(scored):
     """On a GPU the bf16 scorer agrees with the fp32 CPU result to bf16 precision."""
-    from stages.scores import ScoringLM, document_bounds, score_queries
+    from model.lm_scoring import ScoringLM, score_queries
+    from stages.scores import document_bounds
 
     run, art = scored
     _, path = load_model(run)
@@ -363,13 +365,25 @@ def test_workers_claim_distinct_devices(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "0"
         got: list[int] = []
-        threads = [threading.Thread(target=lambda: got.append(claim_slot(names, tmp_path))) for _ in range(3)]
+        live = threading.Barrier(3)  # a claim lasts as long as its thread: all three live until all claimed
+
+        def worker() -> None:
+            got.append(claim_slot(names, tmp_path))
+            live.wait()
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         # two threads take the free slots 1 and 2; the third finds none free and shares one
         assert len(got) == 3 and {1, 2} <= set(got) and set(got) <= {0, 1, 2}
+        # a thread's claim ends with it: a new thread (maybe reusing a dead one's id) finds slot 1 free
+        again: list[int] = []
+        t = threading.Thread(target=lambda: again.append(claim_slot(names, tmp_path)))
+        t.start()
+        t.join()
+        assert again == [1]
     finally:
         holder.stdin.close()
         holder.wait()

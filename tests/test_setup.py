@@ -25,7 +25,7 @@ def fake_venv(root: Path, fail_pip: bool, with_rpt: bool) -> Path:
     py.chmod(0o755)
     if with_rpt:
         rpt = venv / "bin" / "rpt"
-        rpt.write_text(f'#!/bin/bash\nexec {sys.executable} -m pipeline.cli "$@"\n')
+        rpt.write_text(f'#!/bin/bash\nexec {sys.executable} -m app.cli "$@"\n')
         rpt.chmod(0o755)
     return venv
 

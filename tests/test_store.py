@@ -24,7 +24,7 @@ def versions(run):
 def test_version_is_deterministic_across_processes(small_run):
     here = versions(small_run)
     code = (
-        "import json,sys; from pipeline.config import config_from_dict; from pipeline.executor import resolve;"
+        "import json,sys; from stages import config_from_dict; from pipeline.executor import resolve;"
         "run=config_from_dict(json.loads(sys.argv[1]));"
         "print(json.dumps({n.stage: n.version for n in resolve('chunks', run).walk()}))"
     )
@@ -139,7 +139,7 @@ def test_refs_and_resolve(small_run):
 
 def rpt(*args, cwd=REPO, check=True):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, check=check
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, cwd=cwd, check=check
     )
 
 

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from data.loader import StreamSampler, TrainSequences, close_batches, make_loader
-from data.neighbors import ChunkTable, compact, exclude_recent_of, neighbor_table, scores_table, to_positions
+from data.neighbors import (
+    ChunkTable,
+    compact,
+    exclude_recent_of,
+    load_neighbor_table,
+    load_scores_table,
+    to_positions,
+)
 from data.sequences import plan_sequences
 from model.config import IGNORE
 from pipeline.errors import InputError
 from pipeline.formats import SCORES_SCHEMA, TOKENS_NPY, ChunkReader
-from pipeline.formats import neighbor_table as make_neighbor_table
+from pipeline.formats import build_neighbor_table as make_neighbor_table
 from pipeline.store import ArtifactStore
 
 
@@ -167,7 +174,7 @@ def test_sampler_is_resumable_and_splits_global_batches() -> None:
 def test_tables_from_artifacts(tmp_path) -> None:
     q = np.array([3, 1])
     ids = np.array([[0, 2, -1], [0, -1, -1]])
-    nt = neighbor_table(FakeArtifact(make_neighbor_table(q, ids, np.ones((2, 3)))), 5)
+    nt = load_neighbor_table(FakeArtifact(make_neighbor_table(q, ids, np.ones((2, 3)))), 5)
     assert nt.ids[3].tolist() == [0, 2, -1] and nt.ids[0].tolist() == [-1, -1, -1]
     assert np.isnan(nt.values[3, 2]) and nt.values[1, 0] == 1.0
     sc = pa.table(
@@ -180,15 +187,15 @@ def test_tables_from_artifacts(tmp_path) -> None:
         },
         schema=SCORES_SCHEMA,
     )
-    st = scores_table(FakeArtifact(sc), 5)
+    st = load_scores_table(FakeArtifact(sc), 5)
     assert st.ids[4].tolist() == [1, 0, 2] and st.ids[2].tolist() == [0, -1, -1]
     assert st.values[4].tolist() == pytest.approx([0.5, -0.1, 0.2]) and np.isnan(st.values[2, 1])
     with pytest.raises(InputError, match="out of range"):
-        scores_table(FakeArtifact(sc), 3)
+        load_scores_table(FakeArtifact(sc), 3)
     # memory-mapped (training): the same tables, read-only .npy files in the cache folder
     for read, art in [
-        (neighbor_table, FakeArtifact(make_neighbor_table(q, ids, np.ones((2, 3))))),
-        (scores_table, FakeArtifact(sc)),
+        (load_neighbor_table, FakeArtifact(make_neighbor_table(q, ids, np.ones((2, 3))))),
+        (load_scores_table, FakeArtifact(sc)),
     ]:
         mem, mapped = read(art, 5), read(art, 5, cache=tmp_path)
         assert isinstance(mapped.ids, np.memmap) and not mapped.ids.flags.writeable

@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from model.checkpoint import load_checkpoint
-from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError, RptError
 from pipeline.executor import build, build_node, resolve
 from pipeline.store import ArtifactStore
+from stages import config_from_dict
 from tests.conftest import TINY_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_kill_and_resume_gives_the_same_losses(stores, tmp_path: Path, caplog) -
     node = resolve("train", run)
     ckpt = Path(run.root()) / "train" / f".partial-{node.version}" / "ckpt" / "LATEST"
     env = {**os.environ, "RPT_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    cli = "from pipeline.cli import main; main()"
+    cli = "from app.cli import main; main()"
     proc = subprocess.Popen(
         [sys.executable, "-c", cli, "run", "train", "-c", str(cfg_file)],
         cwd=REPO,

@@ -1,8 +1,8 @@
 """Prefect flows over the stage DAG: neighbors, supervision, train, evaluate, full (and `stages`, any stages).
 
 Thin by design: a flow resolves the artifact DAG from the run config (`pipeline.executor.resolve`), and
-for each artifact submits Prefect tasks that call the executor (`open_build`, `pending_shards`,
-`run_shard`, `publish`); stages know nothing of Prefect.
+for each artifact submits Prefect tasks that call the executor's build API (`open_plan`, `run_shard`,
+`finish`), the same one `rpt run` chains; stages know nothing of Prefect.
 
 - One *stage task* per artifact, whose Prefect cache key is the artifact version (`Node.version`: stage,
   VERSION, hashed config section, input versions, fingerprint). Its cache records live in the artifact
@@ -35,7 +35,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import hashlib
 import logging
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -60,24 +59,24 @@ from prefect.tasks import Task, exponential_backoff
 from pydantic import BaseModel, Field
 
 from model.config import VARIANTS, Variant
-from pipeline.config import RunConfigBase, load_config
-from pipeline.devices import gpu_lane
+from pipeline.config import RunConfigBase
+from pipeline.devices import Lanes, on_gpu, visible_gpus
 from pipeline.errors import ConfigError, RptError, StageTimeoutError
-from pipeline.executor import Node, open_build, pending_shards, publish, resolve, run_shard
+from pipeline.executor import Node, OpenPlan, finish, open_plan, resolve, run_shard
 from pipeline.locks import build_lock
 from pipeline.progress import Tick, report_progress
-from pipeline.registry import STAGES
-from pipeline.report import REPORT_FILE
 from pipeline.stage import Shard, ShardResult, StageContext
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.supervision import supervision_bm25
+from stages import REGISTRY, load_config
+from stages.evaluate.report import REPORT_FILE
 
 log = logging.getLogger("rpt.flows")
 
 # Literal types (model.config.Variant, StageName) make Prefect's parameter schema list the choices, so
 # the UI form offers them.
 TRAIN_VARIANTS: tuple[Variant, ...] = VARIANTS
-StageName = Literal[tuple(STAGES)]  # type: ignore[valid-type]  # the registry, as it is at import
+StageName = Literal[tuple(REGISTRY.names())]  # type: ignore[valid-type]
 CACHE_DIR = ".prefect-cache"  # inside the artifact store root; dot-folders are not stages
 
 
@@ -132,10 +131,10 @@ def flow_targets(
     if name == "stages" and not stages:
         raise ConfigError("flow 'stages' needs at least one stage (rpt flow stages --target chunks)")
     for t in table[name]:
-        if t.stage not in STAGES:
+        if t.stage not in REGISTRY:
             raise ConfigError(
                 f"flow '{name}' needs stage '{t.stage}', which is not registered in pipeline/registry.py "
-                f"(registered: {', '.join(STAGES)}). Build what exists with `rpt flow stages --target STAGE`."
+                f"(registered: {', '.join(REGISTRY)}). Build what exists with `rpt flow stages --target STAGE`."
             )
     return table[name]
 
@@ -213,60 +212,6 @@ def task_runner_for(run: RunConfigBase) -> TaskRunner[Any]:
             ) from None
         return RayTaskRunner(address=rc.address) if rc.address else RayTaskRunner()
     raise ConfigError(f"runner.kind={rc.kind!r} is not supported by the flows")
-
-
-def visible_gpus(run: RunConfigBase) -> int:
-    if run.runner.gpus is not None:
-        return run.runner.gpus
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-class Lanes:
-    """Chains of tasks that run one after another: task k on a lane waits for the task before it there.
-
-    The flow keeps one set of lanes for every GPU stage, one lane per GPU (one on CPU), handed out round
-    robin, so each GPU runs one shard at a time across all stages of the flow; a serial stage gets one lane.
-    """
-
-    def __init__(self, n: int):
-        self.last: list[Any] = [None] * max(1, n)
-        self.turn = 0
-
-    def take(self) -> tuple[int, Any]:
-        """(lane, the task the next one on it must wait for, or None)."""
-        lane = self.turn % len(self.last)
-        self.turn += 1
-        return lane, self.last[lane]
-
-    def put(self, lane: int, fut: Any) -> None:
-        self.last[lane] = fut
-
-
-@contextmanager
-def on_gpu(slot: int | None) -> Iterator[None]:
-    """Run a shard on GPU `slot`: the thread's lane for `resolve_device("auto")` and its current CUDA
-    device (for `cuda` without an index)."""
-    if slot is None:
-        yield
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        yield
-        return
-    # modulo: under Ray a task sees only the GPU it was given (CUDA_VISIBLE_DEVICES), as device 0
-    slot %= max(1, torch.cuda.device_count())
-    prev = torch.cuda.current_device()
-    torch.cuda.set_device(slot)
-    try:
-        with gpu_lane(slot):
-            yield
-    finally:
-        torch.cuda.set_device(prev)
 
 
 # ------------------------------------------------------------------------------------------ retries, timeouts
@@ -416,17 +361,6 @@ class StageSummary(BaseModel):
         )
 
 
-@dataclass
-class StagePlan:
-    """A missing artifact's open build: its context and the shards still to run (done ones resume)."""
-
-    ctx: StageContext
-    todo: list[Shard]
-    done: list[ShardResult]
-    plan_s: float
-    started: float
-
-
 class ArtifactVersion(CachePolicy):
     """Cache key = the artifact version of the task's `node` parameter: nothing else decides what it builds."""
 
@@ -449,20 +383,11 @@ def route_logs() -> None:
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_task(node: Node) -> StagePlan:
+def plan_task(node: Node) -> OpenPlan:
     """Open the build of a missing artifact and list the shards that still have to run."""
     route_logs()
-    store = ArtifactStore(node.run.root())
-    inputs = {role: store.get(c.stage, c.version) for role, c in node.inputs.items()}
-    ctx = open_build(node, inputs)
-    t0 = time.perf_counter()
     with progress_artifacts(node.run, f"{node.ref}/plan"):
-        shards = node.impl.plan(ctx)
-    plan_s = time.perf_counter() - t0
-    todo, done = pending_shards(ctx, shards)
-    if done:
-        log.info("%s: resuming, %d of %d shards already done", node.ref, len(done), len(shards))
-    return StagePlan(ctx, todo, done, plan_s, time.time())
+        return open_plan(node)
 
 
 @task(name="shard", cache_policy=NO_CACHE)
@@ -476,7 +401,7 @@ def shard_task(ctx: StageContext, shard: Shard, gpu: int | None = None) -> Shard
 @task(name="stage", persist_result=True, result_serializer="json")
 def stage_task(
     node: Node,
-    plan: StagePlan | None = None,
+    plan: OpenPlan | None = None,
     results: list[ShardResult] | None = None,
     upstream: list[StageSummary] | None = None,
 ) -> StageSummary:
@@ -487,14 +412,8 @@ def stage_task(
         art = store.get(node.stage, node.version)
         status = "found"
     else:
-        all_results = plan.done + list(results or [])
-        timings = {
-            "plan_s": plan.plan_s,
-            "shards_wall_s": time.time() - plan.started,
-            "shards_cpu_s": sum(r.seconds for r in all_results),
-        }
         with progress_artifacts(node.run, node.ref):
-            art = publish(plan.ctx, node, all_results, timings)
+            art = finish(node, plan, results or [])
         status = "built"
     summary = StageSummary.of(art, status)
     publish_stats(summary)
@@ -560,7 +479,7 @@ def ray_gpu_request(kind: str, gpu: bool) -> AbstractContextManager[Any]:
 
 
 def submit_build(
-    node: Node, plan: StagePlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int, gpu_lanes: Lanes | None
+    node: Node, plan: OpenPlan, plan_fut: PrefectFuture[Any], kind: str, gpus: int, gpu_lanes: Lanes | None
 ) -> list[PrefectFuture[Any]]:
     """Map one shard task per pending shard: GPU stages on the flow's GPU lanes, serial-preferring stages
     (under runner.kind auto) on a lane of their own, the rest all at once."""

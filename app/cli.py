@@ -42,7 +42,7 @@ def _setup(level: str) -> None:
 
 
 def _load(config: str | None, sets: list[str] | None):  # -> RunConfigBase
-    from pipeline.config import load_config
+    from stages import load_config
 
     return load_config(config, sets or [])
 
@@ -117,7 +117,7 @@ def report(
 ) -> None:
     """Print the perplexity and retrieval tables of an evaluate artifact: the one the config (-c, --set)
     resolves to, else the latest."""
-    from pipeline.report import REPORT_FILE, read_metrics, render_text
+    from stages.evaluate.report import REPORT_FILE, read_metrics, render_text
 
     art = _artifact("evaluate" + spec if spec.startswith("@") else spec, root, config, set_)
     metrics = read_metrics(art)
@@ -158,7 +158,7 @@ def run_flow(
 
     Without PREFECT_API_URL, Prefect starts a temporary local server for the run."""
     _setup(log_level)
-    from flows import run_named
+    from app.flows import run_named
 
     report = run_named(
         name, config, list(set_ or []), list(variant or []) or None, list(target or []) or None

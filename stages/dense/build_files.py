@@ -1,0 +1,53 @@
+"""Files of this build's folder: index.json (what was built) read and written, the neighbors the shards
+wrote read back (to measure recall), and a local path of a file on a remote store."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.stage import StageContext
+from stages.dense.config import INDEX_INFO
+
+
+def write_index_info(ctx: StageContext, info: dict[str, Any]) -> None:
+    ctx.write_text(INDEX_INFO, json.dumps(info, indent=2, sort_keys=True))
+
+
+def read_index_info(ctx: StageContext) -> dict[str, Any] | None:
+    if not ctx.exists(INDEX_INFO):
+        return None
+    with ctx.fs.open(ctx.path(INDEX_INFO), "r") as f:
+        return json.load(f)
+
+
+def written_neighbors(ctx: StageContext, q_ids: np.ndarray) -> np.ndarray:
+    """The neighbor ids this build wrote for the given query chunk ids (read back from the parts)."""
+    import pyarrow.dataset as pads
+
+    parts = sorted(
+        p for p in ctx.fs.ls(ctx.workdir, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")
+    )
+    t = pads.dataset(parts, format="parquet", filesystem=ctx.fs).to_table(
+        columns=["chunk_id", "neighbor_ids"], filter=pc.field("chunk_id").isin(pa.array(q_ids, pa.int64()))
+    )
+    k = t.schema.field("neighbor_ids").type.list_size
+    ids = t.column("chunk_id").to_numpy()
+    nb = t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
+    return nb[np.argsort(ids)]
+
+
+def local_file(ctx: StageContext, name: str) -> str:
+    """A local path of a file in this build's folder (downloaded to a temporary file on remote stores)."""
+    if ctx.store.is_local:
+        return ctx.path(name)
+    import tempfile
+
+    tmp = os.path.join(tempfile.mkdtemp(prefix="rpt-dense-"), name)
+    ctx.fs.get(ctx.path(name), tmp)
+    return tmp

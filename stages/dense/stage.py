@@ -1,0 +1,176 @@
+"""The dense stage itself: its inputs, the plan (shards; for approximate corpus search the index, built
+before any shard), `run_shard` (search.py), and the finalize that measures recall of the written table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import RunConfigBase
+from pipeline.errors import InputError
+from pipeline.formats import (
+    ChunkReader,
+    build_neighbor_table,
+    neighbor_counts,
+    neighbor_rates,
+    neighbor_schema,
+)
+from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
+from retrieval.ranking import recall
+from stages.dense.build_files import read_index_info, write_index_info, written_neighbors
+from stages.dense.config import Config
+from stages.dense.database import Database, load_database
+from stages.dense.index_build import build_and_save_index, index_ready
+from stages.dense.index_plan import IndexPlan, plan_index, samples
+from stages.dense.search import causal_shard, corpus_shard, exact_neighbors
+
+log = logging.getLogger("rpt.dense")
+
+
+class DenseStage(Stage):
+    name = "dense"
+    version = 1
+    Config = Config
+    description = "dense neighbor tables over chunk embeddings (exact or faiss IVF-PQ/HNSW)"
+    preferred_runner = "serial"  # torch/faiss already use every core within a shard
+    uses_gpu = True
+
+    def inputs(self, run: RunConfigBase) -> dict[str, InputRef]:
+        return {"embeddings": InputRef("embeddings"), "chunks": InputRef("chunks")}
+
+    def output_schema(self) -> pa.Schema | None:
+        return None  # k is in the config; the parts carry the schema
+
+    # ---- plan: shards, and (corpus scope, approximate) the index
+    def plan(self, ctx: StageContext) -> list[Shard]:
+        cfg: Config = ctx.cfg
+        reader = ChunkReader(ctx.inputs["chunks"])
+        n = reader.n_chunks
+        rows = ctx.inputs["embeddings"].manifest.rows
+        if rows != n:
+            raise InputError(
+                f"{ctx.inputs['embeddings'].ref} has {rows} rows but {reader.art.ref} has {n} chunks; "
+                "they do not belong together: rebuild embeddings from these chunks"
+            )
+        if cfg.scope == "document-causal":
+            return self._doc_shards(reader, cfg.shard_chunks)
+        db = load_database(ctx)
+        index_plan = plan_index(cfg, len(db.ids), db.emb.shape[1])
+        if index_plan.kind != "flat" and not index_ready(ctx):
+            self._build_index(ctx, db, index_plan, n)
+        elif index_plan.kind == "flat":
+            write_index_info(
+                ctx,
+                {
+                    "kind": "flat",
+                    "backend": index_plan.backend,
+                    "factory": "Flat",
+                    "exact": True,
+                    "database": len(db.ids),
+                },
+            )
+        starts = list(range(0, n, cfg.shard_chunks))
+        return [
+            Shard(i, len(starts), {"lo": lo, "hi": min(lo + cfg.shard_chunks, n)})
+            for i, lo in enumerate(starts)
+        ]
+
+    @staticmethod
+    def _doc_shards(reader: ChunkReader, budget: int) -> list[Shard]:
+        groups: list[tuple[int, int]] = []
+        for d in reader.docs():
+            if groups and groups[-1][1] == d.first and d.first + d.n - groups[-1][0] <= budget:
+                groups[-1] = (groups[-1][0], d.first + d.n)
+            else:
+                groups.append((d.first, d.first + d.n))
+        return [Shard(i, len(groups), {"lo": lo, "hi": hi}) for i, (lo, hi) in enumerate(groups)]
+
+    def _build_index(self, ctx: StageContext, db: Database, index_plan: IndexPlan, n_queries: int) -> None:
+        build_and_save_index(ctx, db, index_plan, n_queries)
+
+    # ---- shards
+    def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        lo, hi = int(shard.payload["lo"]), int(shard.payload["hi"])
+        import torch  # noqa: F401  (imported before the clock starts: search_s is search time)
+
+        t0 = time.perf_counter()
+        if cfg.scope == "document-causal":
+            ids, scores, extra = causal_shard(ctx, lo, hi)
+        else:
+            ids, scores, extra = corpus_shard(ctx, lo, hi)
+        ctx.write_parquet(
+            f"part-{shard.name}.parquet",
+            build_neighbor_table(np.arange(lo, hi), ids, scores),
+            schema=neighbor_schema(cfg.k),
+        )
+        return {**neighbor_counts(ids, cfg.k), "search_s": time.perf_counter() - t0, **extra}
+
+    # ---- finalize: stats and recall of what was written
+    def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        stats = merge_stats(r.stats for r in results)
+        rows = stats.get("rows", 0)
+        stats.update(neighbor_rates(stats))
+        secs = stats.get("search_s", 0.0)
+        stats["queries_per_s"] = round(rows / secs, 1) if secs else None
+        if cfg.scope == "corpus":
+            stats.update(self._recall(ctx))
+        return stats
+
+    def _recall(self, ctx: StageContext) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        db = load_database(ctx)
+        info = read_index_info(ctx) or {}
+        reader = ChunkReader(ctx.inputs["chunks"])
+        _, _, held_out = samples(cfg, reader.n_chunks, len(db.ids), info.get("train_vectors") or 0)
+        if not len(held_out):
+            return {"recall_at_k": None, "recall_queries": 0}
+        t0 = time.perf_counter()
+        exact, _ = exact_neighbors(ctx, db, held_out)
+        r = recall(written_neighbors(ctx, held_out), db.chunk_ids(exact))
+        log.info(
+            "recall@%d of the written table against exact search on %d held-out queries: %.4f",
+            cfg.k,
+            len(held_out),
+            r,
+        )
+        return {
+            "recall_at_k": round(r, 6),
+            "recall_k": cfg.k,
+            "recall_queries": len(held_out),
+            "recall_s": round(time.perf_counter() - t0, 3),
+        }
+
+    def meta(self, ctx: StageContext) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        emb_meta = ctx.inputs["embeddings"].meta
+        causal = cfg.scope == "document-causal"
+        out: dict[str, Any] = {  # source, scope, query, k, exclude_recent: the same keys as bm25's
+            "source": "dense",
+            "scope": cfg.scope,
+            "query": "chunk",
+            "k": cfg.k,
+            "exclude_recent": cfg.exclude_recent if causal else None,
+            "metric": cfg.metric,
+            "score": "inner product" if cfg.metric == "ip" else "negative squared L2 distance",
+            "encoder": (emb_meta.get("encoder") or {}).get("name"),
+            "normalized": emb_meta.get("normalize"),
+        }
+        if causal:
+            out["index"] = {"kind": "exact-per-document", "exact": True}
+        else:
+            info = read_index_info(ctx) or {}
+            out.update(
+                index={k: v for k, v in info.items() if k != "sha256"},
+                overfetch=cfg.overfetch,
+                database="train split",
+            )
+        return out
+
+
+STAGE = DenseStage()

@@ -1,0 +1,51 @@
+"""pipeline.devices, the one device/dtype resolver of the GPU stages: 'auto' and 'cuda' give this worker's
+GPU (LOCAL_RANK's, the flow lane's, or a claimed one), dtype settings accept the short names (bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.devices import dtype_alias, gpu_lane, resolve_device, resolve_dtype
+from pipeline.errors import ConfigError
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+
+
+def test_auto_and_cuda_are_this_workers_gpu(four_gpus, monkeypatch):
+    with gpu_lane(3):
+        assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 3)
+        assert resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit GPU is that GPU
+        assert resolve_device("cpu") == torch.device("cpu")
+        monkeypatch.setenv("LOCAL_RANK", "2")  # torchrun's rank wins over the lane
+        assert resolve_device("auto", "train.device") == torch.device("cuda", 2)
+
+
+def test_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"dense.device 'cuda': CUDA is not available.*dense.device: auto"):
+        resolve_device("cuda", "dense.device")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("gpu")
+
+
+def test_dtypes_and_their_short_names(monkeypatch):
+    cpu = torch.device("cpu")
+    for long, short in (("float32", "fp32"), ("bfloat16", "bf16"), ("float16", "fp16")):
+        assert resolve_dtype(long, cpu) == resolve_dtype(short, cpu) == getattr(torch, long)
+        assert dtype_alias(getattr(torch, long)) == short
+    assert resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda:0") == torch.float16
+    with pytest.raises(ConfigError, match="embeddings.dtype 'half'"):
+        resolve_dtype("half", cpu, "embeddings.dtype")
