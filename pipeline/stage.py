@@ -146,7 +146,23 @@ class StageContext:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def local_input(self, role: str, name: str = "") -> Path:
+        """A local path of an input artifact's file (fetched once into the local cache on remote stores)."""
         return self.inputs[role].local_path(name)
+
+    def drop(self, name: str) -> None:
+        """Remove a scratch file or folder of this build (e.g. its training checkpoints) before publishing."""
+        if self.fs.exists(self.path(name)):
+            self.fs.rm(self.path(name), recursive=True)
+
+    def local_file(self, name: str) -> Path:
+        """A local path of a file already written to this build's folder, for libraries that read only
+        real paths (faiss): the file itself on a local store, a temporary copy on a remote one."""
+        if self.store.is_local:
+            return Path(self.path(name))
+        tmp = Path(tempfile.mkdtemp(prefix=f"rpt-{self.stage}-")) / name
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.fs.get(self.path(name), str(tmp))
+        return tmp
 
     def worker_cache(
         self,

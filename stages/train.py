@@ -275,8 +275,7 @@ class TrainStage(Stage):
         return state["stats"]
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
-        if ctx.fs.exists(ctx.path(CKPT_DIR)):
-            ctx.fs.rm(ctx.path(CKPT_DIR), recursive=True)
+        ctx.drop(CKPT_DIR)  # the checkpoints served resume; the artifact holds the final model
         return dict(results[0].stats)
 
     def meta(self, ctx: StageContext) -> dict[str, Any]:

@@ -4,7 +4,6 @@ wrote read back (to measure recall), and a local path of a file on a remote stor
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
@@ -40,14 +39,3 @@ def written_neighbors(ctx: StageContext, q_ids: np.ndarray) -> np.ndarray:
     ids = t.column("chunk_id").to_numpy()
     nb = t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
     return nb[np.argsort(ids)]
-
-
-def local_file(ctx: StageContext, name: str) -> str:
-    """A local path of a file in this build's folder (downloaded to a temporary file on remote stores)."""
-    if ctx.store.is_local:
-        return ctx.path(name)
-    import tempfile
-
-    tmp = os.path.join(tempfile.mkdtemp(prefix="rpt-dense-"), name)
-    ctx.fs.get(ctx.path(name), tmp)
-    return tmp

@@ -15,7 +15,7 @@ from pipeline.progress import progress
 from pipeline.stage import StageContext
 from retrieval.exact import causal_search_documents, exact_corpus_search, exact_rescore
 from retrieval.faiss_index import GPU_MAX_K, faiss_search_batched, open_index
-from stages.dense.build_files import local_file, read_index_info
+from stages.dense.build_files import read_index_info
 from stages.dense.config import INDEX_FILE, Config
 from stages.dense.database import (
     Database,
@@ -114,7 +114,7 @@ def search_index(ctx: StageContext, db: Database, info: dict[str, Any]) -> tuple
     gpu = faiss_gpu(cfg.device) if info.get("kind") != "hnsw" else None  # faiss has no GPU HNSW
 
     def make() -> Any:
-        path = None if info.get("kind") == "flat" else local_file(ctx, INDEX_FILE)
+        path = None if info.get("kind") == "flat" else str(ctx.local_file(INDEX_FILE))
         return open_index(db.emb, cfg.metric, path, gpu, info.get("search_param"), info.get("search_value"))
 
     key = ("index", ctx.workdir, str(info.get("sha256")), cfg.metric, str(gpu))
