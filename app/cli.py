@@ -117,7 +117,7 @@ def report(
 ) -> None:
     """Print the perplexity and retrieval tables of an evaluate artifact: the one the config (-c, --set)
     resolves to, else the latest."""
-    from stages.evaluate.report import REPORT_FILE, read_metrics, render_text
+    from stages.evaluate.report import PLOTS_DIR, REPORT_FILE, read_metrics, render_text
 
     art = _artifact("evaluate" + spec if spec.startswith("@") else spec, root, config, set_)
     metrics = read_metrics(art)
@@ -134,7 +134,7 @@ def report(
         else art.ref
     ]
     typer.echo(render_text(metrics, column, header))
-    typer.echo(f"\nreport: {art.file(REPORT_FILE)}\nplots:  {art.file('plots')}/")
+    typer.echo(f"\nreport: {art.file(REPORT_FILE)}\nplots:  {art.file(PLOTS_DIR)}/")
 
 
 @app.command("flow")

@@ -36,9 +36,8 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -60,16 +59,17 @@ from pydantic import BaseModel, Field
 
 from model.config import VARIANTS, Variant
 from pipeline.config import RunConfigBase
+from pipeline.dag import Target, resolve_targets, waves
 from pipeline.devices import Lanes, on_gpu, visible_gpus
 from pipeline.errors import ConfigError, RptError, StageTimeoutError
-from pipeline.executor import Node, OpenPlan, finish, open_plan, resolve, run_shard
+from pipeline.executor import Node, OpenPlan, finish, open_plan, run_shard
 from pipeline.locks import build_lock
 from pipeline.progress import Tick, report_progress
 from pipeline.stage import Shard, ShardResult, StageContext
 from pipeline.store import Artifact, ArtifactStore
-from pipeline.supervision import supervision_bm25
 from stages import REGISTRY, load_config
 from stages.evaluate.report import REPORT_FILE
+from stages.supervision_table import supervision_bm25
 
 log = logging.getLogger("rpt.flows")
 
@@ -83,31 +83,13 @@ CACHE_DIR = ".prefect-cache"  # inside the artifact store root; dot-folders are 
 # ------------------------------------------------------------------------------------------ targets
 
 
-@dataclass(frozen=True)
-class Target:
-    """An artifact a flow must produce: a stage with changes to its config section (e.g. a bm25 query
-    mode), or with changes that depend on the run (a function of it: the supervision table)."""
-
-    stage: str
-    overrides: Mapping[str, Any] | Callable[[RunConfigBase], Mapping[str, Any]] = field(default_factory=dict)
-
-    def overrides_for(self, run: RunConfigBase) -> Mapping[str, Any]:
-        return self.overrides(run) if callable(self.overrides) else self.overrides
-
-    def __str__(self) -> str:
-        if callable(self.overrides):
-            return f"{self.stage}[{getattr(self.overrides, '__name__', 'derived')}]"
-        sets = ",".join(f"{k}={v}" for k, v in self.overrides.items())
-        return f"{self.stage}[{sets}]" if sets else self.stage
-
-
 def flow_targets(
     name: str, variants: list[str] | None = None, stages: list[str] | None = None
 ) -> list[Target]:
     """What each flow builds (everything upstream of these comes with them)."""
     neighbors = [
         Target("bm25", {"query": "chunk"}),
-        Target("bm25", supervision_bm25),  # the supervision table (pipeline.supervision)
+        Target("bm25", supervision_bm25),  # the supervision table (stages.supervision_table)
         Target("dense"),
     ]
     supervision = [Target("scores")]
@@ -133,43 +115,10 @@ def flow_targets(
     for t in table[name]:
         if t.stage not in REGISTRY:
             raise ConfigError(
-                f"flow '{name}' needs stage '{t.stage}', which is not registered in pipeline/registry.py "
+                f"flow '{name}' needs stage '{t.stage}', which is not registered in stages.REGISTRY (stages/__init__.py) "
                 f"(registered: {', '.join(REGISTRY)}). Build what exists with `rpt flow stages --target STAGE`."
             )
     return table[name]
-
-
-def resolve_targets(run: RunConfigBase, targets: list[Target]) -> tuple[list[Node], list[Node]]:
-    """(the targets' nodes, every node of their DAG in dependency order, each artifact once)."""
-    memo: dict[str, Node] = {}
-    roots, nodes = [], {}
-    for t in targets:
-        try:
-            node = resolve(t.stage, run.with_section(t.stage, t.overrides_for(run)), memo)
-        except ConfigError as e:
-            raise ConfigError(f"cannot resolve {t}: {e}") from None
-        roots.append(node)
-        for n in node.walk():
-            nodes.setdefault(n.ref, n)
-    return roots, list(nodes.values())
-
-
-def waves(nodes: list[Node]) -> list[list[Node]]:
-    """Group nodes by depth in the DAG: every node's inputs lie in earlier waves; a wave's nodes run together."""
-    depth: dict[str, int] = {}
-
-    def d(n: Node) -> int:
-        if n.ref not in depth:
-            depth[n.ref] = 1 + max((d(c) for c in n.inputs.values()), default=-1)
-        return depth[n.ref]
-
-    out: list[list[Node]] = []
-    for n in nodes:
-        k = d(n)
-        while len(out) <= k:
-            out.append([])
-        out[k].append(n)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ runners

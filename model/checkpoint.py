@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save
 
 from model.config import RPTConfig
@@ -86,7 +85,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise FileNotFoundError(f"{weights} not found")
     load_weights(model, load_file(str(weights)))
     return model.to(device).eval(), cfg
-
-
-def load_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    return st_load(data)

@@ -220,15 +220,22 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_atomic(self.root / LATEST, name.encode())
-        self.prune()
+        self.prune(newest=final)
         return final
 
-    def prune(self) -> None:
-        """Keep the newest `keep` checkpoint folders."""
+    def prune(self, newest: Path | None = None) -> None:
+        """Keep the newest `keep` checkpoint folders, `newest` (the one just written) first: a folder of a
+        later step than it is left from a run that restarted (e.g. one the LATEST pointer did not name)."""
         done = sorted(
             (int(p.name[5:]), p)
             for p in self.root.iterdir()
             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
         )
+        if newest is not None:
+            step = int(newest.name[5:])
+            for s, p in done:
+                if s > step:
+                    shutil.rmtree(p, ignore_errors=True)
+            done = [(s, p) for s, p in done if s <= step]
         for _, p in done[: -self.keep]:
             shutil.rmtree(p, ignore_errors=True)

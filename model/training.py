@@ -1,8 +1,8 @@
-"""What one training step computes, apart from data, devices, metrics and checkpoints (stages.train_loop,
-stages.train_metrics, model.checkpointer): the schedules at a step, the forward pass with its neighbor
+"""What one training step computes, apart from data, devices, metrics and checkpoints (stages.train.loop,
+stages.train.metrics, model.checkpointer): the schedules at a step, the forward pass with its neighbor
 source, and the loss. The train stage and the mechanism tests run exactly this.
 
-Use diagnostics that stages.train_loop logs from each step's output (per row of metrics.parquet, means
+Use diagnostics that stages.train.loop logs from each step's output (per row of metrics.parquet, means
 over its steps):
   gate_mean        mean neighbor gate in [eta, 1] over the chunks' valid neighbors
   cca_ratio        per CCA layer: |CCA output| / |residual stream| (Frobenius), how much CCA writes

@@ -1,7 +1,7 @@
 """One config system: pydantic models per stage section, loaded from one YAML file per run.
 
 The top-level model is assembled from a stage registry (pipeline.registry.Registry) handed to the
-loader, so each stage owns its section's model (`stages/<name>.py: Config`) and the framework names no
+loader, so each stage owns its section's model (its module's or package's `Config`) and the framework names no
 stage. Unknown keys and bad values are errors naming the key.
 """
 

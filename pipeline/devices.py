@@ -78,9 +78,10 @@ def resolve_device(spec: str, setting: str = "device") -> Any:
 
     'auto' -> this worker's GPU when CUDA is present, else the CPU; 'cuda' -> this worker's GPU (an error
     without CUDA); 'cpu', 'cuda:N' -> that device. A worker's GPU is LOCAL_RANK's under torchrun, else the
-    GPU of the flow lane running it (`gpu_lane`); otherwise, with several GPUs visible, each worker
-    (process or thread) claims a free one (see `claim_slot`), so `runner.kind=processes` with one worker
-    per GPU spreads shards over the GPUs. `setting` names the setting in errors (e.g. `dense.device`)."""
+    GPU of the lane running the shard (`gpu_lane`: the flows and `rpt run` with threads or processes give
+    GPU shards lanes); otherwise, with several GPUs visible, each worker thread claims a free one (see
+    `claim_slot`), so serial runs side by side and Dask workers spread over the GPUs. `setting` names
+    the setting in errors (e.g. `dense.device`)."""
     import torch
 
     if spec in ("auto", "cuda"):
@@ -165,8 +166,8 @@ def claim_slot(names: list[str], lock_dir: str | Path | None = None) -> int:
 
 def resolve_dtype(spec: str, device: Any, setting: str = "dtype") -> Any:
     """The torch dtype of a stage's `dtype` setting: float32, bfloat16, float16 or their short names
-    fp32, bf16, fp16. 'auto' -> bfloat16 on a GPU (float16 where the GPU has no bfloat16), float32 on the
-    CPU (bf16 matmuls are slow and lossy on most CPUs)."""
+    fp32, bf16, fp16. 'auto' -> bfloat16 on a GPU, float32 on the CPU (bf16 matmuls are slow and lossy on
+    most CPUs)."""
     import torch
 
     name = DTYPE_ALIASES.get(spec, spec)
@@ -177,7 +178,8 @@ def resolve_dtype(spec: str, device: Any, setting: str = "dtype") -> Any:
     if name == "auto":
         if torch.device(device).type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 even where a GPU lacks it (emulated, slow, but safe): fp16 would need a GradScaler in training
+        return torch.bfloat16
     return getattr(torch, name)
 
 

@@ -341,26 +341,34 @@ def run_shard_on(ctx: StageContext, shard: Shard, gpu: int | None) -> ShardResul
         return run_shard(ctx, shard)
 
 
-def _on_lanes(pool: cf.Executor, ctx: StageContext, shards: list[Shard], lanes: int) -> Iterator[ShardResult]:
-    """Run the shards in `pool`, at most one per lane at a time, each told its lane (its GPU): the same
-    lanes the flows give GPU shards, so a stage never runs two shards on one GPU."""
+def run_on_lanes(pools: list[cf.Executor], ctx: StageContext, shards: list[Shard]) -> Iterator[ShardResult]:
+    """Run the shards on lanes, one pool of one worker per lane (lane i = GPU i): at most one shard per
+    GPU at a time, and a lane's shards always in the same thread or process, so what a worker caches for
+    its GPU (a model, an index) stays on that one GPU. The same lanes the flows give GPU shards."""
     queue = list(shards)
-    free = list(range(lanes))
+    free = list(range(len(pools)))
     running: dict[cf.Future[ShardResult], int] = {}
     while queue or running:
         while queue and free:
             lane = free.pop(0)
-            running[pool.submit(run_shard_on, ctx, queue.pop(0), lane)] = lane
+            running[pools[lane].submit(run_shard_on, ctx, queue.pop(0), lane)] = lane
         done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
         for f in done:
             free.append(running.pop(f))
             yield f.result()
 
 
+def _pool(kind: str, workers: int) -> cf.Executor:
+    if kind == "threads":
+        return cf.ThreadPoolExecutor(workers)
+    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+
+
 def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[ShardResult]:
-    """Run the shards on `runner.kind`. A GPU stage's shards get one lane per visible GPU (at most one
-    shard per GPU at a time) on the serial, thread and process runners; on Dask and Ray each worker
-    resolves its own GPU (pipeline.devices.resolve_device)."""
+    """Run the shards on `runner.kind`. On the thread and process runners a GPU stage's shards run on
+    lanes, one per visible GPU (`run_on_lanes`); one shard at a time (serial) resolves its GPU as any
+    worker does (LOCAL_RANK, else a claimed free GPU: pipeline.devices.resolve_device); on Dask each
+    worker does the same, and Ray gives each GPU shard one GPU."""
     if not shards:
         return []
     kind = _runner_kind(node)
@@ -373,24 +381,23 @@ def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[Shard
     try:
         if kind == "serial" or workers == 1 or len(shards) == 1:
             for s in shards:
-                results.append(run_shard_on(ctx, s, 0 if gpus else None))
+                results.append(run_shard(ctx, s))
                 bar.update(1)
+        elif kind in ("threads", "processes") and gpus:
+            pools = [_pool(kind, 1) for _ in range(workers)]
+            try:
+                for r in run_on_lanes(pools, ctx, shards):
+                    results.append(r)
+                    bar.update(1)
+            finally:
+                for p in pools:
+                    p.shutdown(wait=True)
         elif kind in ("threads", "processes"):
-            pool: cf.Executor
-            if kind == "threads":
-                pool = cf.ThreadPoolExecutor(workers)
-            else:
-                pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-            with pool:
-                if gpus:
-                    for r in _on_lanes(pool, ctx, shards, workers):
-                        results.append(r)
-                        bar.update(1)
-                else:
-                    futs = [pool.submit(run_shard, ctx, s) for s in shards]
-                    for f in cf.as_completed(futs):
-                        results.append(f.result())
-                        bar.update(1)
+            with _pool(kind, workers) as pool:
+                futs = [pool.submit(run_shard, ctx, s) for s in shards]
+                for f in cf.as_completed(futs):
+                    results.append(f.result())
+                    bar.update(1)
         elif kind == "dask":
             from distributed import Client, LocalCluster, as_completed
 
@@ -414,7 +421,8 @@ def run_shards(node: Node, ctx: StageContext, shards: list[Shard]) -> list[Shard
             except ImportError:
                 raise ArtifactError("runner.kind=ray but ray is not installed (pip install ray)") from None
             ray.init(address=node.run.runner.address, ignore_reinit_error=True)
-            remote = ray.remote(run_shard)
+            # Ray hides every GPU from a task that asks for none
+            remote = ray.remote(num_gpus=1)(run_shard) if gpus else ray.remote(run_shard)
             for r in ray.get([remote.remote(ctx, s) for s in shards]):
                 results.append(r)
                 bar.update(1)

@@ -220,7 +220,7 @@ def causal_retrievable(
     """The document-causal rule shared by bm25, dense, the model's retriever and the data layer:
     chunk i (position in its document) may retrieve chunk j of the same document iff
     j <= i - 1 - exclude_recent (the chunks it already sees through attention are not retrievable),
-    and, with example_chunks = L > 0, j lies in i's example: j // L == i // L (pipeline.supervision)."""
+    and, with example_chunks = L > 0, j lies in i's example: j // L == i // L (stages.supervision_table)."""
     q, c = np.asarray(query_pos), np.asarray(cand_pos)
     ok = c <= q - 1 - exclude_recent
     if example_chunks > 0:

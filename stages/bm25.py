@@ -10,7 +10,7 @@ Scopes:
 
 Training examples (`example_chunks` L > 0, for the documents of `example_splits`): a document is cut
 into examples of L chunks from its first chunk, and chunk i retrieves only chunks of its own example
-(pipeline.supervision: the supervision table's candidates lie inside the training example). Each
+(stages.supervision_table: the supervision table's candidates lie inside the training example). Each
 example is scored as a document of its own, statistics included.
 
 Scoring (variants, query forms, order, why numba kernels): `retrieval.bm25`, imported only inside
@@ -68,7 +68,7 @@ class Config(StageConfig):
         0,
         ge=0,
         description="document-causal: > 0 cuts documents of example_splits into training examples of "
-        "this many chunks; a chunk retrieves only within its example (pipeline.supervision)",
+        "this many chunks; a chunk retrieves only within its example (stages.supervision_table)",
     )
     example_splits: list[str] = Field(
         default_factory=lambda: ["train"], description="splits whose documents example_chunks bounds"

@@ -1,7 +1,7 @@
 """Stage `scores`: retriever supervision from the reference LM (RPT section 3.2).
 
 For a query chunk c_q = c_i with target c_t = c_{i+1}, each candidate c_j of the supervision table
-(`pipeline.supervision`: bm25 document-causal, query chunk+target, train chunks bounded to their
+(`stages.supervision_table`: bm25 document-causal, query chunk+target, train chunks bounded to their
 training example) gets
     s = log P(c_t | c_j, c_{j+1}, c_q) - log P(c_t | c_{i-2}, c_{i-1}, c_q),
 log-probabilities summed over the target's tokens; positives are s > 0.
@@ -41,8 +41,8 @@ from pipeline.formats import (
 )
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
-from pipeline.supervision import supervision_bm25
 from pipeline.worker_cache import worker_cache
+from stages.supervision_table import supervision_bm25
 
 if TYPE_CHECKING:
     from model.lm_scoring import QueryScores, ScoringLM

@@ -51,7 +51,7 @@ def rpt(seed: int) -> RPT:
 
 def gpt_neox(seed: int) -> torch.nn.Module:
     from stages.reference import Config
-    from stages.reference_lm import build_model
+    from stages.reference.lm import build_model
 
     return build_model(Config(hidden=32, layers=2, heads=2, intermediate=64, seq_len=64, seed=seed), V, 0)
 
@@ -163,12 +163,25 @@ def test_latest_survives_a_killed_writer_and_older_checkpoints_go(tmp_path: Path
     assert json.loads((ck.latest() / STATE_FILE).read_text())["step"] == 4
 
 
+def test_a_restarted_run_keeps_its_own_checkpoint_not_a_stale_later_one(tmp_path: Path) -> None:
+    """A folder of a later step than the one just written is left from an earlier run that this one did
+    not resume (e.g. the 8-digit folders of the reference stage's old layout): it goes, not the new one."""
+    model = gpt_neox(0)
+    opt = adamw(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    (tmp_path / "step-00000400").mkdir(parents=True)  # old layout, no LATEST: not resumable
+    ck = Checkpointer(tmp_path)
+    assert ck.latest() is None
+    ck.save(2, lambda d: save_state(d, model, opt, step=2, rngs=[rng_state(CPU)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-0000002"]
+    assert ck.latest() == tmp_path / "step-0000002"
+
+
 def test_remote_mirror_round_trip(tmp_path: Path) -> None:
     """The reference stage on a remote store: checkpoints written locally are copied to the partial
     folder (LATEST last) and copied back by a resumed run."""
     import fsspec
 
-    from stages.reference_lm import RemoteCheckpoints
+    from stages.reference.lm import RemoteCheckpoints
 
     fs = fsspec.filesystem("memory")
     base = f"/rpt-ckpt-test-{tmp_path.name}"

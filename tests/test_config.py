@@ -117,3 +117,80 @@ def test_a_section_written_twice_is_an_error(tmp_path):
     p.write_text("bm25:\n  k: 5\nchunks:\n  chunk_len: 32\nbm25:\n  k: 7\n")
     with pytest.raises(ConfigError, match=r"'bm25' appears twice in one mapping \(lines 1 and 5\)"):
         load_config(p)
+
+
+TOY_STAGES = """
+from pipeline.config import StageConfig
+from pipeline.registry import Registry
+from pipeline.stage import InputRef, Stage
+
+
+class WordsConfig(StageConfig):
+    text: str = "a b c"
+
+
+class CountConfig(StageConfig):
+    upper: bool = False
+
+
+class Words(Stage):
+    name = "words"
+    Config = WordsConfig
+    preferred_runner = "serial"
+
+    def run_shard(self, ctx, shard):
+        ctx.write_text("words.txt", ctx.cfg.text)
+        return {"words": len(ctx.cfg.text.split())}
+
+
+class Count(Stage):
+    name = "count"
+    Config = CountConfig
+    preferred_runner = "serial"
+
+    def inputs(self, run):
+        return {"words": InputRef("words")}
+
+    def run_shard(self, ctx, shard):
+        text = ctx.local_input("words", "words.txt").read_text()
+        return {"n": len(text.split()), "upper": ctx.cfg.upper}
+
+
+REGISTRY = Registry({"words": "toy_stages.words", "count": "toy_stages.count"}, home="toy_stages")
+"""
+
+
+def test_the_framework_runs_any_registry_it_is_handed(tmp_path, monkeypatch):
+    """pipeline/ knows no stage: a registry of two toy stages builds a config, resolves its DAG, builds
+    both artifacts and pickles the config, with none of this project's stages involved."""
+    import pickle
+    import sys
+    import types
+
+    import pipeline.config as pc
+    from pipeline.executor import build, resolve
+
+    pkg = tmp_path / "toy_stages"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        TOY_STAGES + "\ndef __getattr__(n):\n    if n == 'RunConfig':\n"
+        "        return REGISTRY.run_config()\n    raise AttributeError(n)\n"
+    )
+    (pkg / "words.py").write_text("from toy_stages import Words\nSTAGE = Words()\n")
+    (pkg / "count.py").write_text("from toy_stages import Count\nSTAGE = Count()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for m in [m for m in sys.modules if m.startswith("toy_stages")]:
+        monkeypatch.delitem(sys.modules, m)
+    toy = __import__("toy_stages")
+    assert isinstance(toy, types.ModuleType)
+
+    run = pc.load_config(toy.REGISTRY, None, [f"artifacts_root={tmp_path / 'art'}", "words.text=x y z w"])
+    assert set(type(run).model_fields) >= {"words", "count"} and "chunks" not in type(run).model_fields
+    with pytest.raises(ConfigError, match="unknown key"):
+        pc.load_config(toy.REGISTRY, None, ["bm25.k=3"])  # a stage of this project, not of the toy
+    node = resolve("count", run)
+    assert [n.stage for n in node.walk()] == ["words", "count"]
+    art = build("count", run, with_deps=True)
+    assert art.stats["n"] == 4
+    back = pickle.loads(pickle.dumps(run))
+    assert back == run and type(back).registry is toy.REGISTRY

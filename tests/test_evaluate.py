@@ -20,7 +20,7 @@ from pipeline.formats import TOKEN_PAD, ChunkReader, read_neighbors
 from pipeline.store import ArtifactStore
 from retrieval.ranking import distinct_overlap, ranking_metrics
 from stages import config_from_dict
-from stages.evaluate.perplexity import EvalDoc, doc_batch, gold_positions, select_documents
+from stages.evaluate.perplexity import EvalDoc, doc_batch, oracle_positions, select_documents
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "window": 128, "stride": 64}
 
@@ -341,8 +341,8 @@ def test_oracle_takes_only_gold_candidates_best_first():
     pos = np.array([[3, 5, -1, 7, 2], [4, 1, 0, -1, -1], [-1, -1, -1, -1, -1]])
     delta = np.array([[0.5, 2.0, 9.0, -1.0, 0.5], [0.0, np.nan, -3.0, 1.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
     # row 0: 9.0 is not retrievable (pos -1), -1.0 is no gold, the tie 0.5/0.5 keeps candidate order
-    assert gold_positions(pos, delta, 3).tolist() == [[5, 3, 2], [-1, -1, -1], [-1, -1, -1]]
-    assert gold_positions(pos, delta, 6).shape == (3, 6)
+    assert oracle_positions(pos, delta, 3).tolist() == [[5, 3, 2], [-1, -1, -1], [-1, -1, -1]]
+    assert oracle_positions(pos, delta, 6).shape == (3, 6)
 
 
 def test_oracle_matches_the_models_gold_source():
@@ -361,7 +361,7 @@ def test_oracle_matches_the_models_gold_source():
     mask = torch.zeros(1, n, n).masked_fill(~retrievable_mask(n, w), float("-inf"))
     for k in (1, 2, 4):
         ref = model_gold(mask, torch.from_numpy(pos)[None], torch.from_numpy(delta).float()[None], k)[0]
-        assert gold_positions(pos, delta, k).tolist() == ref.tolist()
+        assert oracle_positions(pos, delta, k).tolist() == ref.tolist()
 
 
 def _naive(ranked, gold):

@@ -22,8 +22,8 @@ from app import flows  # first: it sets Prefect's logging environment before pre
 from pipeline.errors import ArtifactError, ConfigError, InputError, StageTimeoutError
 from pipeline.executor import build, resolve
 from pipeline.store import ArtifactStore
-from pipeline.supervision import supervision_bm25
 from stages import REGISTRY, load_config
+from stages.supervision_table import supervision_bm25
 from tests.conftest import TINY_REFERENCE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,7 +325,7 @@ def test_flows_need_registered_stages(
     cfg = write_config(tmp_path)
     load_config(cfg)  # the config model is built once, with every stage; alone this test would build it here
     monkeypatch.delitem(REGISTRY.modules, "dense")
-    with pytest.raises(ConfigError, match=r"needs stage 'dense'.*pipeline/registry.py"):
+    with pytest.raises(ConfigError, match=r"needs stage 'dense'.*stages.REGISTRY"):
         flows.flow_targets("neighbors")
     with pytest.raises(ConfigError, match="needs stage 'dense'"):  # before any server or cluster starts
         flows.run_named("neighbors", cfg)
@@ -405,13 +405,17 @@ def test_gpu_lanes_give_each_gpu_one_shard_at_a_time() -> None:
 
 def test_prefect_yaml_deploys_every_flow() -> None:
     from prefect import Flow
+    from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployed = {}
     for d in spec["deployments"]:
+        # a module entrypoint: the flow's tasks pickle as app.flows.*, which a remote Dask or Ray worker
+        # imports from the installed package (a file entrypoint would load the file as module `flows`)
         path, _, name = d["entrypoint"].partition(":")
-        assert path == "app/flows.py"
-        fl = getattr(flows, name)
+        assert path == "app.flows"
+        fl = load_flow_from_entrypoint(d["entrypoint"])
+        assert fl is getattr(flows, name) and fl.fn.__module__ == "app.flows"
         assert isinstance(fl, Flow) and fl is flows.FLOWS[fl.name]
         assert d["work_pool"]["name"] == "rpt-process"
         assert set(d.get("parameters", {})) <= set(fl.parameters.properties)

@@ -54,7 +54,7 @@ def weights(art) -> dict[str, torch.Tensor]:
 
 
 def test_killed_training_resumes_to_identical_weights(upstream, tmp_path, monkeypatch):
-    import stages.reference_lm as ref
+    import stages.reference.lm as ref
 
     clean = build("reference", upstream)
     st = clean.manifest.stats
@@ -201,7 +201,7 @@ def test_learning_rates_are_the_lambdalr_ones(lr, warmup, steps):
     """The shared schedule (model.schedules) reproduces the reference's former LambdaLR sequence bit for
     bit, so its trained weights did not change; the train stage's rounding of the warm-up would not."""
     from stages.reference import Config
-    from stages.reference_lm import ReferenceTrainer
+    from stages.reference.lm import ReferenceTrainer
 
     trainer = object.__new__(ReferenceTrainer)  # only its schedule
     trainer.cfg = Config(lr=lr, warmup=warmup, steps=steps)

@@ -28,22 +28,8 @@ shard's search: exact, faiss, document-causal), index_build (train, tune, save a
 stage (inputs, plan, run_shard, finalize, meta).
 """
 
-from stages.dense.config import INDEX_FILE, INDEX_INFO, Config
-from stages.dense.database import Database, load_database, own_doc_ranges
-from stages.dense.index_plan import IndexPlan, faiss_gpu, faiss_module, plan_index
+from stages.dense.config import Config
+from stages.dense.index_plan import faiss_module
 from stages.dense.stage import STAGE, DenseStage
 
-__all__ = [
-    "INDEX_FILE",
-    "INDEX_INFO",
-    "STAGE",
-    "Config",
-    "Database",
-    "DenseStage",
-    "IndexPlan",
-    "faiss_gpu",
-    "faiss_module",
-    "load_database",
-    "own_doc_ranges",
-    "plan_index",
-]
+__all__ = ["STAGE", "Config", "DenseStage", "faiss_module"]

@@ -1,5 +1,5 @@
-"""Files of this build's folder: index.json (what was built) read and written, the neighbors the shards
-wrote read back (to measure recall), and a local path of a file on a remote store."""
+"""Files of this build's folder: index.json (what was built) read and written, and the neighbors the
+shards wrote read back (to measure recall)."""
 
 from __future__ import annotations
 

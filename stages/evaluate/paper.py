@@ -3,8 +3,6 @@ Table 2 (test perplexity) and Table 3 (retrieval), one column per dataset."""
 
 from __future__ import annotations
 
-DATASETS = ("ArXiv", "Code", "PG19", "Books3")
-
 # Paper (arXiv v2) Table 2: test perplexity, keyed by (variant, setting, neighbors). Settings: "none"
 # (no retrieval), "bm25" (BM25 neighbors of the query chunk), "retriever" (the model's own retriever),
 # "oracle" (gold neighbors from the scoring LM); ours also has "empty" (CCA without neighbors, an

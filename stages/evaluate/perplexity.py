@@ -101,7 +101,7 @@ class Setting:
       empty       "given"        all -1, k = 1: CCA attends only to its null key/value (the ablation)
       bm25        "given"        the BM25 top-k of the query chunk (the bm25 input)
       retriever   "retriever"    - (the model's own top-k)
-      oracle      "given"        `gold_positions` below: the top-k gold chunks of the scores table
+      oracle      "given"        `oracle_positions` below: the top-k gold chunks of the scores table
 
     `oracle` makes the same choice as the model's source "gold" (model.losses.gold_positions; the tests
     check they agree), but from the scores table's delta for every variant, fed as "given"; the model's
@@ -149,7 +149,7 @@ def doc_batch(reader: ChunkReader, docs: list[EvalDoc]) -> tuple[np.ndarray, np.
     return np.where(raw == TOKEN_PAD, 0, raw), labels
 
 
-def gold_positions(pos: np.ndarray, delta: np.ndarray, k: int) -> np.ndarray:
+def oracle_positions(pos: np.ndarray, delta: np.ndarray, k: int) -> np.ndarray:
     """The oracle's neighbors: per chunk the top-k candidates by delta among the gold ones (delta > 0 and
     retrievable, i.e. pos >= 0), ties in candidate order; -1 pads where fewer exist.
     pos [..., C] in-sequence positions (-1: none), delta [..., C] -> [..., k]."""
@@ -157,9 +157,10 @@ def gold_positions(pos: np.ndarray, delta: np.ndarray, k: int) -> np.ndarray:
     order = np.argsort(-score, axis=-1, kind="stable")[..., :k]
     top = np.take_along_axis(pos, order, axis=-1)
     ok = np.isfinite(np.take_along_axis(score, order, axis=-1))
-    out = np.where(ok, top, -1)
+    out = np.where(ok, top, NEIGHBOR_PAD)
     if out.shape[-1] < k:
-        out = np.concatenate([out, np.full((*out.shape[:-1], k - out.shape[-1]), -1, out.dtype)], axis=-1)
+        pad = np.full((*out.shape[:-1], k - out.shape[-1]), NEIGHBOR_PAD, out.dtype)
+        out = np.concatenate([out, pad], axis=-1)
     return out
 
 
@@ -235,7 +236,7 @@ def variant_passes(ctx: StageContext, variant: str) -> dict[str, Any]:
                             pos.append(compact(p, None, s.k)[0])
                         else:
                             p = to_positions(cand.ids[d.first : d.first + n], d.first, n, exclude_recent)
-                            pos.append(gold_positions(p, cand.values[d.first : d.first + n], s.k))
+                            pos.append(oracle_positions(p, cand.values[d.first : d.first + n], s.k))
                     kw["source"] = "given"
                     kw["neighbor_pos"] = torch.from_numpy(np.stack(pos)).to(device)
                 with autocast:

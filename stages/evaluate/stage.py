@@ -112,7 +112,7 @@ class EvaluateStage(Stage):
     # ---- all variants done: metrics, report, plots
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         from stages.evaluate.plots import write_plots
-        from stages.evaluate.report import Metrics, render_markdown
+        from stages.evaluate.report import PLOTS_DIR, REPORT_FILE, Metrics, render_markdown
 
         cfg: Config = ctx.cfg
         reader = ChunkReader(ctx.inputs["chunks"])
@@ -129,7 +129,7 @@ class EvaluateStage(Stage):
         if per_query is not None:
             ctx.write_parquet("details/retrieval.parquet", per_query)
         m = Metrics(table.to_pylist())
-        with ctx.local_dir("plots") as d:
+        with ctx.local_dir(PLOTS_DIR) as d:
             plots = write_plots(m, curves, d)
         header = [
             f"Artifact `evaluate@{ctx.version}`; inputs: "
@@ -139,7 +139,7 @@ class EvaluateStage(Stage):
             f"{sum(d.scored for d in docs):,} predicted tokens.",
         ]
         ctx.write_text(
-            "report.md", render_markdown(m, cfg.paper_column, header, [f"plots/{p}" for p in plots])
+            REPORT_FILE, render_markdown(m, cfg.paper_column, header, [f"{PLOTS_DIR}/{p}" for p in plots])
         )
         stats: dict[str, Any] = {
             "docs": len(docs),

@@ -1,4 +1,4 @@
-"""The reference stage's language model, the torch side of stages.reference: the GPT-NeoX it builds
+"""The reference stage's language model, the torch side of stages.reference.stage: the GPT-NeoX it builds
 (`build_model`), its training loop (torchtitan-style: `ReferenceTrainer.train_step(step)` is one
 optimizer step, `train()` the loop with its checkpoints), and what the manifest reports of a model
 (`perplexity`, `param_counts`).
@@ -7,7 +7,7 @@ The optimizer (model.optim), the learning rate (model.schedules) and the checkpo
 are the train stage's. Checkpoints go to the partial folder's `_checkpoints/`; on a remote store they are
 written locally and copied there (`RemoteCheckpoints`).
 
-Imported only inside stages.reference's run_shard (it imports torch; the stage module must not).
+Imported only inside stages.reference.stage's run_shard (it imports torch; the stage module must not).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from model.optim import adamw, set_lr
 from pipeline.errors import ConfigError
 from pipeline.progress import progress
 from pipeline.stage import StageContext
-from stages.reference import CKPT_DIR, Config, WindowSampler
+from stages.reference.stage import CKPT_DIR, Config, WindowSampler
 
 log = logging.getLogger("rpt.reference")
 

@@ -1,6 +1,6 @@
 """The train stage's metrics: named sums kept on the device and all-reduced in one call (`MetricSums`), what
 one micro-batch adds to them (`add_micro_batch`), and the metrics.parquet row they reduce to
-(`metrics_row`, `metrics_bytes`). Imported by stages.train_loop (it imports torch; the stage module must not).
+(`metrics_row`, `metrics_bytes`). Imported by stages.train.loop (it imports torch; the stage module must not).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from stages.train import METRICS_SCHEMA
+from stages.train.stage import METRICS_SCHEMA
 
 
 class MetricSums:

@@ -2,7 +2,7 @@
 
 Inputs by variant (each variant is its own artifact version):
   baseline     chunks, tokenizer
-  retro_bm25   + the supervision table (pipeline.supervision: bm25 chunk+target, top scores.candidates,
+  retro_bm25   + the supervision table (stages.supervision_table: bm25 chunk+target, top scores.candidates,
                bounded to the training example): its top-K are the CCA neighbors
   rpt_lex      + the same table: its candidates are the positives (target 1)
   rpt_sem      + the same table and the scores built on it: positives have delta > 0
@@ -36,7 +36,7 @@ from model.config import VARIANTS, RPTConfig, Variant, preset
 from pipeline.config import RunConfigBase, StageConfig, bool_where_number
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
-from pipeline.supervision import supervision_bm25
+from stages.supervision_table import supervision_bm25
 
 # torch is imported by the functions that train, not here: `rpt config`, the registry and the flows
 # load this module for its Config, and importing torch costs them over a second.
@@ -97,7 +97,7 @@ class Config(StageConfig):
         4096,
         ge=1,
         description="tokens per training example (a multiple of chunk_len; the paper: 16,384); it also "
-        "bounds the supervision table's candidates (pipeline.supervision)",
+        "bounds the supervision table's candidates (stages.supervision_table)",
     )
     batch_size: int = Field(8, ge=1, description="global batch in sequences per optimizer step")
     lr: float = Field(1e-3, gt=0)
@@ -240,7 +240,7 @@ class TrainStage(Stage):
                     f"{ctx.inputs['bm25'].ref} bounds candidates to examples of {bcfg.get('example_chunks')} "
                     f"chunks of {bcfg.get('example_splits')}, but training examples are "
                     f"{cfg.seq_len // chunk_len} chunks of {cfg.split!r}; build it from this run's config "
-                    "(pipeline.supervision)"
+                    "(stages.supervision_table)"
                 )
         always_seen = (mcfg.window - mcfg.stride) // chunk_len
         if "bm25" in ctx.inputs and exclude_recent != always_seen:
@@ -310,9 +310,9 @@ def launch_torchrun(job: TrainJob, nproc: int) -> None:
 
 
 def run_training(job: TrainJob, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
-    """The training loop (one process of `world`): `stages.train_loop.Trainer`. Rank 0 writes checkpoints
+    """The training loop (one process of `world`): `stages.train.loop.Trainer`. Rank 0 writes checkpoints
     and the final files."""
-    from stages.train_loop import Trainer
+    from stages.train.loop import Trainer
 
     Trainer(job, rank, world, local_rank).train()
 
@@ -345,6 +345,3 @@ def main(argv: list[str] | None = None) -> None:
 
 
 STAGE = TrainStage()
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,11 @@
 """The train stage's training loop (torchtitan-style): a `Trainer` whose `train_step(step)` is one
 optimizer step (gradient accumulation over micro-batches, the scheduled-sampling draws, clipping, the
 NaN/inf stop) and whose `train()` loops over steps, writing metrics rows, logs and checkpoints.
-Its parts live beside it: the metric sums and rows in stages.train_metrics, the optimizer in
+Its parts live beside it: the metric sums and rows in stages.train.metrics, the optimizer in
 model.optim, the schedules in model.training / model.schedules, checkpoints in model.checkpointer
 (the scheme the reference stage shares).
 
-Imported only by `stages.train.run_training` (it imports torch; the stage module must not).
+Imported only by `stages.train.stage.run_training` (it imports torch; the stage module must not).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from model.checkpoint import config_json, load_weights, model_bytes
 from model.checkpointer import Checkpointer, load_state, rng_state, save_state
 from model.config import RPTConfig
 from model.optim import adamw, set_lr
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError, RptError
-from stages.train import CKPT_DIR, Config, TrainJob
-from stages.train_metrics import MetricSums, add_micro_batch, metrics_bytes, metrics_row, step_sums
+from stages.train.metrics import MetricSums, add_micro_batch, metrics_bytes, metrics_row, step_sums
+from stages.train.stage import CKPT_DIR, Config, TrainJob
 
 log = logging.getLogger("rpt.train")
 
@@ -98,7 +98,7 @@ class Trainer:
         self.device = device = resolve_device(cfg.device, "train.device")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        self.use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+        self.use_bf16 = resolve_dtype(cfg.dtype, device, "train.dtype") == torch.bfloat16  # else fp32
         self.micro = micro = cfg.micro_batch or max(1, cfg.batch_size // world)
         if cfg.batch_size % (micro * world):
             raise ConfigError(

@@ -4,7 +4,7 @@ Either adopt a local Hugging Face causal-LM folder (`reference.path`, e.g. Pythi
 enters the version by a checksum of its files, never by its path) or train a small, randomly
 initialised GPT-NeoX (the Pythia architecture) with the pipeline's tokenizer on the train split.
 Both end as the same thing: `model/` in the artifact, written by `save_pretrained` (safetensors) with
-the tokenizer.json beside it, so `scores` has one code path. The training (stages.reference_lm) uses
+the tokenizer.json beside it, so `scores` has one code path. The training (stages.reference.lm) uses
 the train stage's optimizer, learning-rate schedule and checkpoints (model.checkpointer: weights,
 optimizer and RNG state as safetensors + JSON), written to the build's partial folder every
 `checkpoint_every` steps; a killed run resumes from the last one and ends bit-identical to an
@@ -212,7 +212,7 @@ class ReferenceStage(Stage):
         # validation perplexity, with the model as saved (one code path for both sources)
         from transformers import AutoModelForCausalLM
 
-        from stages.reference_lm import param_counts, perplexity
+        from stages.reference.lm import param_counts, perplexity
 
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
             model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(
@@ -271,7 +271,7 @@ class ReferenceStage(Stage):
     def _train(
         self, ctx: StageContext, cfg: Config, reader: ChunkReader, device: Any, amp: Any
     ) -> dict[str, Any]:
-        from stages.reference_lm import ReferenceTrainer
+        from stages.reference.lm import ReferenceTrainer
 
         vocab = load_tokenizer(ctx.inputs["tokenizer"]).get_vocab_size()
         eos_id = ctx.inputs["tokenizer"].meta.get("eos_id")
