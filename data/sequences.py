@@ -1,6 +1,6 @@
 """Cut documents into training examples of l chunks (L = l * chunk_len tokens).
 
-An example is the unit that training and its supervision share (pipeline.supervision): a document is
+An example is the unit that training and its supervision share (stages.supervision_table): a document is
 cut into consecutive examples of l chunks from its first chunk on, the same cut the bm25 stage uses to
 bound the supervision table's candidates (`example_chunks`), so every scored candidate of a chunk lies
 inside the chunk's example and the retriever in training ranks all earlier chunks of it.
