@@ -9,7 +9,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import AfterValidator
 
 from pipeline.errors import ConfigError
 
@@ -18,6 +20,28 @@ if TYPE_CHECKING:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # accepted as well
+
+
+def check_device_setting(spec: str) -> str:
+    """A `device` setting is auto, cpu, cuda or cuda:N (checked when the config loads; what it means on
+    this worker is `resolve_device`'s)."""
+    head, _, index = spec.partition(":")
+    if spec in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+        return spec
+    raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {spec!r}")
+
+
+def check_dtype_setting(spec: str) -> str:
+    """A `dtype` setting is auto or a dtype name, long or short (float32 / fp32, ...). The value is kept
+    as written: it is part of artifact versions."""
+    if spec in DTYPES or spec in DTYPE_ALIASES:
+        return spec
+    raise ValueError(f"expected one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)}), got {spec!r}")
+
+
+# The one type of every stage's device and dtype setting.
+DeviceSetting = Annotated[str, AfterValidator(check_device_setting)]
+DtypeSetting = Annotated[str, AfterValidator(check_dtype_setting)]
 
 
 _LANE = threading.local()  # the GPU a flow's lane gave this thread (see `gpu_lane`)

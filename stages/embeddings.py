@@ -19,14 +19,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
-from pipeline.devices import dtype_alias, resolve_device, resolve_dtype
+from pipeline.devices import DeviceSetting, DtypeSetting, dtype_alias, resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import ChunkReader, embeddings_schema
 from pipeline.progress import progress
@@ -60,9 +60,9 @@ class Config(StageConfig):
     batch_size: int | None = Field(
         None, ge=1, description="chunks per forward pass; None: 64 on CPU, 1024 on GPU"
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast dtype; auto: bf16 (fp16 where bf16 is unsupported) on GPU, fp32 on CPU"
+    device: DeviceSetting = Field("auto", description="auto: cuda when available")
+    dtype: DtypeSetting = Field(
+        "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU"
     )
     workers: int | None = Field(
         None, ge=1, description="torch CPU threads per shard worker; None: torch's default"

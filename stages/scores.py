@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
-from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.devices import DeviceSetting, DtypeSetting, resolve_device, resolve_dtype
 from pipeline.errors import InputError
 from pipeline.formats import (
     NEIGHBOR_PAD,
@@ -62,8 +62,12 @@ class Config(StageConfig):
     shard_chunks: int = Field(
         20000, ge=1, description="chunks per shard (whole documents; the unit of resume)"
     )
-    device: str = Field("auto", description="auto (this worker's GPU when present), cpu, cuda, cuda:N")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    device: DeviceSetting = Field(
+        "auto", description="auto (this worker's GPU when present), cpu, cuda, cuda:N"
+    )
+    dtype: DtypeSetting = Field(
+        "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
+    )
     workers: int | None = Field(
         None, ge=1, description="CPU threads for torch in each worker (None: torch default)"
     )

@@ -194,3 +194,20 @@ def test_the_framework_runs_any_registry_it_is_handed(tmp_path, monkeypatch):
     assert art.stats["n"] == 4
     back = pickle.loads(pickle.dumps(run))
     assert back == run and type(back).registry is toy.REGISTRY
+
+
+def test_every_device_and_dtype_setting_is_checked_when_the_config_loads():
+    """One device type and one dtype type (pipeline.devices): a bad value fails at load, naming the key."""
+    run = load_config()
+    with_device = [
+        s for s in type(run).model_fields if "device" in getattr(type(run.section(s)), "model_fields", {})
+    ]
+    assert {"embeddings", "dense", "reference", "scores", "train", "evaluate"} <= set(with_device)
+    for s in with_device:
+        assert load_config(None, [f"{s}.device=cuda:1"]).section(s).device == "cuda:1"
+        with pytest.raises(ConfigError, match=rf"{s}\.device: .*expected auto, cpu, cuda or cuda:N"):
+            load_config(None, [f"{s}.device=gpu"])
+    for s in ("embeddings", "reference", "scores", "evaluate"):
+        assert load_config(None, [f"{s}.dtype=bf16"]).section(s).dtype == "bf16"  # kept as written
+        with pytest.raises(ConfigError, match=rf"{s}\.dtype: "):
+            load_config(None, [f"{s}.dtype=half"])

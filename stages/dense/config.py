@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.config import StageConfig
+from pipeline.devices import DeviceSetting
 
 INDEX_FILE = "index.faiss"  # the trained faiss index (approximate search), published with the table
 INDEX_INFO = "index.json"  # what was built: kind, factory, search parameter, tuning curve, checksum
@@ -53,7 +54,7 @@ class Config(StageConfig):
         description="exact search engine: torch matmul+top-k (exact own-doc mask) or faiss IndexFlat; "
         "ivfpq/hnsw always use faiss; auto: torch",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: GPU when torch/faiss see one")
+    device: DeviceSetting = Field("auto", description="auto: GPU when torch/faiss see one")
     batch_size: int = Field(4096, ge=1, description="queries per search call")
     shard_chunks: int = Field(65536, ge=1, description="query chunks per shard (unit of resume)")
 

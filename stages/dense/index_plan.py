@@ -38,13 +38,15 @@ def faiss_gpu(device: str) -> int | None:
     faiss = faiss_module()
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if device == "cuda" and n == 0:
+    if device.startswith("cuda") and n == 0:
         raise ConfigError(
-            "dense.device=cuda but faiss sees no GPU (install the `gpu` extra: faiss-gpu==1.15.1) "
+            f"dense.device={device} but faiss sees no GPU (install the `gpu` extra: faiss-gpu==1.15.1) "
             "or use dense.backend: torch for exact search on the GPU"
         )
     if n == 0:
         return None
+    if device.startswith("cuda:"):
+        return int(device.split(":", 1)[1])
     dev = resolve_device("auto")  # faiss numbers the GPUs as torch does; without torch's CUDA: GPU 0
     return dev.index if dev.type == "cuda" else 0
 

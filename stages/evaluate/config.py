@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 from model.config import VARIANTS, Variant
 from pipeline.config import StageConfig
+from pipeline.devices import DeviceSetting, DtypeSetting
 
 
 class Config(StageConfig):
@@ -52,8 +53,10 @@ class Config(StageConfig):
         "PG19", description="which dataset column of the paper's tables the report shows beside ours"
     )
     # how, not what
-    device: str = Field("auto", description="auto (GPU when present), cpu, cuda, cuda:N")
-    dtype: str = Field("auto", description="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16")
+    device: DeviceSetting = Field("auto", description="auto (GPU when present), cpu, cuda, cuda:N")
+    dtype: DtypeSetting = Field(
+        "auto", description="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16"
+    )
     batch_docs: int = Field(1, ge=1, description="documents of equal length per forward pass")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
-from pipeline.devices import resolve_device, resolve_dtype
+from pipeline.devices import DeviceSetting, DtypeSetting, resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import (
     REFERENCE_MODEL_DIR,
@@ -85,8 +85,10 @@ class Config(StageConfig):
     weight_decay: float = Field(0.1, ge=0)
     seed: int = Field(0)
     eval_tokens: int = Field(262_144, ge=0, description="validation perplexity over at most this many tokens")
-    device: str = Field("auto", description="auto (GPU when present), cpu, cuda, cuda:N")
-    dtype: str = Field("auto", description="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16")
+    device: DeviceSetting = Field("auto", description="auto (GPU when present), cpu, cuda, cuda:N")
+    dtype: DtypeSetting = Field(
+        "auto", description="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16"
+    )
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
 
     UNHASHED = frozenset({"path", "device", "dtype", "checkpoint_every"})

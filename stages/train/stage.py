@@ -34,6 +34,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from model.config import VARIANTS, RPTConfig, Variant, preset
 from pipeline.config import RunConfigBase, StageConfig, bool_where_number
+from pipeline.devices import DeviceSetting
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from stages.supervision_table import supervision_bm25
@@ -119,7 +120,8 @@ class Config(StageConfig):
     micro_batch: int | None = Field(
         None, ge=1, description="sequences per forward; None: batch_size / processes"
     )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: DeviceSetting = Field("auto", description="auto | cpu | cuda | cuda:N")
+    # narrower than DtypeSetting on purpose: fp16 training would need a loss scaler
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 autocast on GPU")
     compile: bool = Field(False, description="torch.compile the model")
     checkpoint_every: int = Field(200, ge=1)
