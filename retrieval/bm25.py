@@ -23,7 +23,10 @@ the same dense/sparse split, and the query's own rows are masked before selectio
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -458,6 +461,28 @@ def example_neighbors(tokens: np.ndarray, p: Params, example_chunks: int) -> tup
     return pos, scores
 
 
+@dataclass(frozen=True)
+class CorpusStats:
+    """The BM25 statistics of a database: rows, total length, document frequency per term. Computed per
+    shard (`of`) and summed (`+`): the map-reduce pass of a sharded database."""
+
+    n: int
+    total_len: int
+    df: np.ndarray  # int64 [vocab]
+
+    @classmethod
+    def of(cls, tokens: np.ndarray, vocab: int) -> CorpusStats:
+        _, terms, _, dl = _chunk_terms(np.ascontiguousarray(tokens, dtype=np.int32))
+        return cls(len(dl), int(dl.sum()), np.bincount(terms, minlength=vocab))
+
+    def __add__(self, other: CorpusStats) -> CorpusStats:
+        return CorpusStats(self.n + other.n, self.total_len + other.total_len, self.df + other.df)
+
+    @property
+    def avgdl(self) -> float:
+        return float(np.int64(self.total_len) / np.int64(self.n))
+
+
 @dataclass
 class CorpusIndex:
     """BM25 weights of the database (train-split chunks): postings per term (rows ascending) and,
@@ -476,12 +501,18 @@ class CorpusIndex:
         return len(self.db_ids)
 
     @classmethod
-    def build(cls, tokens: np.ndarray, db_ids: np.ndarray, p: Params, vocab: int) -> CorpusIndex:
-        """tokens: int32 [n_db, L] of the database rows, db_ids their chunk ids (ascending)."""
+    def build(
+        cls, tokens: np.ndarray, db_ids: np.ndarray, p: Params, vocab: int, stats: CorpusStats | None = None
+    ) -> CorpusIndex:
+        """tokens: int32 [n_db, L] of the database rows, db_ids their chunk ids (ascending). `stats`: the
+        whole database's statistics when these rows are one shard of it (`ShardedCorpus`), so that every
+        weight is the one the unsharded index has; None: these rows are the whole database."""
         indptr, terms, tf, dl = _chunk_terms(np.ascontiguousarray(tokens, dtype=np.int32))
-        n = len(dl)
-        avgdl = float(dl.sum() / n)
-        df = np.bincount(terms, minlength=vocab).astype(np.float64)
+        if stats is None:
+            stats = CorpusStats(len(dl), int(dl.sum()), np.bincount(terms, minlength=vocab))
+        n = stats.n
+        avgdl = stats.avgdl
+        df = stats.df.astype(np.float64)
         if p.variant == "okapi":  # rank-bm25 BM25Okapi._calc_idf
             raw = np.log(n - df + 0.5) - np.log(df + 0.5)
             eps = p.epsilon * raw[df > 0].mean()
@@ -490,7 +521,7 @@ class CorpusIndex:
         else:
             idf = np.log(1.0 + (n - df + 0.5) / (df + 0.5))
             numer = 1.0
-        row = np.repeat(np.arange(n), np.diff(indptr))
+        row = np.repeat(np.arange(len(dl)), np.diff(indptr))
         w = idf[terms] * (numer * tf / (tf + p.k1 * (1.0 - p.b + p.b * dl[row] / avgdl)))
         p_indptr, p_rows, _ = _postings(indptr, terms, tf, vocab)
         p_w = w[np.argsort(terms, kind="stable")]  # the postings' order: by term, rows ascending
@@ -498,7 +529,7 @@ class CorpusIndex:
         frequent = frequent[np.argsort(-df[frequent], kind="stable")][:CORPUS_MAX_DENSE]
         dense_id = np.full(vocab, -1, np.int64)
         dense_id[frequent] = np.arange(len(frequent))
-        dense_w = np.zeros((len(frequent), n))
+        dense_w = np.zeros((len(frequent), len(dl)))
         hit = dense_id[terms] >= 0
         dense_w[dense_id[terms[hit]], row[hit]] = w[hit]
         return cls(np.asarray(db_ids, np.int64), p_indptr, p_rows, p_w, dense_id, dense_w, avgdl)
@@ -548,3 +579,48 @@ class CorpusIndex:
             ids = np.take_along_axis(np.where(keep, ids, -1), order, 1)
             scores = np.take_along_axis(np.where(keep, scores, np.nan), order, 1)
         return ids, scores
+
+
+@dataclass
+class ShardedCorpus:
+    """A database cut into row shards, each a CorpusIndex built with the whole database's statistics;
+    a search runs each shard and merges the top-k (score descending, ties by higher chunk id, as the
+    unsharded kernel ranks), so its table equals the unsharded one. A shard's memory is bounded by its
+    rows (postings and dense rows of its rows only)."""
+
+    shards: list[CorpusIndex]
+    offsets: np.ndarray  # first database row of each shard (ascending), then the total
+
+    @classmethod
+    def build(
+        cls, tokens: np.ndarray, db_ids: np.ndarray, p: Params, vocab: int, shard_rows: int
+    ) -> ShardedCorpus:
+        """In one process, for tests and benchmarks; a cluster runs `CorpusStats.of` and
+        `CorpusIndex.build(..., stats=)` per shard as tasks."""
+        bounds = [*range(0, len(db_ids), max(1, shard_rows)), len(db_ids)]
+        parts = list(itertools.pairwise(bounds))
+        stats = functools.reduce(operator.add, (CorpusStats.of(tokens[a:b], vocab) for a, b in parts))
+        shards = [CorpusIndex.build(tokens[a:b], db_ids[a:b], p, vocab, stats) for a, b in parts]
+        return cls(shards, np.asarray(bounds, np.int64))
+
+    def search(self, tokens: np.ndarray, own: tuple[int, int], p: Params) -> tuple[np.ndarray, np.ndarray]:
+        """As CorpusIndex.search (exact mask of the database rows `own`), over every shard, merged."""
+        ids, scores = [], []
+        for shard, start in zip(self.shards, self.offsets[:-1]):
+            lo = min(max(own[0] - start, 0), shard.size)
+            hi = min(max(own[1] - start, lo), shard.size)
+            i, s = shard.search(tokens, (int(lo), int(hi)), p)
+            ids.append(i)
+            scores.append(s)
+        return merge_top_k(np.concatenate(ids, axis=1), np.concatenate(scores, axis=1), p.k)
+
+
+def merge_top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of candidates from several shards: score descending, ties by higher id (the
+    kernels' order), -1 / NaN pads last."""
+    valid = ids >= 0
+    key_s = np.where(valid, scores, -np.inf)
+    order = np.lexsort((-ids, -key_s), axis=1)[:, :k] if ids.size else np.zeros((len(ids), 0), np.int64)
+    out_i = np.take_along_axis(np.where(valid, ids, -1), order, 1)
+    out_s = np.take_along_axis(np.where(valid, scores, np.nan), order, 1)
+    return out_i, out_s
