@@ -61,9 +61,7 @@ class Config(StageConfig):
         None, ge=1, description="chunks per forward pass; None: 64 on CPU, 1024 on GPU"
     )
     device: DeviceSetting = Field("auto", description="auto: cuda when available")
-    dtype: DtypeSetting = Field(
-        "auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU"
-    )
+    dtype: DtypeSetting = Field("auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
     workers: int | None = Field(
         None, ge=1, description="torch CPU threads per shard worker; None: torch's default"
     )
