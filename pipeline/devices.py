@@ -188,10 +188,10 @@ def claim_slot(names: list[str], lock_dir: str | Path | None = None) -> int:
         return mine[key].slot
 
 
-def resolve_dtype(spec: str, device: Any, setting: str = "dtype") -> Any:
+def resolve_dtype(spec: str, device: Any, setting: str = "dtype", *, fp16_without_bf16: bool = False) -> Any:
     """The torch dtype of a stage's `dtype` setting: float32, bfloat16, float16 or their short names
     fp32, bf16, fp16. 'auto' -> bfloat16 on a GPU, float32 on the CPU (bf16 matmuls are slow and lossy on
-    most CPUs)."""
+    most CPUs). `fp16_without_bf16`: inference only (no loss to scale), float16 on a GPU without bf16."""
     import torch
 
     name = DTYPE_ALIASES.get(spec, spec)
@@ -202,6 +202,8 @@ def resolve_dtype(spec: str, device: Any, setting: str = "dtype") -> Any:
     if name == "auto":
         if torch.device(device).type != "cuda":
             return torch.float32
+        if fp16_without_bf16 and not torch.cuda.is_bf16_supported():
+            return torch.float16
         # bf16 even where a GPU lacks it (emulated, slow, but safe): fp16 would need a GradScaler in training
         return torch.bfloat16
     return getattr(torch, name)

@@ -61,7 +61,9 @@ class Config(StageConfig):
         None, ge=1, description="chunks per forward pass; None: 64 on CPU, 1024 on GPU"
     )
     device: DeviceSetting = Field("auto", description="auto: cuda when available")
-    dtype: DtypeSetting = Field("auto", description="autocast dtype; auto: bf16 on GPU, fp32 on CPU")
+    dtype: DtypeSetting = Field(
+        "auto", description="autocast dtype; auto: bf16 (fp16 where bf16 is unsupported) on GPU, fp32 on CPU"
+    )
     workers: int | None = Field(
         None, ge=1, description="torch CPU threads per shard worker; None: torch's default"
     )
@@ -175,7 +177,7 @@ def encode(
     import torch
 
     if isinstance(dtype, str):
-        dtype = resolve_dtype(dtype, model.device, "embeddings.dtype")
+        dtype = resolve_dtype(dtype, model.device, "embeddings.dtype", fp16_without_bf16=True)
 
     n = len(texts)
     # renamed in sentence-transformers 6
@@ -271,7 +273,7 @@ class EmbeddingsStage(Stage):
             )
         texts = t.column("text").to_pylist()
         dev = resolve_device(cfg.device, "embeddings.device")  # this worker's GPU, or the CPU
-        dtype = resolve_dtype(cfg.dtype, dev, "embeddings.dtype")
+        dtype = resolve_dtype(cfg.dtype, dev, "embeddings.dtype", fp16_without_bf16=True)
         device = str(dev)
         if cfg.workers and device == "cpu":
             import torch

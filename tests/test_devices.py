@@ -44,6 +44,9 @@ def test_dtypes_and_their_short_names(monkeypatch):
         assert dtype_alias(getattr(torch, long)) == short
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda", 0)) == resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16  # training stages: never fp16 unscaled
+    assert resolve_dtype("auto", "cuda:0", fp16_without_bf16=True) == torch.float16  # embeddings (inference)
     with pytest.raises(ConfigError, match="embeddings.dtype 'half'"):
         resolve_dtype("half", cpu, "embeddings.dtype")
 
