@@ -154,15 +154,22 @@ class StageContext:
         if self.fs.exists(self.path(name)):
             self.fs.rm(self.path(name), recursive=True)
 
-    def local_file(self, name: str) -> Path:
+    @contextmanager
+    def local_file(self, name: str) -> Iterator[Path]:
         """A local path of a file already written to this build's folder, for libraries that read only
-        real paths (faiss): the file itself on a local store, a temporary copy on a remote one."""
+        real paths (faiss), valid inside the `with`: the file itself on a local store, a temporary copy
+        on a remote one (removed on exit: read what you need inside)."""
         if self.store.is_local:
-            return Path(self.path(name))
-        tmp = Path(tempfile.mkdtemp(prefix=f"rpt-{self.stage}-")) / name
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.fs.get(self.path(name), str(tmp))
-        return tmp
+            yield Path(self.path(name))
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"rpt-{self.stage}-"))
+        try:
+            dest = tmp / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(self.path(name), str(dest))
+            yield dest
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def worker_cache(
         self,

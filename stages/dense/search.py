@@ -113,9 +113,13 @@ def search_index(ctx: StageContext, db: Database, info: dict[str, Any]) -> tuple
     cfg: Config = ctx.cfg
     gpu = faiss_gpu(cfg.device) if info.get("kind") != "hnsw" else None  # faiss has no GPU HNSW
 
+    param, value = info.get("search_param"), info.get("search_value")
+
     def make() -> Any:
-        path = None if info.get("kind") == "flat" else str(ctx.local_file(INDEX_FILE))
-        return open_index(db.emb, cfg.metric, path, gpu, info.get("search_param"), info.get("search_value"))
+        if info.get("kind") == "flat":
+            return open_index(db.emb, cfg.metric, None, gpu, param, value)
+        with ctx.local_file(INDEX_FILE) as path:  # faiss reads the whole index: the copy can go after
+            return open_index(db.emb, cfg.metric, str(path), gpu, param, value)
 
     key = ("index", ctx.workdir, str(info.get("sha256")), cfg.metric, str(gpu))
     return cached(ctx, key, make), gpu is not None
