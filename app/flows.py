@@ -60,9 +60,9 @@ from pydantic import BaseModel, Field
 from model.config import VARIANTS, Variant
 from pipeline.config import RunConfigBase
 from pipeline.dag import Target, resolve_targets, waves
-from pipeline.devices import Lanes, on_gpu, visible_gpus
+from pipeline.devices import Lanes, visible_gpus
 from pipeline.errors import ConfigError, RptError, StageTimeoutError
-from pipeline.executor import Node, OpenPlan, finish, open_plan, run_shard
+from pipeline.executor import Node, OpenPlan, finish, open_plan, run_shard_on
 from pipeline.locks import build_lock
 from pipeline.progress import Tick, report_progress
 from pipeline.stage import Shard, ShardResult, StageContext
@@ -343,8 +343,8 @@ def plan_task(node: Node) -> OpenPlan:
 def shard_task(ctx: StageContext, shard: Shard, gpu: int | None = None) -> ShardResult:
     """One shard of one stage, through the executor (resumable: it records a sidecar when done)."""
     route_logs()
-    with on_gpu(gpu), progress_artifacts(ctx.run, f"{ctx.stage}@{ctx.version}/{shard.name}"):
-        return run_shard(ctx, shard)
+    with progress_artifacts(ctx.run, f"{ctx.stage}@{ctx.version}/{shard.name}"):
+        return run_shard_on(ctx, shard, gpu)  # the executor's, as `rpt run` calls it on a lane
 
 
 @task(name="stage", persist_result=True, result_serializer="json")

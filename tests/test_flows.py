@@ -431,7 +431,7 @@ def test_a_gpu_lane_decides_every_gpu_stages_device(monkeypatch) -> None:
 
     import torch
 
-    from pipeline.devices import lane_slot, resolve_device
+    from pipeline.devices import lane_slot, on_gpu, resolve_device
     from stages.embeddings import resolve_device as embeddings_device
 
     current = {"dev": 0}
@@ -443,7 +443,7 @@ def test_a_gpu_lane_decides_every_gpu_stages_device(monkeypatch) -> None:
     seen: dict[int, tuple] = {}
 
     def shard(slot: int) -> None:
-        with flows.on_gpu(slot):
+        with on_gpu(slot):
             seen[slot] = (
                 resolve_device("auto"),
                 embeddings_device("auto"),
@@ -459,7 +459,7 @@ def test_a_gpu_lane_decides_every_gpu_stages_device(monkeypatch) -> None:
         3: (torch.device("cuda", 3),) * 3,
     }
     assert lane_slot() is None and current["dev"] == 0  # the lane ends with the shard
-    with flows.on_gpu(2):
+    with on_gpu(2):
         monkeypatch.setenv("LOCAL_RANK", "1")
         assert resolve_device("auto") == torch.device("cuda", 1) == resolve_device("cuda", "train.device")
 
