@@ -63,5 +63,5 @@ def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, **result}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps(result, indent=2, default=str))
     return path

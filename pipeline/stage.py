@@ -109,6 +109,7 @@ class StageContext:
 
     def write_bytes(self, name: str, data: bytes) -> FileEntry:
         path = self.path(name)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         with self.fs.open(tmp, "wb") as f:
             f.write(data)

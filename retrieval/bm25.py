@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from retrieval.ranking import merge_top_k
+
 CORPUS_DENSE_DF_DIVISOR = 6  # corpus: terms in more than 1/6 of the database use dense rows ...
 CORPUS_MAX_DENSE = 64  # ... at most this many (memory: 64 x 8 bytes per database chunk)
 CORPUS_BLOCK_ROWS = 16384  # corpus: database rows per block (accumulator and dense slices stay in cache)
@@ -613,14 +615,3 @@ class ShardedCorpus:
             ids.append(i)
             scores.append(s)
         return merge_top_k(np.concatenate(ids, axis=1), np.concatenate(scores, axis=1), p.k)
-
-
-def merge_top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k best of candidates from several shards: score descending, ties by higher id (the
-    kernels' order), -1 / NaN pads last."""
-    valid = ids >= 0
-    key_s = np.where(valid, scores, -np.inf)
-    order = np.lexsort((-ids, -key_s), axis=1)[:, :k] if ids.size else np.zeros((len(ids), 0), np.int64)
-    out_i = np.take_along_axis(np.where(valid, ids, -1), order, 1)
-    out_s = np.take_along_axis(np.where(valid, scores, np.nan), order, 1)
-    return out_i, out_s

@@ -96,3 +96,14 @@ def recall(got: np.ndarray, exact: np.ndarray) -> float:
         total += len(np.intersect1d(g[g != NEIGHBOR_PAD], e)) / len(e)
         n += 1
     return total / n if n else 1.0
+
+
+def merge_top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k best of candidates from several database shards: score descending, ties by the higher
+    chunk id (the order of the bm25 kernels and of exact dense search), -1 / NaN pads last."""
+    valid = ids >= 0
+    key_s = np.where(valid, scores, -np.inf)
+    order = np.lexsort((-ids, -key_s), axis=1)[:, :k] if ids.size else np.zeros((len(ids), 0), np.int64)
+    out_i = np.take_along_axis(np.where(valid, ids, -1), order, 1)
+    out_s = np.take_along_axis(np.where(valid, scores, np.nan), order, 1)
+    return out_i, out_s

@@ -20,6 +20,7 @@ start numba.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import RunConfigBase, StageConfig
-from pipeline.errors import InputError
+from pipeline.errors import ConfigError
 from pipeline.formats import (
     ChunkReader,
     DocSpan,
@@ -42,9 +43,10 @@ from pipeline.formats import (
 from pipeline.progress import progress
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 from pipeline.worker_cache import worker_cache
+from stages.corpus_shards import plan_groups
 
 if TYPE_CHECKING:
-    from retrieval.bm25 import CorpusIndex, Params
+    from retrieval.bm25 import CorpusIndex, CorpusStats, Params
 
 log = logging.getLogger("rpt.bm25")
 
@@ -97,8 +99,18 @@ class Config(StageConfig):
         description="documents are grouped into shards of about this many "
         "chunks (a longer document is a shard of its own)",
     )
+    db_shard_chunks: int = Field(
+        0,
+        ge=0,
+        description="corpus: > 0 cuts the database into shards of this many chunks, each (query group, "
+        "database shard) pair a task whose memory is bounded by its shard (the same table); 0: one index "
+        "of the whole database per worker",
+    )
+    query_splits: list[str] | None = Field(
+        None, description="corpus: only chunks of these splits are queries (rows); None: every chunk"
+    )
 
-    UNHASHED: ClassVar[frozenset[str]] = frozenset({"shard_chunks"})
+    UNHASHED: ClassVar[frozenset[str]] = frozenset({"shard_chunks", "db_shard_chunks"})
 
     def hashed_dict(self) -> dict[str, Any]:
         # settings that cannot change this scope's/variant's output stay out of the version
@@ -111,6 +123,9 @@ class Config(StageConfig):
             d.pop("example_chunks")
         else:
             d.pop("overfetch")
+            d.pop("query_splits")
+        if d.get("query_splits", 0) is None:  # every chunk: the versions from before the setting
+            d.pop("query_splits")
         if not d.get("example_chunks"):
             d.pop("example_chunks", None)
             d.pop("example_splits")
@@ -130,26 +145,25 @@ def params_of(cfg: Config) -> Params:
 def corpus_index(reader: ChunkReader, p: Params) -> tuple[CorpusIndex, dict[int, tuple[int, int]]]:
     """The database index (built once per worker process: every shard of a build shares it; the worker
     cache holds one, a new key replaces it) and, per train document, its database row range."""
-    train = reader.docs("train")
-    if not train:
-        raise InputError(
-            f"bm25 scope 'corpus' needs train-split chunks as its database, but {reader.art.ref} has none; "
-            "assign some documents to the train split (documents.split_lists) or use scope 'document-causal'"
-        )
+    ids = database_ids(reader)
     key = ("bm25.corpus_index", reader.art.path, reader.art.version, p.variant, p.k1, p.b, p.epsilon)
+    return worker_cache(key, lambda: _build_corpus_index(reader, ids, p), max_entries=1), own_rows(reader)
+
+
+def own_rows(reader: ChunkReader) -> dict[int, tuple[int, int]]:
+    """Each train document's database row range [lo, hi)."""
     rows: dict[int, tuple[int, int]] = {}
     start = 0
-    for d in train:
+    for d in reader.docs("train"):
         rows[d.doc_idx] = (start, start + d.n)
         start += d.n
-    return worker_cache(key, lambda: _build_corpus_index(reader, train, p), max_entries=1), rows
+    return rows
 
 
-def _build_corpus_index(reader: ChunkReader, train: list[DocSpan], p: Params) -> CorpusIndex:
+def _build_corpus_index(reader: ChunkReader, ids: np.ndarray, p: Params) -> CorpusIndex:
     from retrieval.bm25 import CorpusIndex
 
     t0 = time.perf_counter()
-    ids = np.concatenate([d.chunk_ids for d in train])
     vocab = int(reader.tokens.max()) + 1
     index = CorpusIndex.build(reader.tokens[ids], ids, p, vocab)
     log.info(
@@ -162,18 +176,79 @@ def _build_corpus_index(reader: ChunkReader, train: list[DocSpan], p: Params) ->
     return index
 
 
-def plan_groups(sizes: list[int], target: int) -> list[tuple[int, int]]:
-    """Greedy contiguous groups of documents with about `target` chunks each: [(lo, hi) doc ranges]."""
-    groups: list[tuple[int, int]] = []
-    lo, total = 0, 0
-    for i, n in enumerate(sizes):
-        if total and total + n > target:
-            groups.append((lo, i))
-            lo, total = i, 0
-        total += n
-    if lo < len(sizes):
-        groups.append((lo, len(sizes)))
-    return groups
+def sharded(cfg: Config) -> bool:
+    """A corpus-scope build over a sharded database (stages.corpus_shards)."""
+    return cfg.scope == "corpus" and cfg.db_shard_chunks > 0
+
+
+def query_docs(reader: ChunkReader, cfg: Config) -> list[DocSpan]:
+    """The documents whose chunks are rows of the table: all, or (corpus scope) those of query_splits."""
+    from stages.corpus_shards import query_docs as select
+
+    return select(reader, cfg.query_splits if cfg.scope == "corpus" else None, "bm25.query_splits")
+
+
+def database_ids(reader: ChunkReader) -> np.ndarray:
+    from stages.corpus_shards import database_ids as ids
+
+    return ids(reader, "bm25")
+
+
+STATS_FILE = "database_stats.npz"  # sharded corpus scope: the whole database's BM25 statistics
+
+
+def database_stats(ctx: StageContext, reader: ChunkReader, db: np.ndarray, cfg: Config) -> None:
+    """The map-reduce pass of a sharded database: per shard (rows, total length, document frequencies),
+    summed, with the vocabulary size of every chunk, written once into the build (a resumed build
+    reuses it). Memory: one database shard's tokens at a time."""
+    from retrieval.bm25 import CorpusStats
+    from stages.corpus_shards import db_bounds
+
+    if ctx.exists(STATS_FILE):
+        return
+    t0 = time.perf_counter()
+    tokens = reader.tokens
+    step = max(1, cfg.db_shard_chunks)
+    vocab = 1 + max(int(tokens[a : a + step].max()) for a in range(0, len(tokens), step))
+    bounds = db_bounds(len(db), cfg.db_shard_chunks)
+    total = None
+    for a, b in progress(bounds, desc="bm25 database statistics", unit="shard"):
+        part = CorpusStats.of(tokens[db[a:b]], vocab)
+        total = part if total is None else total + part
+    assert total is not None
+    buf = io.BytesIO()
+    np.savez(buf, n=total.n, total_len=total.total_len, df=total.df)
+    ctx.write_bytes(STATS_FILE, buf.getvalue())
+    log.info(
+        "database statistics: %s chunks in %d shards, %.1f s",
+        f"{total.n:,}",
+        len(bounds),
+        time.perf_counter() - t0,
+    )
+
+
+def load_database_stats(ctx: StageContext) -> CorpusStats:
+    from retrieval.bm25 import CorpusStats
+
+    with ctx.fs.open(ctx.path(STATS_FILE), "rb") as f, np.load(io.BytesIO(f.read())) as z:
+        return CorpusStats(int(z["n"]), int(z["total_len"]), z["df"].astype(np.int64))
+
+
+def shard_index(
+    ctx: StageContext, reader: ChunkReader, p: Params, a: int, b: int
+) -> tuple[CorpusIndex, dict[int, tuple[int, int]]]:
+    """The BM25 index of database rows [a, b) with the whole database's statistics (built once per worker
+    process and shard: the worker cache holds one shard), and each train document's database rows."""
+    from retrieval.bm25 import CorpusIndex
+
+    db = database_ids(reader)
+
+    def build() -> CorpusIndex:
+        stats = load_database_stats(ctx)
+        return CorpusIndex.build(reader.tokens[db[a:b]], db[a:b], p, len(stats.df), stats)
+
+    key = ("bm25.db_shard", ctx.workdir, reader.art.version, p.variant, p.k1, p.b, p.epsilon, a, b)
+    return worker_cache(key, build, max_entries=1), own_rows(reader)
 
 
 class BM25Stage(Stage):
@@ -190,23 +265,34 @@ class BM25Stage(Stage):
 
     def plan(self, ctx: StageContext) -> list[Shard]:
         cfg: Config = ctx.cfg
-        docs = ChunkReader(ctx.inputs["chunks"]).docs()
+        reader = ChunkReader(ctx.inputs["chunks"])
+        docs = query_docs(reader, cfg)
         groups = plan_groups([d.n for d in docs], cfg.shard_chunks)
-        return [
-            Shard(
-                i,
-                len(groups),
-                {"docs": [lo, hi], "chunks": [docs[lo].first, docs[hi - 1].first + docs[hi - 1].n]},
-            )
-            for i, (lo, hi) in enumerate(groups)
+        queries = [
+            {"docs": [lo, hi], "chunks": [docs[lo].first, docs[hi - 1].first + docs[hi - 1].n]}
+            for lo, hi in groups
         ]
+        if sharded(cfg):
+            from stages.corpus_shards import db_bounds, pair_shards
+
+            if cfg.overfetch:
+                raise ConfigError(
+                    f"bm25.overfetch={cfg.overfetch} applies to one index of the whole database; with "
+                    "bm25.db_shard_chunks the own document is masked exactly: set overfetch 0"
+                )
+            db = database_ids(reader)
+            database_stats(ctx, reader, db, cfg)  # the map-reduce pass, before any pair runs
+            return pair_shards(queries, db_bounds(len(db), cfg.db_shard_chunks))
+        return [Shard(i, len(queries), payload) for i, payload in enumerate(queries)]
 
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         p = params_of(cfg)
         reader = ChunkReader(ctx.inputs["chunks"])
         lo, hi = shard.payload["docs"]
-        docs = reader.docs()[lo:hi]
+        docs = query_docs(reader, cfg)[lo:hi]
+        if sharded(cfg):
+            return self._run_pair(ctx, shard, reader, docs, p)
         stats = {"rows": 0, "full_rows": 0, "valid_neighbors": 0, "docs": len(docs), "score_s": 0.0}
         index = own_rows = None
         if cfg.scope == "corpus":  # index_s: building the database index (once per worker process)
@@ -267,8 +353,52 @@ class BM25Stage(Stage):
             stats[key] += counts[key]
         return build_neighbor_table(d.chunk_ids, ids, scores)
 
+    @staticmethod
+    def _run_pair(
+        ctx: StageContext, shard: Shard, reader: ChunkReader, docs: list[DocSpan], p: Params
+    ) -> dict[str, Any]:
+        """One (query group, database shard) pair: the group's top-k within the shard, as a partial."""
+        from stages.corpus_shards import own_in_shard, write_partial
+
+        a, b = shard.payload["db"]
+        t0 = time.perf_counter()
+        index, own_rows = shard_index(ctx, reader, p, a, b)
+        stats: dict[str, Any] = {"index_s": time.perf_counter() - t0, "score_s": 0.0}
+        bar = progress(total=sum(d.n for d in docs), desc=f"bm25 pair {shard.name}", unit="chunk")
+        q_ids, ids, scores = [], [], []
+        for d in docs:
+            t1 = time.perf_counter()
+            lo, hi = own_in_shard(own_rows.get(d.doc_idx, (0, 0)), a, b)
+            i, sc = index.search(np.asarray(reader.tokens[d.first : d.first + d.n]), (int(lo), int(hi)), p)
+            stats["score_s"] += time.perf_counter() - t1
+            q_ids.append(d.chunk_ids)
+            ids.append(i)
+            scores.append(sc)
+            bar.update(d.n)
+        bar.close()
+        k = p.k
+        write_partial(
+            ctx,
+            shard,
+            np.concatenate(q_ids) if q_ids else np.zeros(0, np.int64),
+            np.concatenate(ids) if ids else np.zeros((0, k), np.int64),
+            np.concatenate(scores) if scores else np.zeros((0, k)),
+        )
+        return stats
+
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         s = merge_stats(r.stats for r in results)
+        cfg: Config = ctx.cfg
+        if sharded(cfg):
+            from stages.corpus_shards import db_bounds, merge_partials
+
+            reader = ChunkReader(ctx.inputs["chunks"])
+            n_q = len(plan_groups([d.n for d in query_docs(reader, cfg)], cfg.shard_chunks))
+            n_s = len(db_bounds(len(database_ids(reader)), cfg.db_shard_chunks))
+            t0 = time.perf_counter()
+            s.update(merge_partials(ctx, n_q, n_s, cfg.k))
+            s["merge_s"] = round(time.perf_counter() - t0, 3)
+            s["docs"] = len(query_docs(reader, cfg))
         rows = s.get("rows", 0)
         s.update(neighbor_rates(s))
         s["chunks_per_cpu_s"] = round(rows / s["score_s"], 1) if s.get("score_s") else None

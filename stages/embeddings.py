@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,13 @@ MODEL_FILES = (*WEIGHT_FILES, "*.json", "*.txt", "*.model")
 
 
 class Config(StageConfig):
+    encoder: Literal["transformer", "random-projection"] = Field(
+        "transformer",
+        description="transformer: the sentence encoder `model`; random-projection: the mean of a fixed "
+        "seeded Gaussian vector per token id (hashing trick, no model, no text): a lexical stand-in for "
+        "dense-search runs at a scale no CPU encoder reaches",
+    )
+    projection_dim: int = Field(64, ge=2, le=4096, description="random-projection: the embedding dimension")
     model: str | None = Field(
         None,
         description="a local sentence-transformers or Hugging Face BERT-family folder; None: all-MiniLM-L6-v2 "
@@ -70,6 +77,39 @@ class Config(StageConfig):
     shard_chunks: int = Field(32768, ge=1, description="chunks per shard (unit of resume)")
 
     UNHASHED = frozenset({"model", "batch_size", "device", "dtype", "workers", "shard_chunks"})
+
+    def hashed_dict(self) -> dict[str, Any]:
+        d = super().hashed_dict()
+        if self.encoder == "transformer":  # the versions from before the setting
+            d.pop("encoder")
+            d.pop("projection_dim")
+        else:
+            for key in ("max_seq_length",):
+                d.pop(key)
+        return d
+
+
+PROJECTION_ROWS = 1 << 16  # token ids hash into this many seeded vectors (a larger vocabulary shares rows)
+PROJECTION_SEED = 20240101
+
+
+def projection_table(dim: int) -> np.ndarray:
+    """The random-projection encoder's vectors: float32 [PROJECTION_ROWS, dim], N(0, 1/dim), fixed seed."""
+    rng = np.random.default_rng(PROJECTION_SEED)
+    return (rng.standard_normal((PROJECTION_ROWS, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def project(tokens: np.ndarray, table: np.ndarray, normalize: bool, block: int = 4096) -> np.ndarray:
+    """Mean of the table rows of each chunk's token ids (pads, -1, left out); float32 [n, dim]."""
+    out = np.zeros((len(tokens), table.shape[1]), np.float32)
+    for s in range(0, len(tokens), block):
+        t = np.asarray(tokens[s : s + block])
+        valid = t >= 0
+        vec = (table[np.where(valid, t, 0) % len(table)] * valid[..., None]).sum(1)
+        out[s : s + block] = vec / np.maximum(valid.sum(1, keepdims=True), 1)
+    if normalize:
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 # ----------------------------------------------------------------------------------------- the encoder
@@ -243,6 +283,8 @@ class EmbeddingsStage(Stage):
         return {"chunks": InputRef("chunks")}
 
     def fingerprint(self, cfg: Config) -> Any:
+        if cfg.encoder == "random-projection":
+            return {"encoder": "random-projection", "rows": PROJECTION_ROWS, "seed": PROJECTION_SEED}
         path = model_path(cfg)
         return {"encoder_weights": weights_digest(path), "encoder_files": tree_digest(path, MODEL_FILES)}
 
@@ -260,6 +302,8 @@ class EmbeddingsStage(Stage):
 
         cfg: Config = ctx.cfg
         lo, hi = int(shard.payload["lo"]), int(shard.payload["hi"])
+        if cfg.encoder == "random-projection":
+            return self._project_shard(ctx, shard, lo, hi)
         chunks = ctx.inputs["chunks"]
         t = chunks.read(
             columns=["chunk_id", "text"], filter=(pc.field("chunk_id") >= lo) & (pc.field("chunk_id") < hi)
@@ -305,6 +349,19 @@ class EmbeddingsStage(Stage):
             "settings": settings,
         }
 
+    @staticmethod
+    def _project_shard(ctx: StageContext, shard: Shard, lo: int, hi: int) -> dict[str, Any]:
+        cfg: Config = ctx.cfg
+        table = worker_cache(
+            ("embeddings.projection", cfg.projection_dim), lambda: projection_table(cfg.projection_dim)
+        )
+        t0 = time.perf_counter()
+        emb = project(ChunkReader(ctx.inputs["chunks"]).tokens[lo:hi], table, cfg.normalize)
+        seconds = time.perf_counter() - t0
+        ctx.write_parquet(f"part-{shard.name}.parquet", embedding_table(np.arange(lo, hi), emb))
+        settings = {"device": "cpu", "dim": cfg.projection_dim}
+        return {"chunks": hi - lo, "encode_s": seconds, "settings": settings}
+
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         # settings are the same in every shard of one run; a resumed build reports the first shard's
         settings = results[0].stats.get("settings", {}) if results else {}
@@ -316,6 +373,12 @@ class EmbeddingsStage(Stage):
 
     def meta(self, ctx: StageContext) -> dict[str, Any]:
         cfg: Config = ctx.cfg
+        if cfg.encoder == "random-projection":
+            info = {"name": "random-projection", "rows": PROJECTION_ROWS, "seed": PROJECTION_SEED}
+            return {
+                "encoder": {**info, "dim": cfg.projection_dim, "pooling": "mean"},
+                "normalize": cfg.normalize,
+            }
         path = model_path(cfg)
         return {
             "encoder": encoder_info(path, cfg),

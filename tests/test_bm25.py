@@ -521,3 +521,67 @@ def test_a_sharded_database_gives_the_unsharded_table(variant, query):
                 assert not np.isin(got_i, db_ids[own[0] : own[1]]).any()
             else:  # unmasked, a row that is in the database finds itself
                 assert (got_i[:, 0] >= 0).all()
+
+
+def test_the_stage_on_a_sharded_database_builds_the_unsharded_table_and_resumes_per_pair(bm25_run, tmp_path):
+    """`db_shard_chunks`: (query group, database shard) pairs as shards, partials merged in finalize. The
+    table equals the unsharded stage's exactly (same version: how, not what); a killed build keeps its
+    finished pairs; the partials are scratch (not published), the database statistics are."""
+    run = bm25_run.model_copy(update={"artifacts_root": str(tmp_path / "store")})
+    shutil.copytree(bm25_run.root(), run.root(), ignore=shutil.ignore_patterns("bm25"))
+    settings = {"scope": "corpus", "query": "chunk+target", "shard_chunks": 700}
+    _, q, ids, scores = table(bm25_run, **settings)
+    n_db = len(
+        np.concatenate(
+            [d.chunk_ids for d in ChunkReader(ArtifactStore(run.root()).resolve("chunks")).docs("train")]
+        )
+    )
+    run = run.with_section("bm25", {**settings, "db_shard_chunks": -(-n_db // 3)})
+    node = resolve("bm25", run)
+    assert node.version == resolve("bm25", bm25_run.with_section("bm25", settings)).version
+    store = ArtifactStore(run.root())
+    ctx = open_build(node, {"chunks": store.resolve("chunks")})
+    shards = node.impl.plan(ctx)
+    n_q = len({s.payload["q"] for s in shards})
+    assert len(shards) == 3 * n_q and n_q >= 2
+    assert [s.payload["s"] for s in shards] == sorted(s.payload["s"] for s in shards)  # shard-major
+    run_shard(ctx, shards[1])  # a build that died after one pair
+    partial = Path(ctx.path(f"partial/q{shards[1].payload['q']:05d}-s00000.npz"))
+    stamp = partial.stat().st_mtime_ns
+    seen: list[int] = []
+    import stages.corpus_shards as cs
+
+    real = cs.read_partial
+
+    def spy(ctx, q, s):
+        if (q, s) == (shards[1].payload["q"], 0):
+            seen.append(Path(ctx.path(cs.partial_name(q, s))).stat().st_mtime_ns)
+        return real(ctx, q, s)
+
+    cs.read_partial = spy
+    try:
+        art = build("bm25", run)
+    finally:
+        cs.read_partial = real
+    assert seen == [stamp]  # resumed: the finished pair was not recomputed
+    q2, ids2, scores2 = read_neighbors(art)
+    assert np.array_equal(q, q2) and np.array_equal(ids, ids2)
+    np.testing.assert_array_equal(scores, scores2)
+    names = [f.path for f in art.manifest.files]
+    assert "database_stats.npz" in names and not any(n.startswith("partial/") for n in names)
+    assert art.manifest.stats["database_shards"] == 3 and art.manifest.stats["rows"] == len(q)
+
+
+def test_query_splits_keep_only_those_rows(bm25_run, tmp_path):
+    """Corpus scope with `query_splits`: rows of those splits only, each equal to the full table's row; a
+    split with no document is a clear error naming the setting."""
+    settings = {"scope": "corpus", "query": "chunk+target", "shard_chunks": 700}
+    _, q, ids, _ = table(bm25_run, **settings)
+    reader = ChunkReader(ArtifactStore(bm25_run.root()).resolve("chunks"))
+    split = next(d.split for d in reader.docs() if d.split != "train")
+    _, q2, ids2, _ = table(bm25_run, **settings, query_splits=[split], db_shard_chunks=500)
+    want = np.concatenate([d.chunk_ids for d in reader.docs() if d.split == split])
+    assert np.array_equal(q2, want)
+    assert np.array_equal(ids2, ids[np.searchsorted(q, want)])
+    with pytest.raises(InputError, match="query_splits"):
+        table(bm25_run, **settings, query_splits=["nosuchsplit"])

@@ -218,3 +218,76 @@ def test_missing_faiss_names_the_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` sees with neither extra installed
     with pytest.raises(ConfigError, match=r"\.\[cpu\]"):
         faiss_module()
+
+
+# ----------------------------------------------------------------------------------------- sharded database
+def _train_rows(emb_run) -> int:
+    return sum(d.n for d in ChunkReader(build("chunks", emb_run)).docs("train"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_sharded_exact_table_equals_the_unsharded_one(emb_run, backend):
+    """db_shard_chunks: (query group, database shard) pairs, merged in finalize: the exact table is the
+    unsharded one, ids and scores, and has the same version (how, not what)."""
+    settings = dict(k=10, index="flat", backend=backend, overfetch=0, shard_chunks=1000)
+    whole = fresh_build(dense_run(emb_run, **settings))
+    run = dense_run(emb_run, **settings, db_shard_chunks=-(-_train_rows(emb_run) // 3))
+    assert resolve("dense", run).version == whole.version
+    art = fresh_build(run)
+    q, ids, sc = read_neighbors(whole)
+    q2, ids2, sc2 = read_neighbors(art)
+    assert np.array_equal(q, q2) and np.array_equal(ids, ids2)
+    np.testing.assert_array_equal(sc, sc2)
+    m = art.manifest
+    assert m.stats["database_shards"] == 3 and m.stats["recall_at_k"] == 1.0
+    assert not any(f.path.startswith("partial/") for f in m.files)
+
+
+def test_sharded_ivfpq_keeps_index_shards_and_reaches_recall(emb_run, data):
+    """IVF-PQ on a sharded database: one trained index, one index file per database shard holding that
+    shard's vectors, nprobe tuned on shard 0; recall@k of the merged table checked by brute force."""
+    import faiss
+
+    emb, doc, _, train = data
+    k = 10
+    n_train = _train_rows(emb_run)
+    art = fresh_build(
+        dense_run(
+            emb_run, k=k, index="ivfpq", recall_sample=400, overfetch=30, db_shard_chunks=n_train // 2 + 1
+        )
+    )
+    index = art.manifest.meta["index"]
+    assert (
+        index["kind"] == "ivfpq" and index["tuned_on"] == "database shard 0" and index["database_shards"] == 2
+    )
+    files = sorted(f.path for f in art.manifest.files if f.path.startswith("index/shard-"))
+    assert files == ["index/shard-00000.faiss", "index/shard-00001.faiss"]
+    sizes = [faiss.read_index(str(art.local_path(f))).ntotal for f in files]
+    assert sizes == [n_train // 2 + 1, n_train - (n_train // 2 + 1)]
+    assert faiss.read_index(str(art.local_path("index.faiss"))).ntotal == 0  # trained, empty
+    assert art.manifest.stats["recall_at_k"] >= 0.95
+    _, ids, _ = read_neighbors(art)
+    db = np.flatnonzero(train)
+    hits = total = 0
+    for i in range(0, len(emb), 3):
+        cand = db[doc[db] != doc[i]]
+        exact = cand[np.argsort(-naive_scores(emb, i, cand, "ip"))[:k]]
+        hits += len(np.intersect1d(exact, ids[i]))
+        total += len(exact)
+        assert not np.any(doc[ids[i][ids[i] >= 0]] == doc[i])
+    assert hits / total >= 0.95
+
+
+def test_query_splits_sharded_or_not_and_hnsw_refused(emb_run):
+    reader = ChunkReader(build("chunks", emb_run))
+    split = next(d.split for d in reader.docs() if d.split != "train")
+    settings = dict(k=5, index="flat", shard_chunks=1000)
+    _, ids, _ = read_neighbors(fresh_build(dense_run(emb_run, **settings)))
+    art = fresh_build(dense_run(emb_run, **settings, db_shard_chunks=500, query_splits=[split]))
+    q2, ids2, _ = read_neighbors(art)
+    want = np.concatenate([d.chunk_ids for d in reader.docs() if d.split == split])
+    assert np.array_equal(q2, want) and np.array_equal(ids2, ids[want])
+    q3, ids3, _ = read_neighbors(fresh_build(dense_run(emb_run, **settings, query_splits=[split])))
+    assert np.array_equal(q3, want) and np.array_equal(ids3, ids[want])  # unsharded, the same rows
+    with pytest.raises(ConfigError, match="hnsw"):
+        build("dense", dense_run(emb_run, index="hnsw", db_shard_chunks=500))

@@ -135,3 +135,33 @@ def test_bad_model_folder_is_a_config_error(tiny_run, tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds no weights"):
         resolve("embeddings", tiny_run.with_section("embeddings", {"model": str(tmp_path)}))
+
+
+def test_random_projection_is_the_mean_of_seeded_token_vectors(tiny_run):
+    """encoder: random-projection: each chunk's embedding is the normalised mean of one fixed Gaussian vector
+    per token id (written here as a loop); sharding does not change it; its dimension is in the version."""
+    from stages.embeddings import PROJECTION_ROWS, projection_table
+
+    settings = {"encoder": "random-projection", "projection_dim": 16, "shard_chunks": 97}
+    art = build("embeddings", tiny_run.with_section("embeddings", settings))
+    ids, emb = read_embeddings(art)
+    tokens = ChunkReader(build("chunks", tiny_run)).tokens
+    assert np.array_equal(ids, np.arange(len(tokens))) and emb.shape == (len(tokens), 16)
+    table = projection_table(16)
+    for i in range(0, len(tokens), 13):
+        toks = [t for t in tokens[i].tolist() if t >= 0]
+        v = np.mean([table[t % PROJECTION_ROWS] for t in toks], axis=0)
+        np.testing.assert_allclose(emb[i], v / np.linalg.norm(v), atol=2e-3)
+    assert art.manifest.meta["encoder"]["name"] == "random-projection"
+    v = resolve("embeddings", tiny_run.with_section("embeddings", settings)).version
+    assert (
+        v
+        == resolve("embeddings", tiny_run.with_section("embeddings", {**settings, "shard_chunks": 5})).version
+    )
+    assert (
+        v
+        != resolve(
+            "embeddings", tiny_run.with_section("embeddings", {**settings, "projection_dim": 8})
+        ).version
+    )
+    assert v != resolve("embeddings", tiny_run).version

@@ -3,7 +3,7 @@ a corpus-scope build keeps in its folder."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -57,5 +57,21 @@ class Config(StageConfig):
     device: DeviceSetting = Field("auto", description="auto: GPU when torch/faiss see one")
     batch_size: int = Field(4096, ge=1, description="queries per search call")
     shard_chunks: int = Field(65536, ge=1, description="query chunks per shard (unit of resume)")
+    db_shard_chunks: int = Field(
+        0,
+        ge=0,
+        description="corpus: > 0 cuts the database into shards of this many chunks, each (query group, "
+        "database shard) pair a task whose memory is bounded by its shard (stages.dense.sharded); 0: the "
+        "whole database in every worker",
+    )
+    query_splits: list[str] | None = Field(
+        None, description="corpus, sharded: only chunks of these splits are queries (rows); None: every chunk"
+    )
 
-    UNHASHED = frozenset({"backend", "device", "batch_size", "shard_chunks"})
+    UNHASHED = frozenset({"backend", "device", "batch_size", "shard_chunks", "db_shard_chunks"})
+
+    def hashed_dict(self) -> dict[str, Any]:
+        d = super().hashed_dict()
+        if d.get("query_splits") is None:  # every chunk: the versions from before the setting
+            d.pop("query_splits")
+        return d

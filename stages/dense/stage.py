@@ -14,6 +14,7 @@ from pipeline.config import RunConfigBase
 from pipeline.errors import InputError
 from pipeline.formats import (
     ChunkReader,
+    DocSpan,
     build_neighbor_table,
     neighbor_counts,
     neighbor_rates,
@@ -21,6 +22,7 @@ from pipeline.formats import (
 )
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 from retrieval.ranking import recall
+from stages.dense import sharded
 from stages.dense.build_files import read_index_info, write_index_info, written_neighbors
 from stages.dense.config import Config
 from stages.dense.database import Database, load_database
@@ -57,7 +59,9 @@ class DenseStage(Stage):
                 "they do not belong together: rebuild embeddings from these chunks"
             )
         if cfg.scope == "document-causal":
-            return self._doc_shards(reader, cfg.shard_chunks)
+            return self._doc_shards(reader.docs(), cfg.shard_chunks)
+        if sharded.sharded(cfg):
+            return sharded.plan(ctx)
         db = load_database(ctx)
         index_plan = plan_index(cfg, len(db.ids), db.emb.shape[1])
         if index_plan.kind != "flat" and not index_ready(ctx):
@@ -73,6 +77,8 @@ class DenseStage(Stage):
                     "database": len(db.ids),
                 },
             )
+        if cfg.query_splits is not None:  # the selected documents' chunk ranges
+            return self._doc_shards(sharded.table_docs(ctx), cfg.shard_chunks)
         starts = list(range(0, n, cfg.shard_chunks))
         return [
             Shard(i, len(starts), {"lo": lo, "hi": min(lo + cfg.shard_chunks, n)})
@@ -80,9 +86,10 @@ class DenseStage(Stage):
         ]
 
     @staticmethod
-    def _doc_shards(reader: ChunkReader, budget: int) -> list[Shard]:
+    def _doc_shards(docs: list[DocSpan], budget: int) -> list[Shard]:
+        """Chunk ranges of whole documents, neighbours merged while contiguous and within `budget` chunks."""
         groups: list[tuple[int, int]] = []
-        for d in reader.docs():
+        for d in docs:
             if groups and groups[-1][1] == d.first and d.first + d.n - groups[-1][0] <= budget:
                 groups[-1] = (groups[-1][0], d.first + d.n)
             else:
@@ -95,6 +102,8 @@ class DenseStage(Stage):
     # ---- shards
     def run_shard(self, ctx: StageContext, shard: Shard) -> dict[str, Any]:
         cfg: Config = ctx.cfg
+        if sharded.sharded(cfg):
+            return sharded.run_pair(ctx, shard)
         lo, hi = int(shard.payload["lo"]), int(shard.payload["hi"])
         import torch  # noqa: F401  (imported before the clock starts: search_s is search time)
 
@@ -114,11 +123,26 @@ class DenseStage(Stage):
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
         cfg: Config = ctx.cfg
         stats = merge_stats(r.stats for r in results)
+        if sharded.sharded(cfg):
+            from stages.corpus_shards import merge_partials
+
+            t0 = time.perf_counter()
+            stats.update(
+                merge_partials(
+                    ctx,
+                    len(sharded.query_groups(ctx)),
+                    (read_index_info(ctx) or {})["database_shards"],
+                    cfg.k,
+                )
+            )
+            stats["merge_s"] = round(time.perf_counter() - t0, 3)
         rows = stats.get("rows", 0)
         stats.update(neighbor_rates(stats))
         secs = stats.get("search_s", 0.0)
         stats["queries_per_s"] = round(rows / secs, 1) if secs else None
-        if cfg.scope == "corpus":
+        if sharded.sharded(cfg):
+            stats.update(sharded.recall_of_table(ctx))
+        elif cfg.scope == "corpus":
             stats.update(self._recall(ctx))
         return stats
 
