@@ -291,3 +291,28 @@ def test_query_splits_sharded_or_not_and_hnsw_refused(emb_run):
     assert np.array_equal(q3, want) and np.array_equal(ids3, ids[want])  # unsharded, the same rows
     with pytest.raises(ConfigError, match="hnsw"):
         build("dense", dense_run(emb_run, index="hnsw", db_shard_chunks=500))
+
+
+def test_a_killed_sharded_ivfpq_build_keeps_its_index_and_shard_files(emb_run):
+    """Resume: the trained index and the index shard files of a killed build are reused, not rebuilt
+    (mtimes unchanged), and the finished pair is not rerun."""
+    from pathlib import Path
+
+    from pipeline.executor import open_build, run_shard
+
+    n_db = _train_rows(emb_run) // 2 + 1
+    run = dense_run(
+        emb_run, k=5, index="ivfpq", nlist=8, recall_sample=100, overfetch=30, db_shard_chunks=n_db
+    )
+    node = resolve("dense", run)
+    store = ArtifactStore(run.root())
+    if store.exists("dense", node.version):
+        shutil.rmtree(store.version_dir("dense", node.version))
+    ctx = open_build(node, {r: store.get(c.stage, c.version) for r, c in node.inputs.items()})
+    shards = node.impl.plan(ctx)
+    run_shard(ctx, shards[-1])  # a build that died after one pair (on database shard 1)
+    names = ("index.faiss", "index/shard-00000.faiss", "index/shard-00001.faiss")
+    stamps = [Path(ctx.path(n)).stat().st_mtime_ns for n in names]
+    art = build("dense", run)
+    assert [Path(art.local_path(n)).stat().st_mtime_ns for n in names] == stamps
+    assert art.manifest.stats["recall_at_k"] >= 0.9

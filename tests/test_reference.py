@@ -211,3 +211,25 @@ def test_learning_rates_are_the_lambdalr_ones(lr, warmup, steps):
         from model.schedules import learning_rate
 
         assert got != [learning_rate(s, steps, lr, warmup, 0.1) for s in range(steps)]
+
+
+def test_init_std_sets_the_initial_weights_and_the_version(upstream):
+    """reference.init_std is GPT-NeoX's initializer_range: the initial weight matrices have that std; the
+    default keeps the versions from before the setting, another value is another version."""
+    from stages.reference.lm import build_model
+    from stages.reference.stage import Config
+
+    for std in (0.02, 0.05):
+        model = build_model(Config(hidden=64, layers=1, heads=2, intermediate=128, init_std=std), 1024, 0)
+        w = model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight
+        assert abs(float(w.detach().std()) - std) < 0.1 * std
+    run = upstream.with_section("reference", TINY_REFERENCE)
+    v = resolve("reference", run).version
+    assert (
+        resolve("reference", upstream.with_section("reference", {**TINY_REFERENCE, "init_std": 0.02})).version
+        == v
+    )
+    assert (
+        resolve("reference", upstream.with_section("reference", {**TINY_REFERENCE, "init_std": 0.05})).version
+        != v
+    )

@@ -61,6 +61,7 @@ def build_model(cfg: Config, vocab_size: int, eos_id: int | None) -> Any:
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tie_word_embeddings=False,
+        initializer_range=cfg.init_std,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
     )

@@ -65,6 +65,7 @@ SIZE_FIELDS = (
     "warmup",
     "weight_decay",
     "seed",
+    "init_std",
 )
 
 
@@ -84,6 +85,12 @@ class Config(StageConfig):
     warmup: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     seed: int = Field(0)
+    init_std: float = Field(
+        0.02,
+        gt=0,
+        description="std of the initial weights (GPT-NeoX initializer_range); 0.02 is sized for wide models, a "
+        "64-wide one learns far faster from ~0.05",
+    )
     eval_tokens: int = Field(262_144, ge=0, description="validation perplexity over at most this many tokens")
     device: DeviceSetting = Field("auto", description="auto (GPU when present), cpu, cuda, cuda:N")
     dtype: DtypeSetting = Field(
@@ -97,6 +104,8 @@ class Config(StageConfig):
         d = super().hashed_dict()
         if self.path:  # an adopted model is identified by its files; training settings do not apply
             d = {k: v for k, v in d.items() if k not in SIZE_FIELDS}
+        if d.get("init_std") == 0.02:  # the default: the versions from before the setting
+            d.pop("init_std")
         return d
 
 
