@@ -88,6 +88,8 @@ def distinct_overlap(a: np.ndarray, b: np.ndarray, pad: int = NEIGHBOR_PAD) -> t
 def recall(got: np.ndarray, exact: np.ndarray) -> float:
     """Mean over queries of |got ∩ exact| / |exact| (chunk ids, -1 = none); queries with no exact neighbor skip.
     The recall of an approximate neighbor table against exact search (ungraded, unordered)."""
+    if len(got) != len(exact):
+        raise ValueError(f"recall: {len(got)} rows of neighbors against {len(exact)} rows of exact ones")
     total, n = 0.0, 0
     for g, e in zip(got, exact):
         e = e[e != NEIGHBOR_PAD]

@@ -4,6 +4,8 @@ shards wrote read back (to measure recall)."""
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.stage import StageContext
+from retrieval.ranking import recall
 from stages.dense.config import INDEX_INFO
+
+log = logging.getLogger("rpt.dense")
 
 
 def write_index_info(ctx: StageContext, info: dict[str, Any]) -> None:
@@ -39,3 +44,19 @@ def written_neighbors(ctx: StageContext, q_ids: np.ndarray) -> np.ndarray:
     ids = t.column("chunk_id").to_numpy()
     nb = t.column("neighbor_ids").combine_chunks().flatten().to_numpy().reshape(-1, k)
     return nb[np.argsort(ids)]
+
+
+def recall_report(ctx: StageContext, q_ids: np.ndarray, exact_ids: np.ndarray, t0: float) -> dict[str, Any]:
+    """recall@k of the neighbors this build wrote for the held-out queries `q_ids` against their exact
+    neighbors (chunk ids), logged, as manifest stats (`t0`: when the measurement started)."""
+    k = ctx.cfg.k
+    r = recall(written_neighbors(ctx, q_ids), exact_ids)
+    log.info(
+        "recall@%d of the written table against exact search on %d held-out queries: %.4f", k, len(q_ids), r
+    )
+    return {
+        "recall_at_k": round(r, 6),
+        "recall_k": k,
+        "recall_queries": len(q_ids),
+        "recall_s": round(time.perf_counter() - t0, 3),
+    }

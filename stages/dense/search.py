@@ -86,24 +86,42 @@ def corpus_shard(ctx: StageContext, lo: int, hi: int) -> tuple[np.ndarray, np.nd
         bar.close()
     else:
         index, gpu = search_index(ctx, db, info)
-        batches = -(-(hi - lo) // cfg.batch_size)
-        bar = progress(total=batches, desc=f"dense {info.get('factory')} {lo}..{hi}", unit="batch")
-        pos, sc, extra["refetched_rows"] = faiss_search_batched(
-            index,
-            q,
-            cfg.k,
-            cfg.k + cfg.overfetch,
-            reader.chunk_doc[lo:hi],
-            db.doc,
-            db.emb,
-            cfg.metric,
-            GPU_MAX_K if gpu else len(db.ids),
-            cfg.batch_size,
-            on_batch=bar.update,
+        desc = f"dense {info.get('factory')} {lo}..{hi}"
+        pos, extra["refetched_rows"] = faiss_neighbors(
+            cfg, index, gpu, q, reader.chunk_doc[lo:hi], db.doc, db.emb, desc
         )
-        bar.close()
     pos, sc = exact_rescore(q, db.emb, pos, cfg.metric)
     return db.chunk_ids(pos), sc, extra
+
+
+def faiss_neighbors(
+    cfg: Config,
+    index: Any,
+    gpu: bool,
+    q: np.ndarray,
+    q_doc: np.ndarray,
+    db_doc: np.ndarray,
+    db_emb: np.ndarray,
+    desc: str,
+) -> tuple[np.ndarray, int]:
+    """Database positions of each query's top-k from a faiss index: over-fetched in batches, the query's own
+    document filtered out (re-score them exactly with `exact_rescore`). Returns (positions, rows re-fetched)."""
+    bar = progress(total=-(-len(q) // cfg.batch_size), desc=desc, unit="batch")
+    pos, _, refetched = faiss_search_batched(
+        index,
+        q,
+        cfg.k,
+        cfg.k + cfg.overfetch,
+        q_doc,
+        db_doc,
+        db_emb,
+        cfg.metric,
+        GPU_MAX_K if gpu else len(db_emb),
+        cfg.batch_size,
+        on_batch=bar.update,
+    )
+    bar.close()
+    return pos, refetched
 
 
 def search_index(ctx: StageContext, db: Database, info: dict[str, Any]) -> tuple[Any, bool]:

@@ -29,10 +29,9 @@ import numpy as np
 from pipeline.devices import resolve_device
 from pipeline.errors import ConfigError
 from pipeline.formats import NEIGHBOR_PAD, ChunkReader, DocSpan
-from pipeline.progress import progress
 from pipeline.stage import Shard, StageContext
 from retrieval.exact import exact_corpus_search, exact_rescore
-from retrieval.faiss_index import GPU_MAX_K, faiss_search_batched, open_index, tune_search_param, write_index
+from retrieval.faiss_index import open_index, tune_search_param, write_index
 from retrieval.ranking import merge_top_k, recall
 from stages.corpus_shards import (
     database_ids,
@@ -43,10 +42,11 @@ from stages.corpus_shards import (
     query_docs,
     write_partial,
 )
-from stages.dense.build_files import read_index_info, write_index_info, written_neighbors
+from stages.dense.build_files import read_index_info, recall_report, write_index_info
 from stages.dense.config import INDEX_FILE, Config
 from stages.dense.database import chunk_embeddings, sampled_embeddings
 from stages.dense.index_plan import IndexPlan, faiss_gpu, faiss_module, plan_index, samples
+from stages.dense.search import faiss_neighbors
 
 log = logging.getLogger("rpt.dense")
 
@@ -62,6 +62,13 @@ def index_shard_file(s: int) -> str:
 def table_docs(ctx: StageContext) -> list[DocSpan]:
     cfg: Config = ctx.cfg
     return query_docs(ChunkReader(ctx.inputs["chunks"]), cfg.query_splits, "dense.query_splits")
+
+
+def table_rows(ctx: StageContext) -> np.ndarray:
+    """Chunk ids of the table's rows (ascending): every chunk, or those of query_splits."""
+    if ctx.cfg.query_splits is None:
+        return np.arange(ChunkReader(ctx.inputs["chunks"]).n_chunks)
+    return np.concatenate([d.chunk_ids for d in table_docs(ctx)])
 
 
 def query_groups(ctx: StageContext) -> list[tuple[int, int]]:
@@ -311,21 +318,10 @@ def run_pair(ctx: StageContext, shard: Shard) -> dict[str, Any]:
         device = resolve_device(cfg.device, "dense.device")
         pos, _ = exact_corpus_search(q, part.tensor(device), cfg.k, own_lo, own_hi, cfg.metric, device)
     else:
-        bar = progress(total=-(-len(q) // cfg.batch_size), desc=f"dense pair {shard.name}", unit="batch")
-        pos, _, extra["refetched_rows"] = faiss_search_batched(
-            index,
-            q,
-            cfg.k,
-            cfg.k + cfg.overfetch,
-            reader.chunk_doc[q_ids],
-            part.doc,
-            part.emb,
-            cfg.metric,
-            GPU_MAX_K if gpu else len(part.ids),
-            cfg.batch_size,
-            on_batch=bar.update,
+        q_doc = reader.chunk_doc[q_ids]
+        pos, extra["refetched_rows"] = faiss_neighbors(
+            cfg, index, gpu, q, q_doc, part.doc, part.emb, f"dense pair {shard.name}"
         )
-        bar.close()
     pos, sc = exact_rescore(q, part.emb, pos, cfg.metric)
     write_partial(ctx, shard, q_ids, part.chunk_ids(pos), sc)
     return {"search_s": time.perf_counter() - t0, "load_s": load_s, **extra}
@@ -338,7 +334,7 @@ def recall_of_table(ctx: StageContext) -> dict[str, Any]:
     cfg: Config = ctx.cfg
     reader = ChunkReader(ctx.inputs["chunks"])
     db = database_ids(reader, "dense")
-    rows = np.concatenate([d.chunk_ids for d in table_docs(ctx)])
+    rows = table_rows(ctx)
     info = read_index_info(ctx) or {}
     _, _, held = samples(cfg, len(rows), len(db), info.get("train_vectors") or 0)
     if not len(held):
@@ -356,16 +352,4 @@ def recall_of_table(ctx: StageContext) -> dict[str, Any]:
         ids.append(part.chunk_ids(pos))
         scores.append(sc)
     exact, _ = merge_top_k(np.concatenate(ids, 1), np.concatenate(scores, 1).astype(np.float64), cfg.k)
-    r = recall(written_neighbors(ctx, q_ids), exact)
-    log.info(
-        "recall@%d of the merged table against exact search on %d held-out queries: %.4f",
-        cfg.k,
-        len(q_ids),
-        r,
-    )
-    return {
-        "recall_at_k": round(r, 6),
-        "recall_k": cfg.k,
-        "recall_queries": len(q_ids),
-        "recall_s": round(time.perf_counter() - t0, 3),
-    }
+    return recall_report(ctx, q_ids, exact, t0)

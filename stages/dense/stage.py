@@ -21,9 +21,8 @@ from pipeline.formats import (
     neighbor_schema,
 )
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
-from retrieval.ranking import recall
 from stages.dense import sharded
-from stages.dense.build_files import read_index_info, write_index_info, written_neighbors
+from stages.dense.build_files import read_index_info, recall_report, write_index_info
 from stages.dense.config import Config
 from stages.dense.database import Database, load_database
 from stages.dense.index_build import build_and_save_index, index_ready
@@ -150,25 +149,14 @@ class DenseStage(Stage):
         cfg: Config = ctx.cfg
         db = load_database(ctx)
         info = read_index_info(ctx) or {}
-        reader = ChunkReader(ctx.inputs["chunks"])
-        _, _, held_out = samples(cfg, reader.n_chunks, len(db.ids), info.get("train_vectors") or 0)
-        if not len(held_out):
+        rows = sharded.table_rows(ctx)
+        _, _, held = samples(cfg, len(rows), len(db.ids), info.get("train_vectors") or 0)
+        if not len(held):
             return {"recall_at_k": None, "recall_queries": 0}
         t0 = time.perf_counter()
+        held_out = rows[held]
         exact, _ = exact_neighbors(ctx, db, held_out)
-        r = recall(written_neighbors(ctx, held_out), db.chunk_ids(exact))
-        log.info(
-            "recall@%d of the written table against exact search on %d held-out queries: %.4f",
-            cfg.k,
-            len(held_out),
-            r,
-        )
-        return {
-            "recall_at_k": round(r, 6),
-            "recall_k": cfg.k,
-            "recall_queries": len(held_out),
-            "recall_s": round(time.perf_counter() - t0, 3),
-        }
+        return recall_report(ctx, held_out, db.chunk_ids(exact), t0)
 
     def meta(self, ctx: StageContext) -> dict[str, Any]:
         cfg: Config = ctx.cfg
