@@ -23,6 +23,11 @@ def write_index_info(ctx: StageContext, info: dict[str, Any]) -> None:
     ctx.write_text(INDEX_INFO, json.dumps(info, indent=2, sort_keys=True))
 
 
+def flat_info(plan: Any, n_db: int) -> dict[str, Any]:
+    """index.json of exact search (`plan`: the IndexPlan, for its backend)."""
+    return {"kind": "flat", "backend": plan.backend, "factory": "Flat", "exact": True, "database": n_db}
+
+
 def read_index_info(ctx: StageContext) -> dict[str, Any] | None:
     if not ctx.exists(INDEX_INFO):
         return None

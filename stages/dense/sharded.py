@@ -42,7 +42,7 @@ from stages.corpus_shards import (
     query_docs,
     write_partial,
 )
-from stages.dense.build_files import read_index_info, recall_report, write_index_info
+from stages.dense.build_files import flat_info, read_index_info, recall_report, write_index_info
 from stages.dense.config import INDEX_FILE, Config
 from stages.dense.database import chunk_embeddings, sampled_embeddings
 from stages.dense.index_plan import IndexPlan, faiss_gpu, faiss_module, plan_index, samples
@@ -99,17 +99,7 @@ def plan(ctx: StageContext) -> list[Shard]:
     bounds = db_bounds(len(db), cfg.db_shard_chunks)
     info = read_index_info(ctx)
     if index_plan.kind == "flat":
-        write_index_info(
-            ctx,
-            {
-                "kind": "flat",
-                "backend": index_plan.backend,
-                "factory": "Flat",
-                "exact": True,
-                "database": len(db),
-                "database_shards": len(bounds),
-            },
-        )
+        write_index_info(ctx, {**flat_info(index_plan, len(db)), "database_shards": len(bounds)})
     elif not info or not ctx.exists(INDEX_FILE) or ctx.file_entry(INDEX_FILE).sha256 != info.get("sha256"):
         train_index(ctx, reader, db, bounds, index_plan, dim)
     else:

@@ -22,7 +22,7 @@ from pipeline.formats import (
 )
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext, merge_stats
 from stages.dense import sharded
-from stages.dense.build_files import read_index_info, recall_report, write_index_info
+from stages.dense.build_files import flat_info, read_index_info, recall_report, write_index_info
 from stages.dense.config import Config
 from stages.dense.database import Database, load_database
 from stages.dense.index_build import build_and_save_index, index_ready
@@ -66,16 +66,7 @@ class DenseStage(Stage):
         if index_plan.kind != "flat" and not index_ready(ctx):
             self._build_index(ctx, db, index_plan, n)
         elif index_plan.kind == "flat":
-            write_index_info(
-                ctx,
-                {
-                    "kind": "flat",
-                    "backend": index_plan.backend,
-                    "factory": "Flat",
-                    "exact": True,
-                    "database": len(db.ids),
-                },
-            )
+            write_index_info(ctx, flat_info(index_plan, len(db.ids)))
         if cfg.query_splits is not None:  # the selected documents' chunk ranges
             return self._doc_shards(sharded.table_docs(ctx), cfg.shard_chunks)
         starts = list(range(0, n, cfg.shard_chunks))
