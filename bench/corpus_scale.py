@@ -217,7 +217,7 @@ def main() -> None:
     root = args.root
     info = make_corpus(args.books, root / "corpus", args.replicas, args.perturb, seed=0)
     config = write_config(root, root / "corpus", info, args)
-    local = ["--set=runner.kind=auto"]
+    local = ["--set=runner.kind=processes", f"--set=runner.workers={args.workers}"]  # set-up: every core
     t_chunks = rpt("run", "chunks", "--with-deps", "-c", str(config), *local)
     t_emb = rpt("run", "embeddings", "-c", str(config), *local) if "dense" in args.tables else None
     store = root / "store"
