@@ -21,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= true
 # and keeps it; otherwise the local CPU build of torch 2.13.0 is installed.
 SYSTORCH := $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 
-.PHONY: setup demo test test-fast lint format bench neighbors documents tokenize chunks bm25 \
+.PHONY: setup demo test test-fast lint format bench bench-scale neighbors documents tokenize chunks bm25 \
         embeddings dense reference scores train evaluate report flow clean
 
 setup: $(STAMP)
@@ -71,6 +71,10 @@ bench: setup
 	$(BIN)/python -m bench.scores speed
 	$(BIN)/python -m bench.evaluate metrics
 	$(BIN)/python -m bench.flows --target chunks
+
+# The corpus-scale run (docs/corpus-scale.md): ~10^7 database chunks, about 45 minutes on 2 cores, ~10 GB disk
+bench-scale: setup
+	$(BIN)/python -m bench.corpus_scale --root $(or $(SCALE_ROOT),/tmp/rpt-scale) --unsharded dense
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
 documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
