@@ -152,10 +152,14 @@ def table_on_dask(config: Path, target: str, overrides: list[str], workers: int)
         ) as cluster,
         Client(cluster) as client,
     ):
-        sets = [
-            f"--set={s}"
-            for s in ("runner.kind=dask", f"runner.address={cluster.scheduler_address}", *overrides)
-        ]
+        # cpu_lanes = workers: dense may use a GPU, and such stages run their shards one at a time on CPUs
+        # unless runner.cpu_lanes allows more
+        runner = (
+            "runner.kind=dask",
+            f"runner.address={cluster.scheduler_address}",
+            f"runner.cpu_lanes={workers}",
+        )
+        sets = [f"--set={s}" for s in (*runner, *overrides)]
         wall = rpt(
             "flow", "stages", "--target", target, "-c", str(config), *sets, env={"OMP_NUM_THREADS": "1"}
         )
