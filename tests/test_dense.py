@@ -265,6 +265,7 @@ def test_sharded_ivfpq_keeps_index_shards_and_reaches_recall(emb_run, data):
     assert (
         index["kind"] == "ivfpq" and index["tuned_on"] == "database shard 0" and index["database_shards"] == 2
     )
+    assert index["tuning_k"] == -(-k * (n_train // 2 + 1) // n_train)  # shard 0's share of the merged top-k
     files = sorted(f.path for f in art.manifest.files if f.path.startswith("index/shard-"))
     assert files == ["index/shard-00000.faiss", "index/shard-00001.faiss"]
     sizes = [faiss.read_index(str(art.local_path(f))).ntotal for f in files]

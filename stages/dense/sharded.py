@@ -9,7 +9,7 @@ merge are stages.corpus_shards, shared with bm25).
   two tasks racing build the same bytes). Every shard is searched with the same nprobe, so a query probes
   the same lists in every shard: the union of the shards' candidates contains the unsharded index's, and
   after the exact re-scoring the merged neighbors are at least as good. nprobe, when not given, is tuned
-  on database shard 0 against exact search within it.
+  on database shard 0: the smallest that finds the shard's share of the merged top-k (`tuning_k`).
 - HNSW graphs do not shard this way (a graph per shard, searched separately, is a different index):
   refused with a ConfigError.
 
@@ -153,6 +153,7 @@ def train_index(
             "search_value": int(value),
             "tuned": not cfg.nprobe,
             "tuned_on": None if cfg.nprobe else "database shard 0",
+            "tuning_k": None if cfg.nprobe else tuning_k(cfg.k, *bounds[0], len(db)),
             "target_recall": cfg.target_recall,
             "tuning_queries": len(tune_q),
             "tuning_curve": curve,
@@ -185,7 +186,12 @@ def _tune_on_shard0(
     index = part.ivf_index(ctx, 0, None)
     q = sampled_embeddings(ctx, tune_q)
     lo, hi = own_in_shard(own_ranges(reader, db, tune_q), *bound)
-    exact, _ = exact_corpus_search(q, part.tensor("cpu"), cfg.k, lo, hi, cfg.metric)
+    # The merged top-k holds about k x (shard's share of the database) of this shard's chunks, its own
+    # top-k' for that k': what the shard's search must find. Tuning against the shard's whole top-k asked
+    # for ~8x the lists the merged table needed (docs/corpus-scale.md).
+    exact, _ = exact_corpus_search(
+        q, part.tensor("cpu"), tuning_k(cfg.k, *bound, len(db)), lo, hi, cfg.metric
+    )
     return tune_search_param(
         index,
         "nprobe",
@@ -201,6 +207,11 @@ def _tune_on_shard0(
         lambda got: recall(part.chunk_ids(got), part.chunk_ids(exact)),
         cfg.target_recall,
     )
+
+
+def tuning_k(k: int, a: int, b: int, n_db: int) -> int:
+    """The shard-[a, b) neighbors that nprobe tuning must find: ceil(k x (b - a) / n_db), at least 1."""
+    return max(1, -(-k * (b - a) // max(n_db, 1)))
 
 
 def own_ranges(reader: ChunkReader, db: np.ndarray, q_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
