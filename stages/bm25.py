@@ -393,12 +393,13 @@ class BM25Stage(Stage):
             from stages.corpus_shards import db_bounds, merge_partials
 
             reader = ChunkReader(ctx.inputs["chunks"])
-            n_q = len(plan_groups([d.n for d in query_docs(reader, cfg)], cfg.shard_chunks))
+            docs = query_docs(reader, cfg)
+            n_q = len(plan_groups([d.n for d in docs], cfg.shard_chunks))
             n_s = len(db_bounds(len(database_ids(reader)), cfg.db_shard_chunks))
             t0 = time.perf_counter()
             s.update(merge_partials(ctx, n_q, n_s, cfg.k))
             s["merge_s"] = round(time.perf_counter() - t0, 3)
-            s["docs"] = len(query_docs(reader, cfg))
+            s["docs"] = len(docs)
         rows = s.get("rows", 0)
         s.update(neighbor_rates(s))
         s["chunks_per_cpu_s"] = round(rows / s["score_s"], 1) if s.get("score_s") else None

@@ -88,11 +88,14 @@ def database_tensor(ctx: StageContext, db: Database, device: Any) -> Any:
     )
 
 
-def own_doc_ranges(reader: ChunkReader, db: Database, q_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Database positions [lo, hi) of each query's own document (empty for non-train documents)."""
+def own_doc_ranges(
+    reader: ChunkReader, db_ids: np.ndarray, q_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Database positions [lo, hi) of each query's own document (empty for non-train documents); `db_ids`:
+    the database's chunk ids, ascending (`Database.ids`, or the ids of a sharded database)."""
     first = q_ids - reader.chunk_pos[q_ids]
     docs = reader.docs()
     starts = np.array([d.first for d in docs], np.int64)
     sizes = np.array([d.n for d in docs], np.int64)
     end = first + sizes[np.searchsorted(starts, first)]
-    return np.searchsorted(db.ids, first), np.searchsorted(db.ids, end)
+    return np.searchsorted(db_ids, first), np.searchsorted(db_ids, end)

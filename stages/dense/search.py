@@ -34,7 +34,7 @@ def exact_neighbors(ctx: StageContext, db: Database, q_ids: np.ndarray) -> tuple
     cfg: Config = ctx.cfg
     device = resolve_device(cfg.device, "dense.device")
     reader = ChunkReader(ctx.inputs["chunks"])
-    lo, hi = own_doc_ranges(reader, db, q_ids)
+    lo, hi = own_doc_ranges(reader, db.ids, q_ids)
     dbt = database_tensor(ctx, db, device)
     return exact_corpus_search(sampled_embeddings(ctx, q_ids), dbt, cfg.k, lo, hi, cfg.metric, device)
 
@@ -71,7 +71,7 @@ def corpus_shard(ctx: StageContext, lo: int, hi: int) -> tuple[np.ndarray, np.nd
     extra: dict[str, Any] = {}
     if info.get("kind") == "flat" and info.get("backend") == "torch":
         device = resolve_device(cfg.device, "dense.device")
-        own_lo, own_hi = own_doc_ranges(reader, db, q_ids)
+        own_lo, own_hi = own_doc_ranges(reader, db.ids, q_ids)
         bar = progress(total=len(q), desc=f"dense exact {lo}..{hi}", unit="query")
         pos, sc = exact_corpus_search(
             q,

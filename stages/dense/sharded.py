@@ -44,7 +44,7 @@ from stages.corpus_shards import (
 )
 from stages.dense.build_files import flat_info, read_index_info, recall_report, write_index_info
 from stages.dense.config import INDEX_FILE, Config
-from stages.dense.database import chunk_embeddings, sampled_embeddings
+from stages.dense.database import chunk_embeddings, own_doc_ranges, sampled_embeddings
 from stages.dense.index_plan import IndexPlan, faiss_gpu, faiss_module, plan_index, samples
 from stages.dense.search import faiss_neighbors
 
@@ -185,7 +185,7 @@ def _tune_on_shard0(
     part = DbShard.load(ctx, db, *bound)
     index = part.ivf_index(ctx, 0, None)
     q = sampled_embeddings(ctx, tune_q)
-    lo, hi = own_in_shard(own_ranges(reader, db, tune_q), *bound)
+    lo, hi = own_in_shard(own_doc_ranges(reader, db, tune_q), *bound)
     # The merged top-k holds about k x (shard's share of the database) of this shard's chunks, its own
     # top-k' for that k': what the shard's search must find. Tuning against the shard's whole top-k asked
     # for ~8x the lists the merged table needed (docs/corpus-scale.md).
@@ -212,14 +212,6 @@ def _tune_on_shard0(
 def tuning_k(k: int, a: int, b: int, n_db: int) -> int:
     """The shard-[a, b) neighbors that nprobe tuning must find: ceil(k x (b - a) / n_db), at least 1."""
     return max(1, -(-k * (b - a) // max(n_db, 1)))
-
-
-def own_ranges(reader: ChunkReader, db: np.ndarray, q_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Database rows [lo, hi) of each query's own document (empty for documents outside the database)."""
-    first = q_ids - reader.chunk_pos[q_ids]
-    n_of = {d.first: d.n for d in reader.docs()}
-    end = first + np.array([n_of[int(f)] for f in first], np.int64)
-    return np.searchsorted(db, first), np.searchsorted(db, end)
 
 
 # ----------------------------------------------------------------------------------------- one database shard
@@ -313,7 +305,7 @@ def run_pair(ctx: StageContext, shard: Shard) -> dict[str, Any]:
     part, index, gpu = shard_searcher(ctx, db, a, b, int(shard.payload["s"]))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    own_lo, own_hi = own_in_shard(own_ranges(reader, db, q_ids), a, b)
+    own_lo, own_hi = own_in_shard(own_doc_ranges(reader, db, q_ids), a, b)
     extra: dict[str, Any] = {}
     if index is None:
         device = resolve_device(cfg.device, "dense.device")
@@ -343,7 +335,7 @@ def recall_of_table(ctx: StageContext) -> dict[str, Any]:
     t0 = time.perf_counter()
     q_ids = rows[held]
     q = sampled_embeddings(ctx, q_ids)
-    own = own_ranges(reader, db, q_ids)
+    own = own_doc_ranges(reader, db, q_ids)
     ids, scores = [], []
     for a, b in db_bounds(len(db), cfg.db_shard_chunks):
         part = DbShard.load(ctx, db, a, b)
