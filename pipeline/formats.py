@@ -291,6 +291,19 @@ EVAL_METRICS_SCHEMA = pa.schema(
 )
 # ------------------------------------------------------------------------------ reference (scoring LM)
 REFERENCE_MODEL_DIR = "model"  # a Hugging Face causal-LM folder (safetensors) with its tokenizer.json
+# Files of a Hugging Face causal-LM folder that decide its outputs (weights, architecture, tokenizer): what
+# a given model folder's content digest covers (reference.path, retrofit.base_path).
+CAUSAL_LM_FILES = (
+    "*.safetensors",
+    "*.bin",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 
 def tokenizer_identity(spec: str | dict[str, Any]) -> dict[str, Any]:

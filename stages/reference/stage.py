@@ -27,6 +27,7 @@ from pipeline.config import RunConfigBase, StageConfig
 from pipeline.devices import DeviceSetting, DtypeSetting, resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import (
+    CAUSAL_LM_FILES,
     REFERENCE_MODEL_DIR,
     TOKEN_PAD,
     TOKENIZER_FILE,
@@ -41,18 +42,6 @@ from pipeline.versioning import tree_digest
 log = logging.getLogger("rpt.reference")
 
 CKPT_DIR = "_checkpoints"
-# Files of a given model folder that decide its outputs (weights, architecture, tokenizer).
-MODEL_FILES = (
-    "*.safetensors",
-    "*.bin",
-    "config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 SIZE_FIELDS = (
     "hidden",
     "layers",
@@ -205,7 +194,7 @@ class ReferenceStage(Stage):
             raise ConfigError(
                 f"reference.path: {cfg.path} is not a Hugging Face model folder (no config.json)"
             )
-        return {"model_files": tree_digest(p, MODEL_FILES)}
+        return {"model_files": tree_digest(p, CAUSAL_LM_FILES)}
 
     def plan(self, ctx: StageContext) -> list[Shard]:
         return [Shard(0, 1)]
