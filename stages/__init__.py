@@ -26,6 +26,7 @@ REGISTRY = Registry(
         "train": "stages.train",
         "reference": "stages.reference",
         "scores": "stages.scores",
+        "retrofit": "stages.retrofit",
     },
     home=__name__,
 )

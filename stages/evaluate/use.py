@@ -7,12 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bootstrap import paired_delta
 from pipeline.stage import StageContext
 from stages.evaluate.config import Config
 from stages.evaluate.perplexity import EvalDoc
 from stages.evaluate.rows import metric_row, read_parquet
-
-BOOTSTRAP_SAMPLES = 2000
 
 
 def bootstrap_unit(ctx: StageContext, docs: list[EvalDoc]) -> str:
@@ -55,13 +54,12 @@ def use_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, Any]]:
                 if not ref or set(ref) != set(a):
                     continue
                 keys = sorted(a)
-                na = np.array([a[key][0] for key in keys])
-                nr = np.array([ref[key][0] for key in keys])
-                tok = np.array([a[key][1] for key in keys], dtype=np.float64)
-                point = (na.sum() - nr.sum()) / tok.sum()
-                idx = rng.integers(0, len(keys), (BOOTSTRAP_SAMPLES, len(keys)))
-                boot = (na[idx].sum(1) - nr[idx].sum(1)) / tok[idx].sum(1)
-                lo, hi = np.percentile(boot, [2.5, 97.5])
+                point, lo, hi = paired_delta(
+                    np.array([a[key][0] for key in keys]),
+                    np.array([ref[key][0] for key in keys]),
+                    np.array([a[key][1] for key in keys]),
+                    rng,
+                )
                 met = f"nll_minus_{ref_name}"
                 for name, val in ((met, point), (f"{met}_ci_low", lo), (f"{met}_ci_high", hi)):
                     rows.append(metric_row("use", v, own, k, name, float(val), len(keys)))
