@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= true
 SYSTORCH := $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 
 .PHONY: setup demo test test-fast lint format bench bench-scale neighbors documents tokenize chunks bm25 \
-        embeddings dense reference scores train evaluate report flow clean
+        embeddings dense reference scores train evaluate retrofit report flow clean
 
 setup: $(STAMP)
 
@@ -77,7 +77,7 @@ bench-scale: setup
 	$(BIN)/python -m bench.corpus_scale --root $(or $(SCALE_ROOT),/tmp/rpt-scale) --unsharded dense
 
 # one target per stage: `make bm25 CONFIG=configs/gutenberg.yaml SET="--set bm25.k=10"`
-documents tokenize chunks bm25 embeddings dense reference scores train evaluate: setup
+documents tokenize chunks bm25 embeddings dense reference scores train evaluate retrofit: setup
 	$(RPT) run $(if $(filter tokenize,$@),tokenizer,$@) -c $(CONFIG) --with-deps $(SET)
 
 # `make report CONFIG=configs/gutenberg-cpu.yaml`: the tables of the evaluate artifact that CONFIG (and SET) resolve to (docs/evaluate.md)

@@ -139,7 +139,9 @@ def report(
 
 @app.command("flow")
 def run_flow(
-    name: Annotated[str, typer.Argument(help="neighbors, supervision, train, evaluate, full, or stages")],
+    name: Annotated[
+        str, typer.Argument(help="neighbors, supervision, train, evaluate, retrofit, full, or stages")
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     variant: Annotated[

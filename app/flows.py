@@ -1,4 +1,4 @@
-"""Prefect flows over the stage DAG: neighbors, supervision, train, evaluate, full (and `stages`, any stages).
+"""Prefect flows over the stage DAG: neighbors, supervision, train, evaluate, retrofit, full (and `stages`, any stages).
 
 Thin by design: a flow resolves the artifact DAG from the run config (`pipeline.executor.resolve`), and
 for each artifact submits Prefect tasks that call the executor's build API (`open_plan`, `run_shard`,
@@ -96,6 +96,7 @@ def flow_targets(
     train = [Target("train", {"variant": v}) for v in (variants or TRAIN_VARIANTS)]
     evaluate = [Target("evaluate")]
     table = {
+        "retrofit": [Target("retrofit")],
         "neighbors": neighbors,
         "supervision": supervision,
         "train": train,
@@ -667,6 +668,18 @@ def evaluate(config: str = "", overrides: Sequence[str] = ()) -> list[dict[str, 
     return run_flow("evaluate", config, overrides)
 
 
+@flow(name="retrofit", flow_run_name=parent_run_name)
+def retrofit(config: str = "", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A frozen causal LM (the reference LM, or retrofit.base_path) RETROfitted: CCA and a neighbor encoder
+    trained on the chosen neighbor table, measured against the frozen LM (stages.retrofit).
+
+    Args:
+        config: run config, a YAML path relative to the working directory; empty: every default
+        overrides: settings over the config, each `section.key=value` as with `--set` (e.g. retrofit.steps=300)
+    """
+    return run_flow("retrofit", config, overrides)
+
+
 @flow(name="full", flow_run_name=parent_run_name)
 def full(
     config: str = "", overrides: Sequence[str] = (), variants: Sequence[Variant] = TRAIN_VARIANTS
@@ -700,6 +713,7 @@ FLOWS = {
     "supervision": supervision,
     "train": train,
     "evaluate": evaluate,
+    "retrofit": retrofit,
     "full": full,
     "stages": stages,
 }

@@ -333,49 +333,20 @@ def load_base(path: str | Path, dtype: Any = None) -> nn.Module:
     )
 
 
-def load_retrofit(
-    folder: str | Path, base: str | Path | nn.Module | None = None, device: Any = "cpu"
-) -> RetrofitLM:
-    """A retrofitted model back from its folder (a retrofit artifact, or what `save_retrofit` wrote) in
-    one call. The base is `base` (a model folder or a loaded model) or, when None, the folder that
-    retrofit.json names; a folder is checked against the recorded content digest first."""
+def load_retrofit(folder: str | Path, base: str | Path | nn.Module, device: Any = "cpu") -> RetrofitLM:
+    """A retrofitted model from the folder `save_retrofit` wrote and its base (a model folder or a loaded
+    model). `stages.retrofit.load.load_retrofitted` finds the base by itself and checks its digest."""
     from safetensors.torch import load_file
 
     from model.checkpointer import load_module_state
 
     folder = Path(folder)
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    cfg = RetrofitConfig(**meta["config"])
-    info = meta.get("base") or {}
-    if not isinstance(base, nn.Module):
-        path = Path(base) if base is not None else _recorded_base(folder, info)
-        digest = info.get("digest")
-        if digest:
-            from pipeline.formats import CAUSAL_LM_FILES
-            from pipeline.versioning import tree_digest
-
-            found = tree_digest(path, CAUSAL_LM_FILES)
-            if found != digest:
-                raise ValueError(
-                    f"the base at {path} has content digest {found}, the retrofit at {folder} was trained on "
-                    f"{digest}: pass the base it was trained on"
-                )
-        base = load_base(path)
-    model = RetrofitLM(base, cfg)
+    cfg = RetrofitConfig(**read_meta(folder)["config"])
+    model = RetrofitLM(base if isinstance(base, nn.Module) else load_base(base), cfg)
     load_module_state(model.parts, load_file(str(folder / WEIGHTS_FILE)))
     return model.to(device).eval()
 
 
-def _recorded_base(folder: Path, info: dict[str, Any]) -> Path:
-    """The base folder retrofit.json names: a path, or a reference artifact beside this one in the store
-    (<root>/reference/<version>/model, this artifact being <root>/retrofit/<version>)."""
-    if info.get("artifact"):
-        stage, version = info["artifact"].split("@")
-        p = folder.parent.parent / stage / version / info.get("model_dir", "model")
-        if p.is_dir():
-            return p
-    if info.get("path") and Path(info["path"]).is_dir():
-        return Path(info["path"])
-    raise FileNotFoundError(
-        f"{folder}: the base model ({info.get('artifact') or info.get('path')}) is not there; pass base=FOLDER"
-    )
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    """retrofit.json: {"config": RetrofitConfig fields, "base": the base's identity}."""
+    return json.loads((Path(folder) / CONFIG_FILE).read_text())

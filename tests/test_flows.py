@@ -340,7 +340,7 @@ def test_flows_need_registered_stages(
 def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
     """Each flow's DAG: inputs in earlier waves, every artifact once, the artifacts each flow promises."""
     run = load_config(write_config(tmp_path))
-    for name in ("neighbors", "supervision", "train", "evaluate", "full"):
+    for name in ("neighbors", "supervision", "train", "evaluate", "retrofit", "full"):
         roots, nodes = flows.resolve_targets(run, flows.flow_targets(name))
         wave_of = {n.ref: i for i, w in enumerate(flows.waves(nodes)) for n in w}
         assert sorted(wave_of) == sorted(n.ref for n in nodes) and len(set(wave_of)) == len(nodes)
@@ -353,7 +353,11 @@ def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
     }
     assert stages_of["supervision"] == sorted(SUPERVISION)
     assert stages_of["train"].count("train") == len(flows.TRAIN_VARIANTS)
-    assert set(stages_of["full"]) == set(REGISTRY) and stages_of["full"].count("evaluate") == 1
+    # every stage but retrofit, which joins the evaluation when evaluate.retrofit is set (its own flow otherwise)
+    assert set(stages_of["full"]) == set(REGISTRY) - {"retrofit"} and stages_of["full"].count("evaluate") == 1
+    with_retrofit = run.with_section("evaluate", {"retrofit": True})
+    full = sorted(n.stage for n in flows.resolve_targets(with_retrofit, flows.flow_targets("full"))[1])
+    assert set(full) == set(REGISTRY)
     _, nodes = flows.resolve_targets(run, flows.flow_targets("neighbors"))
     assert sorted(n.stage for n in nodes) == sorted(NEIGHBORS)
     assert sorted(n.cfg.query for n in nodes if n.stage == "bm25") == ["chunk", "chunk+target"]

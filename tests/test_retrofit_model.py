@@ -17,7 +17,9 @@ from model.retrofit import (
     retrofit_config,
     save_retrofit,
 )
+from pipeline.errors import InputError
 from pipeline.formats import DocSpan
+from stages.retrofit.load import load_retrofitted
 
 M = 8  # chunk length
 
@@ -138,14 +140,17 @@ def test_save_and_load_back(tmp_path) -> None:
 
     digest = tree_digest(tmp_path / "base", CAUSAL_LM_FILES)
     save_retrofit(model, tmp_path / "rf", {"path": str(tmp_path / "base"), "digest": digest})
-    back = load_retrofit(tmp_path / "rf")  # the base found from retrofit.json, checked by digest
+    back = load_retrofitted(tmp_path / "rf")  # the base found from retrofit.json, checked by digest
     tokens, nb = batch(48)
     with torch.no_grad():
         assert torch.equal(back(tokens, nb).logits, model(tokens, nb).logits)
     other = tiny_base("gpt_neox", seed=5)
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="content digest"):
-        load_retrofit(tmp_path / "rf", base=tmp_path / "other")
+    with pytest.raises(InputError, match="content digest"):
+        load_retrofitted(tmp_path / "rf", base=tmp_path / "other")
+    assert torch.equal(
+        load_retrofit(tmp_path / "rf", other)(tokens, None).logits, other(input_ids=tokens).logits
+    )
 
 
 def test_config_defaults_and_errors() -> None:

@@ -39,10 +39,10 @@ def upstream(tiny_run, tmp_path_factory):
 def test_retrofit_builds_loads_back_and_leaves_the_base_alone(upstream):
     from safetensors.torch import load_file
 
-    from data.retrofit import batch_arrays, tiling_windows
     from data.neighbors import load_neighbor_table
-    from model.retrofit import load_retrofit
+    from data.retrofit import batch_arrays, tiling_windows
     from pipeline.formats import ChunkReader
+    from stages.retrofit.load import load_retrofitted
 
     store = ArtifactStore(upstream.root())
     ref = store.get("reference", resolve("reference", upstream).version)
@@ -61,7 +61,7 @@ def test_retrofit_builds_loads_back_and_leaves_the_base_alone(upstream):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
     # load back in one call; the evaluation rows recomputed independently of the stage
-    model = load_retrofit(art.local_path())
+    model = load_retrofitted(art.local_path())
     chunks = store.get("chunks", resolve("chunks", upstream).version)
     reader = ChunkReader(chunks)
     nb_art = store.get("bm25", art.manifest.inputs["neighbors"].split("@")[1])
@@ -168,3 +168,26 @@ def test_bad_settings_are_clear_errors(upstream, tmp_path):
     (other / TOKENIZER_FILE).write_text((other / TOKENIZER_FILE).read_text().replace('"the"', '"teh"', 1))
     with pytest.raises(ConfigError, match="another tokenizer"):
         build("retrofit", upstream.with_section("retrofit", {"base_path": str(other)}))
+
+
+def test_evaluate_reports_the_retrofit_rows(upstream):
+    from pipeline.errors import InputError
+    from stages.evaluate.config import Config as EvalConfig
+    from stages.evaluate.report import Metrics, _markdown, retrofit_table
+    from stages.evaluate.retrofit_rows import retrofit_rows
+
+    art = build("retrofit", upstream)
+    st = art.manifest.stats
+    m = Metrics(retrofit_rows(art, "test"))
+    assert m.value("retrofit", "retrofit", "own", 2, "perplexity") == st["ppl_own"]
+    assert m.value("retrofit", "retrofit", "own", 2, "nll_minus_empty_ci_low") == st["nll_own_minus_empty"][1]
+    md = _markdown(retrofit_table(m))
+    assert f"{st['ppl_frozen']:,.2f}" in md and f"{st['ppl_empty']:,.2f}" in md and "of the base LM's" in md
+    with pytest.raises(InputError, match="retrofit.eval_split=valid"):
+        retrofit_rows(art, "valid")
+    # on: evaluate reads the retrofit artifact; off (the default): evaluate's versions are those from before
+    node = resolve("evaluate", upstream.with_section("evaluate", {"retrofit": True}))
+    assert node.inputs["retrofit"].version == art.version
+    assert (
+        "retrofit" not in EvalConfig().hashed_dict() and EvalConfig(retrofit=True).hashed_dict()["retrofit"]
+    )

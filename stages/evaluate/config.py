@@ -32,6 +32,11 @@ class Config(StageConfig):
         default_factory=lambda: ["bm25", "dense"],
         description="neighbor tables compared with the learned retrievers in the retrieval table",
     )
+    retrofit: bool = Field(
+        False,
+        description="also report the retrofit stage's rows (frozen LM, retrofitted with its neighbors and with "
+        "none), which it measured on the same split",
+    )
     split: Literal["train", "valid", "test"] = "test"
     max_docs: int | None = Field(None, ge=1, description="evaluate at most this many documents of the split")
     max_tokens: int | None = Field(
@@ -61,6 +66,12 @@ class Config(StageConfig):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 
     UNHASHED = frozenset({"device", "dtype", "batch_docs", "threads"})
+
+    def hashed_dict(self) -> dict[str, Any]:
+        d = super().hashed_dict()
+        if not d.get("retrofit"):  # off: the versions from before the setting
+            d.pop("retrofit", None)
+        return d
 
     @field_validator("variants", "neighbors", "precision_at", "recall_at", "ndcg_at", "retrievers")
     @classmethod

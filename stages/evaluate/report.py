@@ -295,6 +295,54 @@ def use_table(m: Metrics) -> Table:
     )
 
 
+def retrofit_table(m: Metrics) -> Table:
+    """The retrofit stage's rows: the frozen LM, retrofitted with its neighbors and with none, on the same
+    tokens; ΔNLL against the frozen LM and against no neighbors (what retrieval adds)."""
+    rows = []
+    k = next((r["neighbors"] for r in m.select("retrofit", setting="own", metric="perplexity")), None)
+    frozen = m.value("retrofit", "retrofit", "frozen", 0, "perplexity")
+    names = {
+        "frozen": "frozen LM",
+        "own": f"retrofitted, own neighbors (K={k})",
+        "empty": "retrofitted, no neighbors",
+    }
+    for setting, nb in (("frozen", 0), ("own", k), ("empty", 0)):
+        ppl = m.value("retrofit", "retrofit", setting, nb, "perplexity")
+
+        def delta(ref: str, setting: str = setting, nb: int | None = nb) -> str:
+            v = m.value("retrofit", "retrofit", setting, nb, f"nll_minus_{ref}")
+            lo = m.value("retrofit", "retrofit", setting, nb, f"nll_minus_{ref}_ci_low")
+            hi = m.value("retrofit", "retrofit", setting, nb, f"nll_minus_{ref}_ci_high")
+            return "" if v is None else f"{v:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+        rows.append(
+            [
+                names[setting],
+                _num(ppl),
+                _rel(ppl, frozen) if setting != "frozen" else "",
+                delta("frozen"),
+                delta("empty"),
+            ]
+        )
+    share = lambda met: m.value("retrofit", "retrofit", "training", None, met)  # noqa: E731
+    trained = f"Trained: {_pct(share('trainable_share'))}% of the parameters (CCA and the neighbor encoder; the base frozen)"
+    if share("train_tokens") is not None:
+        trained += f", on {share('train_tokens'):,.0f} tokens"
+    if share("train_token_share") is not None:
+        trained += f" ({_pct(share('train_token_share'))}% of the base LM's training tokens)"
+    notes = [
+        trained + ".",
+        "ΔNLL in nats per token; [95% paired bootstrap interval over the evaluation windows]. Own minus no "
+        "neighbors is what retrieval adds; no neighbors minus frozen, what the new parameters add by themselves.",
+    ]
+    return Table(
+        "RETROfit (frozen LM + CCA)",
+        ["model", "perplexity", "vs frozen", "ΔNLL vs frozen", "ΔNLL vs no neighbors"],
+        rows,
+        notes,
+    )
+
+
 def ordering_checks(m: Metrics) -> list[tuple[str, bool | None, str]]:
     """The paper's qualitative claims on our numbers: (claim, holds (None: a row is missing), the numbers)."""
     ppl = lambda v, s, k=2: m.value("perplexity", v, s, k if s != "none" else 0, "perplexity")  # noqa: E731
@@ -340,6 +388,8 @@ def all_tables(m: Metrics, column: str) -> list[Table]:
         out.append(overlap_table(m))
     if m.models("training"):
         out.append(training_table(m))
+    if m.models("retrofit"):
+        out.append(retrofit_table(m))
     return out
 
 

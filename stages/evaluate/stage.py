@@ -16,6 +16,7 @@ from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from stages.evaluate.config import Config
 from stages.evaluate.perplexity import perplexity_rows, select_documents, variant_passes
 from stages.evaluate.retrieval_metrics import retrieval_rows, universe_exclude_recent
+from stages.evaluate.retrofit_rows import retrofit_rows
 from stages.evaluate.training_diagnostics import training_rows
 from stages.evaluate.use import bootstrap_unit, use_rows
 
@@ -49,6 +50,8 @@ class EvaluateStage(Stage):
         refs = {"chunks": InputRef("chunks"), "scores": InputRef("scores"), **_rank_inputs(run, cfg)}
         for v in cfg.variants:
             refs[f"train_{v}"] = InputRef("train", {"variant": v})
+        if cfg.retrofit:
+            refs["retrofit"] = InputRef("retrofit")
         return refs
 
     def output_schema(self) -> pa.Schema:
@@ -124,6 +127,8 @@ class EvaluateStage(Stage):
         rows += ret_rows
         train_rows, curves = training_rows(ctx)
         rows += train_rows
+        if "retrofit" in ctx.inputs:
+            rows += retrofit_rows(ctx.inputs["retrofit"], cfg.split)
         table = pa.Table.from_pylist(rows, schema=EVAL_METRICS_SCHEMA)
         ctx.write_parquet("metrics.parquet", table, EVAL_METRICS_SCHEMA)
         if per_query is not None:

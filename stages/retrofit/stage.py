@@ -13,7 +13,7 @@ train split, the query's own document excluded by id) or document-causal (earlie
 document), query = the chunk. Neighbor j is used with its continuation j+1.
 
 The artifact: retrofit.safetensors (the new parameters) and retrofit.json (their config and the base's
-identity: `model.retrofit.load_retrofit(folder)` loads it back in one call), metrics.parquet (training
+identity: `stages.retrofit.load.load_retrofitted(folder)` loads it back in one call), metrics.parquet (training
 curve), eval.parquet (NLL per evaluation window and setting), README.md (a model card rendered from the
 manifest's fields). A killed run resumes from its last checkpoint (ckpt/, dropped at publish).
 """
@@ -171,7 +171,7 @@ class RetrofitStage(Stage):
             "cca_layers": info["config"]["cca_layers"],
             "neighbors": ctx.inputs["neighbors"].ref,
             "scope": cfg.scope,
-            "load": "model.retrofit.load_retrofit(<this folder>)",
+            "load": "stages.retrofit.load.load_retrofitted(<this folder>)",
         }
 
 
