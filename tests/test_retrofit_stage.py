@@ -191,3 +191,18 @@ def test_evaluate_reports_the_retrofit_rows(upstream):
     assert (
         "retrofit" not in EvalConfig().hashed_dict() and EvalConfig(retrofit=True).hashed_dict()["retrofit"]
     )
+
+
+@pytest.mark.parametrize("table,scope", [("bm25", "document-causal"), ("dense", "corpus")])
+def test_any_neighbor_table_of_either_scope(upstream, tiny_encoder, tmp_path, table, scope):
+    """The user's choice of table: dense (a stand-in encoder) or bm25, document-causal or corpus. The
+    stage reads exactly that table; its own-neighbor row uses its neighbors (differs from no neighbors)."""
+    run = copy_stages(upstream, tmp_path / "store", ("documents", "tokenizer", "chunks", "reference"))
+    run = run.with_section("embeddings", {"model": str(tiny_encoder), "workers": 1, "batch_size": 256})
+    run = run.with_section("retrofit", {"neighbors": table, "scope": scope})
+    art = build("retrofit", run, with_deps=True)
+    nb = ArtifactStore(run.root()).get(table, art.manifest.inputs["neighbors"].split("@")[1])
+    assert art.manifest.inputs["neighbors"].startswith(f"{table}@") and nb.manifest.meta["scope"] == scope
+    assert art.manifest.meta["scope"] == scope
+    st = art.manifest.stats
+    assert st["ppl_own"] != st["ppl_empty"] and st["nll_own_minus_empty"][0] != 0

@@ -328,7 +328,7 @@ def run_retrofit(ctx: StageContext) -> dict[str, Any]:
             **summarize(rows),
         }
         log.info(
-            "retrofit: %s test ppl frozen %.3f, own %.3f, empty %.3f; own - empty %s nats/token",
+            "retrofit: %s ppl frozen %.3f, own %.3f, empty %.3f; own - empty %s nats/token",
             cfg.eval_split,
             stats["ppl_frozen"],
             stats["ppl_own"],

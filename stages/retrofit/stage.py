@@ -95,8 +95,9 @@ class Config(StageConfig):
 
 
 def neighbor_overrides(cfg: Config) -> dict[str, Any]:
-    """The neighbor table the retrofit reads: query = the chunk, deep enough for K."""
-    return {"scope": cfg.scope, "query": "chunk"}
+    """The neighbor table the retrofit reads, in the chosen scope; for bm25, query = the chunk (dense tables
+    always embed the chunk)."""
+    return {"scope": cfg.scope, **({"query": "chunk"} if cfg.neighbors == "bm25" else {})}
 
 
 class RetrofitStage(Stage):
