@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from model.cca import ChunkedCrossAttention, NeighborMemory
-from model.config import IGNORE, RPTConfig
+from model.config import RPTConfig
 from model.layers import Attention, RMSNorm, SwiGLU
+from model.losses import lm_loss
 
 WEIGHTS_FILE = "retrofit.safetensors"  # the new parameters only
 CONFIG_FILE = "retrofit.json"  # RetrofitConfig + the base's identity (content digest)
@@ -302,14 +302,7 @@ class RetrofitLM(nn.Module):
                 logits = self.base(input_ids=tokens).logits
         out = RetrofitOutput(logits=logits)
         if labels is not None:
-            nll = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="none",
-            ).reshape(labels.shape)
-            out.token_nll = nll
-            out.loss = nll.sum() / (labels != IGNORE).sum().clamp(min=1)
+            out.loss, out.token_nll = lm_loss(logits, labels)
         return out
 
 

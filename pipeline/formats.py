@@ -306,6 +306,18 @@ CAUSAL_LM_FILES = (
 )
 
 
+def causal_lm_digest(path: str | Path, setting: str) -> str:
+    """The content digest of a given Hugging Face causal-LM folder (what enters a version instead of its
+    path); `setting` names the config key in the error when the folder is not a model folder."""
+    from pipeline.errors import ConfigError
+    from pipeline.versioning import tree_digest
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{setting}: {path} is not a Hugging Face model folder (no config.json)")
+    return tree_digest(p, CAUSAL_LM_FILES)
+
+
 def tokenizer_identity(spec: str | dict[str, Any]) -> dict[str, Any]:
     """The parts of a tokenizer.json (its text or parsed dict) that decide which ids a text gets:
     vocabulary, merges, special tokens, normalizer, pre-tokenizer (not padding/truncation/decoder)."""

@@ -27,17 +27,16 @@ from pipeline.config import RunConfigBase, StageConfig
 from pipeline.devices import DeviceSetting, DtypeSetting, resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError
 from pipeline.formats import (
-    CAUSAL_LM_FILES,
     REFERENCE_MODEL_DIR,
     TOKEN_PAD,
     TOKENIZER_FILE,
     ChunkReader,
+    causal_lm_digest,
     load_tokenizer,
     same_tokenizer,
     tokenizer_identity,
 )
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
-from pipeline.versioning import tree_digest
 
 log = logging.getLogger("rpt.reference")
 
@@ -189,12 +188,7 @@ class ReferenceStage(Stage):
     def fingerprint(self, cfg: Config) -> Any:
         if not cfg.path:
             return None
-        p = Path(cfg.path)
-        if not (p / "config.json").is_file():
-            raise ConfigError(
-                f"reference.path: {cfg.path} is not a Hugging Face model folder (no config.json)"
-            )
-        return {"model_files": tree_digest(p, CAUSAL_LM_FILES)}
+        return {"model_files": causal_lm_digest(cfg.path, "reference.path")}
 
     def plan(self, ctx: StageContext) -> list[Shard]:
         return [Shard(0, 1)]

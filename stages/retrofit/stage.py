@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -30,9 +29,8 @@ from pydantic import Field, field_validator
 from pipeline.config import RunConfigBase, StageConfig
 from pipeline.devices import DeviceSetting
 from pipeline.errors import ConfigError
-from pipeline.formats import CAUSAL_LM_FILES
+from pipeline.formats import causal_lm_digest
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
-from pipeline.versioning import tree_digest
 
 log = logging.getLogger("rpt.retrofit")
 
@@ -122,12 +120,7 @@ class RetrofitStage(Stage):
     def fingerprint(self, cfg: Config) -> Any:
         if not cfg.base_path:
             return None
-        p = Path(cfg.base_path)
-        if not (p / "config.json").is_file():
-            raise ConfigError(
-                f"retrofit.base_path: {cfg.base_path} is not a Hugging Face model folder (no config.json)"
-            )
-        return {"base_files": tree_digest(p, CAUSAL_LM_FILES)}
+        return {"base_files": causal_lm_digest(cfg.base_path, "retrofit.base_path")}
 
     def plan(self, ctx: StageContext) -> list[Shard]:
         cfg: Config = ctx.cfg
