@@ -153,7 +153,8 @@ class EncoderLayer(nn.Module):
         """x [N, 2m, d] neighbor states, query [N, m, d] its query chunk's states, key_mask [N, 2m]."""
         dev = x.device
         pos = torch.arange(x.shape[1], device=dev)
-        # a pad row attends to itself only: never an empty softmax row (its output is masked in CCA)
+        # every row may attend to itself: a neighbor of pads only is never an empty softmax row (its
+        # output is masked in CCA)
         self_mask = key_mask[:, None, :] | torch.eye(x.shape[1], dtype=torch.bool, device=dev)[None]
         x = x + self.self_attn(self.self_norm(x), q_pos=pos, attn_mask=self_mask)
         qpos = torch.arange(query.shape[1], device=dev)
@@ -193,7 +194,9 @@ class CrossBlock(nn.Module):
         nn.init.zeros_(self.cca.attn.wo.weight)
 
     def forward(self, h: torch.Tensor, mem: NeighborMemory) -> torch.Tensor:
-        return h + self.cca(self.norm(h), mem).to(h.dtype)
+        # in the new parts' dtype: a bf16 base with float32 new parts runs with or without autocast
+        x = self.norm(h.to(self.norm.weight.dtype))
+        return h + self.cca(x, mem).to(h.dtype)
 
 
 class RetrofitParts(nn.Module):
@@ -203,8 +206,8 @@ class RetrofitParts(nn.Module):
         super().__init__()
         self.encoder = NeighborEncoder(cfg)
         self.cross = nn.ModuleDict({str(i): CrossBlock(cfg) for i in cfg.cca_layers})
-        for name, p in self.named_parameters():
-            if p.dim() == 2 and not name.endswith("cca.attn.wo.weight"):
+        for name, p in self.named_parameters():  # matrices; not the null key/value (1e-4, model.layers)
+            if p.dim() == 2 and not name.endswith("cca.attn.wo.weight") and ".null_" not in name:
                 nn.init.normal_(p, 0.0, init_std)
 
 
@@ -296,10 +299,10 @@ class RetrofitLM(nn.Module):
         if T % self.cfg.chunk_len:
             raise ValueError(f"sequence length {T} is not a multiple of chunk_len {self.cfg.chunk_len}")
         if neighbors is None:
-            logits = self.base(input_ids=tokens).logits
+            logits = self.base(input_ids=tokens, use_cache=False).logits
         else:
             with self._cca_hooks(neighbors.to(tokens.device), T):
-                logits = self.base(input_ids=tokens).logits
+                logits = self.base(input_ids=tokens, use_cache=False).logits
         out = RetrofitOutput(logits=logits)
         if labels is not None:
             out.loss, out.token_nll = lm_loss(logits, labels)

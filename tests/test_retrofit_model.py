@@ -166,11 +166,11 @@ def test_config_defaults_and_errors() -> None:
 
 def test_windows_and_neighbor_tokens_against_a_naive_loop() -> None:
     rng = np.random.default_rng(0)
-    docs = [DocSpan(0, "train", 0, 5), DocSpan(1, "train", 5, 3)]
-    tokens = rng.integers(0, 50, (8, 4)).astype(np.int32)
+    docs = [DocSpan(0, "train", 0, 5), DocSpan(1, "train", 5, 3), DocSpan(2, "train", 8, 1)]
+    tokens = rng.integers(0, 50, (9, 4)).astype(np.int32)
     tokens[4, 2:] = -1  # doc 0's last chunk is short
-    chunk_doc = np.array([0] * 5 + [1] * 3)
-    table = rng.integers(-1, 8, (8, 3))
+    chunk_doc = np.array([0] * 5 + [1] * 3 + [2])
+    table = rng.integers(-1, 9, (9, 3))
     q = np.array([0, 3, 7, -1])
     got = neighbor_tokens(tokens, chunk_doc, table, q, 2)
     for a, qi in enumerate(q):
@@ -179,7 +179,7 @@ def test_windows_and_neighbor_tokens_against_a_naive_loop() -> None:
             want = np.full(8, -1)
             if j >= 0:
                 want[:4] = tokens[j]
-                if j + 1 < 8 and chunk_doc[j + 1] == chunk_doc[j]:
+                if j + 1 < 9 and chunk_doc[j + 1] == chunk_doc[j]:
                     want[4:] = tokens[j + 1]
             assert (got[a, b] == want).all(), (a, b)
     ids, labels = window_tokens(tokens, chunk_doc, 3, 2, 3)
@@ -188,9 +188,13 @@ def test_windows_and_neighbor_tokens_against_a_naive_loop() -> None:
     assert labels[0] == flat[1] and (labels[5:] == IGNORE).all()  # pads predict nothing
     ids, labels = window_tokens(tokens, chunk_doc, 1, 2, 2)
     assert labels[-1] == tokens[3, 0]  # the next chunk of the same document
+    ids, labels = window_tokens(tokens, chunk_doc, 5, 3, 3)  # a full last chunk; the next is doc 2's
+    assert labels[-1] == IGNORE and labels[-2] == tokens[7, 3]
+    ids, labels = window_tokens(tokens, chunk_doc, 5, 2, 2)
+    assert labels[-1] == tokens[7, 0]
     assert len(training_windows(docs, 3).first) == 3 + 1
     tw = tiling_windows(docs, 2)
-    assert tw.first.tolist() == [0, 2, 4, 5, 7] and tw.n_chunks.tolist() == [2, 2, 1, 2, 1]
+    assert tw.first.tolist() == [0, 2, 4, 5, 7, 8] and tw.n_chunks.tolist() == [2, 2, 1, 2, 1, 1]
 
 
 def test_the_new_parts_learn_to_copy_from_a_neighbor() -> None:
@@ -220,7 +224,7 @@ def test_the_new_parts_learn_to_copy_from_a_neighbor() -> None:
         return x, torch.stack([first, second], dim=2), labels
 
     model.train()
-    for _ in range(400):
+    for _ in range(500):
         x, nb, labels = data()
         model(x, nb, labels).loss.backward()
         opt.step()

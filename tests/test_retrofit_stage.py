@@ -206,3 +206,38 @@ def test_any_neighbor_table_of_either_scope(upstream, tiny_encoder, tmp_path, ta
     assert art.manifest.meta["scope"] == scope
     st = art.manifest.stats
     assert st["ppl_own"] != st["ppl_empty"] and st["nll_own_minus_empty"][0] != 0
+
+
+def test_the_table_read_is_causal_and_covers_every_chunk_whatever_the_bm25_section(upstream):
+    """The run's own bm25 section may ask for non-causal statistics or queries of some splits only; the
+    retrofit's table takes neither (document statistics would let future chunks pick neighbors; train
+    chunks without rows would train CCA on nothing)."""
+    run = upstream.with_section("bm25", {"stats": "document", "query_splits": ["test"], "example_chunks": 4})
+    for scope in ("document-causal", "corpus"):
+        node = resolve("retrofit", run.with_section("retrofit", {"scope": scope})).inputs["neighbors"]
+        assert node.cfg.scope == scope and node.cfg.query == "chunk" and node.cfg.query_splits is None
+        assert node.cfg.stats == "causal" and node.cfg.example_chunks == 0
+
+
+def test_bootstrap_units_are_blocks_of_chunks_or_documents():
+    from stages.retrofit.loop import summarize
+
+    rows = [
+        {
+            "window": w,
+            "doc_idx": 0,
+            "first_chunk": 4 * w,
+            "setting": s,
+            "nll_sum": 10.0 + (s == "own"),
+            "tokens": 5,
+        }
+        for w in range(10)
+        for s in ("frozen", "own", "empty")
+    ]
+    st = summarize(rows)
+    assert st["bootstrap_units"] == 3 and st["bootstrap_unit"].startswith(
+        "block"
+    )  # chunks 0-15, 16-31, 32-39
+    assert st["nll_own_minus_empty"][0] == pytest.approx(1 / 5) and st["eval_tokens"] == 50
+    many = [dict(r, doc_idx=r["window"], first_chunk=100 * r["window"]) for r in rows]
+    assert summarize(many)["bootstrap_unit"] == "document" and summarize(many)["bootstrap_units"] == 10

@@ -332,7 +332,9 @@ def retrofit_table(m: Metrics) -> Table:
         trained += f" ({_pct(share('train_token_share'))}% of the base LM's training tokens)"
     notes = [
         trained + ".",
-        "ΔNLL in nats per token; [95% paired bootstrap interval over the evaluation windows]. Own minus no "
+        "ΔNLL in nats per token; [95% paired bootstrap interval over "
+        f"{next((r['count'] for r in m.select('retrofit', metric='nll_minus_empty')), '?')} units: documents, or "
+        "blocks of 16 chunks when there are fewer than 8]. Own minus no "
         "neighbors is what retrieval adds; no neighbors minus frozen, what the new parameters add by themselves.",
     ]
     return Table(

@@ -33,7 +33,7 @@ def retrofit_rows(art: Artifact, split: str) -> list[dict[str, Any]]:
         for name, val in ((met, point), (f"{met}_ci_low", lo), (f"{met}_ci_high", hi)):
             rows.append(
                 metric_row(
-                    "retrofit", "retrofit", a, k if a == "own" else 0, name, float(val), st["eval_windows"]
+                    "retrofit", "retrofit", a, k if a == "own" else 0, name, float(val), st["bootstrap_units"]
                 )
             )
     for name in ("trainable_share", "train_token_share", "train_tokens", "trainable_params"):

@@ -59,7 +59,8 @@ def model_card(manifest: Mapping[str, Any]) -> str:
         f"- ΔNLL own - no neighbors: {_delta(stats.get('nll_own_minus_empty'))} nats/token (what retrieval adds)",
         f"- ΔNLL own - frozen base: {_delta(stats.get('nll_own_minus_frozen'))}",
         f"- ΔNLL no neighbors - frozen base: {_delta(stats.get('nll_empty_minus_frozen'))}",
-        "- [95% paired bootstrap intervals over the evaluation windows]",
+        f"- [95% paired bootstrap intervals over {stats.get('bootstrap_units')} units: "
+        f"{stats.get('bootstrap_unit')}s]",
         "",
         "## Load",
         "```python",

@@ -24,6 +24,7 @@ from data.neighbors import load_neighbor_table
 from data.retrofit import Windows, batch_arrays, sample, tiling_windows, training_windows
 from model import schedules as sch
 from model.checkpointer import Checkpointer, load_state, module_bytes, rng_state, save_state, write_atomic
+from model.config import IGNORE
 from model.optim import adamw, set_lr
 from model.retrofit import RetrofitLM, load_base, retrofit_config, save_retrofit
 from pipeline.bootstrap import paired_delta
@@ -39,6 +40,7 @@ log = logging.getLogger("rpt.retrofit")
 
 BETAS = (0.9, 0.95)
 SETTINGS = ("frozen", "own", "empty")  # the frozen LM; retrofitted with its neighbors; with none
+BLOCK_CHUNKS = 16  # the bootstrap's block when there are few documents (evaluate.block_chunks' default)
 METRICS_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),
@@ -109,7 +111,7 @@ class RetrofitTrainer:
                 f"the base at {base_dir} has another tokenizer than {ctx.inputs['tokenizer'].ref}: set "
                 f"tokenizer.path to {base_dir / TOKENIZER_FILE} so the chunks use the base's token ids"
             )
-        base = load_base(base_dir)
+        base = load_base(base_dir, torch.bfloat16 if self.bf16 else None)  # frozen: bf16 weights on a GPU
         self.reader = reader = ChunkReader(ctx.inputs["chunks"])
         m = reader.chunk_len
         self.seq_len = context_len(base, cfg, m)
@@ -121,6 +123,11 @@ class RetrofitTrainer:
         self.chunk_doc = reader.chunk_doc
         self.table = load_neighbor_table(ctx.inputs["neighbors"], reader.n_chunks).ids
         self.windows = training_windows(reader.docs("train"), self.c)
+        self.fill = neighbor_fill(self.table, reader.docs("train"), cfg.n_neighbors)
+        if self.fill == 0:
+            raise InputError(
+                f"{ctx.inputs['neighbors'].ref} has no neighbors for any train chunk: nothing to train CCA on"
+            )
         if len(self.windows.first) == 0:
             raise InputError(
                 f"{ctx.inputs['chunks'].ref}: no train document has {self.c} chunks ({self.seq_len} tokens); "
@@ -247,7 +254,7 @@ class RetrofitTrainer:
                 ]
                 with self.autocast:
                     nll = self.model(b["tokens"], nb, b["labels"]).token_nll.double()
-                n_tok = (b["labels"] != -100).sum(1)
+                n_tok = (b["labels"] != IGNORE).sum(1)
                 for r, i in enumerate(picks):
                     rows.append(
                         {
@@ -260,6 +267,12 @@ class RetrofitTrainer:
                         }
                     )
         return rows
+
+
+def neighbor_fill(table: np.ndarray, docs: list[Any], k: int) -> float:
+    """Share of the documents' chunks with at least one of their first k neighbors."""
+    ids = np.concatenate([d.chunk_ids for d in docs]) if docs else np.zeros(0, np.int64)
+    return float((table[ids, :k] >= 0).any(1).mean()) if len(ids) else 0.0
 
 
 def _base_tokens(ctx: StageContext) -> int | None:
@@ -278,13 +291,34 @@ def _metrics_bytes(rows: list[dict[str, Any]]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def bootstrap_units(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """What the intervals resample, as the evaluate stage does: documents when there are 8 or more, else
+    blocks of BLOCK_CHUNKS chunks (neighbouring windows of one book are correlated; single windows would
+    give intervals too narrow). Returns the unit's name and each row's unit key."""
+    docs = {r["doc_idx"] for r in rows}
+    if len(docs) >= 8:
+        return "document", [(r["doc_idx"], 0) for r in rows]
+    return f"block of {BLOCK_CHUNKS} chunks", [(r["doc_idx"], r["first_chunk"] // BLOCK_CHUNKS) for r in rows]
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Perplexity per setting and the paired ΔNLL (own - empty, own - frozen, empty - frozen) with 95%
-    bootstrap intervals over the evaluation windows."""
-    by = {s: sorted((r for r in rows if r["setting"] == s), key=lambda r: r["window"]) for s in SETTINGS}
-    tok = np.array([r["tokens"] for r in by["own"]], dtype=np.float64)
-    nll = {s: np.array([r["nll_sum"] for r in by[s]]) for s in SETTINGS}
-    out: dict[str, Any] = {"eval_tokens": int(tok.sum()), "eval_windows": len(tok)}
+    bootstrap intervals over units (`bootstrap_units`)."""
+    unit, keys = bootstrap_units(rows)
+    sums: dict[str, dict[tuple[int, int], list[float]]] = {s: {} for s in SETTINGS}
+    for r, key in zip(rows, keys):
+        acc = sums[r["setting"]].setdefault(key, [0.0, 0.0])
+        acc[0] += r["nll_sum"]
+        acc[1] += r["tokens"]
+    order = sorted(sums["own"])
+    tok = np.array([sums["own"][k][1] for k in order])
+    nll = {s: np.array([sums[s][k][0] for k in order]) for s in SETTINGS}
+    out: dict[str, Any] = {
+        "eval_tokens": int(tok.sum()),
+        "eval_windows": sum(r["setting"] == "own" for r in rows),
+        "bootstrap_unit": unit,
+        "bootstrap_units": len(order),
+    }
     for s in SETTINGS:
         out[f"ppl_{s}"] = float(np.exp(nll[s].sum() / tok.sum()))
     rng = np.random.default_rng(0)
@@ -321,6 +355,7 @@ def run_retrofit(ctx: StageContext) -> dict[str, Any]:
             "base_train_tokens": tr.base_tokens,
             "train_token_share": tokens / tr.base_tokens if tr.base_tokens else None,
             "train_windows": len(tr.windows.first),
+            "train_neighbor_fill": round(tr.fill, 4),
             "final_loss": tr.rows[-1]["loss"] if tr.rows else None,
             "train_s": round(train_s, 2),
             "eval_s": round(eval_s, 2),

@@ -93,9 +93,11 @@ class Config(StageConfig):
 
 
 def neighbor_overrides(cfg: Config) -> dict[str, Any]:
-    """The neighbor table the retrofit reads, in the chosen scope; for bm25, query = the chunk (dense tables
-    always embed the chunk)."""
-    return {"scope": cfg.scope, **({"query": "chunk"} if cfg.neighbors == "bm25" else {})}
+    """The neighbor table the retrofit reads: the chosen scope, a row for every chunk (train queries are
+    the training's), and, for bm25, query = the chunk with causal statistics and no example bound, whatever
+    the run's own section says (`stats: document` would let a document's future chunks pick neighbors)."""
+    bm25 = {"query": "chunk", "stats": "causal", "example_chunks": 0}
+    return {"scope": cfg.scope, "query_splits": None, **(bm25 if cfg.neighbors == "bm25" else {})}
 
 
 class RetrofitStage(Stage):
