@@ -109,3 +109,10 @@ def parquet_rows(path: str, fs: Any) -> int:
 def parquet_schema(path: str, fs: Any) -> pa.Schema:
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).schema_arrow
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A small table as the bytes of a zstd Parquet file (metrics written into checkpoints and artifacts)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

@@ -7,7 +7,6 @@ Imported only by stages.retrofit.stage's run_shard (it imports torch; the stage 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -31,6 +30,7 @@ from pipeline.bootstrap import paired_delta
 from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, InputError, RptError
 from pipeline.formats import CAUSAL_LM_FILES, REFERENCE_MODEL_DIR, TOKENIZER_FILE, ChunkReader, same_tokenizer
+from pipeline.parquet import parquet_bytes
 from pipeline.progress import progress
 from pipeline.stage import StageContext
 from pipeline.versioning import tree_digest
@@ -286,9 +286,7 @@ def _base_tokens(ctx: StageContext) -> int | None:
 
 
 def _metrics_bytes(rows: list[dict[str, Any]]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA), sink)
-    return sink.getvalue().to_pybytes()
+    return parquet_bytes(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA))
 
 
 def bootstrap_units(rows: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
@@ -340,7 +338,7 @@ def run_retrofit(ctx: StageContext) -> dict[str, Any]:
         eval_s = time.perf_counter() - t0
         save_retrofit(tr.model, root, tr.base_info)
         write_atomic(root / "metrics.parquet", _metrics_bytes(tr.rows))
-        pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), root / EVAL_FILE)
+        write_atomic(root / EVAL_FILE, parquet_bytes(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)))
         counts = tr.model.param_counts()
         tokens = cfg.steps * cfg.batch_size * tr.seq_len
         stats: dict[str, Any] = {
@@ -370,5 +368,4 @@ def run_retrofit(ctx: StageContext) -> dict[str, Any]:
             stats["ppl_empty"],
             stats["nll_own_minus_empty"],
         )
-        json.dumps(stats)  # the manifest must hold it
     return stats

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from pipeline.parquet import parquet_bytes
 from stages.train.stage import METRICS_SCHEMA
 
 
@@ -128,7 +128,4 @@ def metrics_row(window: MetricSums, micro_per_step: int, n_steps: int, has_ret: 
 
 def metrics_bytes(rows: list[dict[str, Any]]) -> bytes:
     """metrics.parquet (zstd) of the rows so far."""
-    table = pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
+    return parquet_bytes(pa.Table.from_pylist(rows, schema=METRICS_SCHEMA))
