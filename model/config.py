@@ -47,6 +47,16 @@ class RPTConfig(BaseModel):
         le=1.0,
         description="neighbor gate: eta + (1 - eta) sigmoid(.) (floor eta, a gradient everywhere)",
     )
+    gate_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="the gate's score is divided by it before the sigmoid (the official code: d_model)",
+    )
+    detach_neighbors: bool = Field(
+        False,
+        description="the neighbor memory reads the lower decoder's states without a gradient into them "
+        "(not in the paper; for a one-layer lower decoder, docs/evaluate.md)",
+    )
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-6, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

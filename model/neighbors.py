@@ -14,8 +14,17 @@ NeighborAugmentor and CrossNeighborAugmentor).
 
 Why the smooth gate: the paper writes g = max(eta, sigmoid(.)), whose gradient is zero wherever
 sigmoid < eta, so a gate pushed below the floor by noisy neighbors early in training never comes back
-(measured: every gate at 0.1 by step 150, for good). The official code uses 0.1 + 0.9 sigmoid(s), the
-same range [eta, 1] with a gradient everywhere; we do the same.
+(measured: every gate at 0.1 by step 150, for good). The official code uses 0.1 + 0.9 sigmoid(s / d),
+the same range [eta, 1] with a gradient everywhere; we do the same, with the divisor a setting
+(`gate_temperature`, default 1; the official code's is the width d). Why it matters: Adam moves each of
+the gate's d + 1 weights by about lr per step whatever the gradient's size, so an unscaled score moves
+~d times faster than any one weight. On the demo (d = 64) the gates reached the floor by step 75, while
+the neighbors were still noise to a model learning its unigrams, and stayed there with the sigmoid
+saturated (gate mean 0.10-0.11 to step 1,000); with temperature d they stay near 0.5 and RETRO's
+validation perplexity was 3-7% lower on each of three seeds. On the synthetic mechanism tests the
+opposite holds: there the gate is the quickest way to drop a random distractor, and with temperature d
+rpt_sem end to end reached a copied-token NLL of only 2.78 in the 700 steps where it reaches < 1.0 with
+1 (docs/evaluate.md, "Why the neighbors are not copied").
 
 Any neighbor source is held to j <= i - 1 here (then j + 1 <= i), which is what keeps CCA causal.
 """
@@ -36,6 +45,7 @@ class NeighborEncoder(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.m, self.eta, self.span = cfg.chunk_len, cfg.gate_eta, max(1, cfg.window // cfg.chunk_len)
+        self.score_scale = 1.0 / cfg.gate_temperature  # the official code divides by d: see above
         self.self_norm, self.self_attn = RMSNorm(d, cfg.norm_eps), Attention(cfg)
         self.q_norm, self.kv_norm, self.query_attn = (
             RMSNorm(d, cfg.norm_eps),
@@ -82,7 +92,7 @@ class NeighborEncoder(nn.Module):
         mask = allowed[None] & valid.reshape(B, 1, n * K)
         mask = mask | torch.eye(n * K, dtype=torch.bool, device=dev)[None]  # never an empty row
         x = pooled + self.x_attn(self.x_norm1(pooled), q_pos=idx, attn_mask=mask)
-        s = self.gate(self.x_norm2(x)).squeeze(-1).float()
+        s = self.gate(self.x_norm2(x)).squeeze(-1).float() * self.score_scale
         gate = (self.eta + (1.0 - self.eta) * torch.sigmoid(s)).reshape(B, n, K)
         kv_mask = valid[..., None].expand(B, n, K, 2 * m).reshape(B, n, K * 2 * m)
         return NeighborMemory(nb.reshape(B, n, K * 2 * m, d), kv_mask, gate, pos)

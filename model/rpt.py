@@ -174,7 +174,10 @@ class RPT(nn.Module):
             positions = gold_positions(ref, cand_pos, cand_target, k)
         mem = None
         if positions is not None:
-            mem = self.neighbors(nb_states, low, positions)
+            if cfg.detach_neighbors:  # CCA learns to read the lower decoder, not to rewrite it
+                mem = self.neighbors(nb_states.detach(), low.detach(), positions)
+            else:
+                mem = self.neighbors(nb_states, low, positions)
             out.neighbor_pos, out.gate = mem.positions, mem.gate
         for layer in self.upper:
             h = layer(h, mem, out.cca_ratio)

@@ -3,6 +3,7 @@ schedules, LambdaRank, overfitting and checkpoint round trips. Tiny shapes, CPU.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -179,19 +180,83 @@ def test_gate_within_bounds_with_a_gradient_everywhere() -> None:
     max(eta, sigmoid) would have clamped it (zero gradient there)."""
     torch.manual_seed(4)
     model = RPT(tiny("retro_bm25")).eval()
+    d = 1
     B, T = 2, L * M
     tok = torch.randint(0, V, (B, T))
     nb = given_neighbors(B, L)
     with torch.no_grad():
         g = model(tok, neighbor_pos=nb).gate
         assert g.min() >= 0.1 and g.max() <= 1.0
-        model.neighbors.gate.bias.fill_(50.0)
+        model.neighbors.gate.bias.fill_(50.0 * d)
         assert torch.allclose(model(tok, neighbor_pos=nb).gate, torch.ones_like(g))
-        model.neighbors.gate.bias.fill_(-8.0)  # sigmoid ~ 3e-4: at the floor
+        model.neighbors.gate.bias.fill_(-8.0 * d)  # sigmoid ~ 3e-4: at the floor
     g = model(tok, neighbor_pos=nb).gate
     assert torch.allclose(g, torch.full_like(g, 0.1), atol=1e-3)
     g.sum().backward()
     assert model.neighbors.gate.bias.grad.abs().item() > 0
+
+
+def test_gate_temperature_divides_the_score_and_slows_the_collapse() -> None:
+    """With gate_temperature t the gate is eta + (1 - eta) sigmoid(w.x / t) (the official code's t = d),
+    recomputed here from the encoder's own pooled states; under steady pressure to close (100 Adam steps
+    at lr 3e-3 on the gate's mean, as noisy neighbors exert early in training) a t = d gate stays far
+    from its floor, where the unscaled one (t = 1) ends within those steps."""
+    B, T = 2, L * M
+    tok = torch.randint(0, V, (B, T))
+    nb = given_neighbors(B, L)
+    d = tiny("retro_bm25").d_model
+
+    def model_with(t: float) -> RPT:
+        torch.manual_seed(5)
+        return RPT(tiny("retro_bm25", gate_temperature=t))
+
+    model = model_with(d).eval()
+    enc = model.neighbors
+    seen: dict[str, torch.Tensor] = {}
+    hook = enc.x_norm2.register_forward_hook(lambda m, i, o: seen.update(x=o))
+    with torch.no_grad():
+        g = model(tok, neighbor_pos=nb).gate
+    hook.remove()
+    s = (seen["x"] @ enc.gate.weight.T + enc.gate.bias).squeeze(-1) / d
+    assert torch.allclose(g.reshape(-1), (0.1 + 0.9 * torch.sigmoid(s)).reshape(-1), atol=1e-6)
+
+    def pushed_down(t: float) -> float:
+        m = model_with(t)
+        opt = torch.optim.Adam(m.neighbors.gate.parameters(), lr=3e-3)
+        for _ in range(100):
+            opt.zero_grad()
+            m(tok, neighbor_pos=nb).gate.mean().backward()
+            opt.step()
+        with torch.no_grad():
+            return float(m(tok, neighbor_pos=nb).gate.mean())
+
+    assert pushed_down(d) > 0.4
+    assert pushed_down(1.0) < 0.2  # at the floor (0.1) or nearly
+
+
+def test_detached_neighbors_send_no_gradient_into_the_lower_decoder() -> None:
+    """detach_neighbors: the lower decoder learns from the LM path only (and the retriever's loss); CCA
+    and the neighbor encoder still train. Without it the neighbor path reaches the lower decoder."""
+    B, T = 2, L * M
+    tok = torch.randint(0, V, (B, T))
+    nb = given_neighbors(B, L)
+    for detach in (False, True):
+        torch.manual_seed(6)
+        model = RPT(tiny("retro_bm25", detach_neighbors=detach))
+        out = model(tok, neighbor_pos=nb)
+        lower = list(model.lower.parameters())
+        grads = torch.autograd.grad(out.gate.sum(), [*lower, model.neighbors.gate.weight], allow_unused=True)
+        reached = any(g is not None and g.abs().sum() > 0 for g in grads[:-1])
+        assert reached is not detach
+        assert grads[-1] is not None and grads[-1].abs().sum() > 0
+        # the forward pass is the same either way
+        torch.manual_seed(6)
+        ref = RPT(tiny("retro_bm25"))
+        with torch.no_grad():
+            assert torch.equal(
+                ref(tok, neighbor_pos=nb, return_logits=True).logits,
+                model(tok, neighbor_pos=nb, return_logits=True).logits,
+            )
 
 
 def test_schedules_at_endpoints() -> None:
@@ -329,6 +394,15 @@ def test_checkpoint_round_trip(tmp_path) -> None:
         assert torch.equal(model(tok, return_logits=True).logits, loaded(tok, return_logits=True).logits)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing")
+    # a checkpoint written before gate_temperature and detach_neighbors existed loads as it was trained
+    old = json.loads((tmp_path / "config.json").read_text())
+    for key in ("gate_temperature", "detach_neighbors"):
+        del old["model"][key]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    again, cfg3 = load_checkpoint(tmp_path)
+    assert cfg3 == cfg
+    with torch.no_grad():
+        assert torch.equal(model(tok, return_logits=True).logits, again(tok, return_logits=True).logits)
 
 
 def test_config_validation() -> None:
