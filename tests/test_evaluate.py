@@ -21,6 +21,7 @@ from pipeline.store import ArtifactStore
 from retrieval.ranking import distinct_overlap, ranking_metrics
 from stages import config_from_dict
 from stages.evaluate.perplexity import EvalDoc, doc_batch, oracle_positions, select_documents
+from stages.evaluate.repeats import REPEAT_NGRAM
 
 TINY_MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "window": 128, "stride": 64}
 
@@ -188,6 +189,23 @@ def test_perplexity_is_exp_of_the_mean_token_loss_by_hand(eval_run):
         )
         assert got["count"] == len(nll)
         assert got["value"] == pytest.approx(by_hand, rel=1e-5)
+        if variant == "baseline":  # the repeats table splits the same NLLs by the naive repeat search
+            rep = _repeats_by_search(toks, TINY_MODEL["window"], REPEAT_NGRAM)[: len(nll)]
+            split = {
+                name: [x for x, r in zip(nll, rep) if r == want]
+                for name, want in (("repeat", 1), ("other", 0))
+            }
+            for name, vals in split.items():
+                hits = [
+                    r
+                    for r in rows
+                    if r["table"] == "repeats" and r["model"] == "baseline" and r["metric"] == f"{name}_nll"
+                ]
+                assert len(hits) == (1 if vals else 0)
+                if vals:
+                    assert hits[0]["count"] == len(vals)
+                    assert hits[0]["value"] == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+            assert split["other"]
     assert any(len(g) >= 2 for g in gold)  # the oracle row did use gold neighbors
     assert any(len(b) >= k3 for b in bm25_pos)
     # the number of neighbors reaches the model: K = 2 and 3 (this fixture's evaluate.neighbors) differ
@@ -454,3 +472,32 @@ def test_use_rows_are_paired_differences_with_bootstrap_intervals(eval_run):
     report = art.local_path("report.md").read_text()
     assert "Use of retrieval" in report and "ΔNLL vs empty" in report
     assert any(r["table"] == "training" and r["metric"] == "train_gate_mean" for r in rows)
+
+
+def _repeats_by_search(x: list[int], window: int, n: int) -> list[bool]:
+    """Naive: for each t, the latest earlier end j of the same n tokens, searched position by position."""
+    out = [False] * len(x)
+    for t in range(n - 1, len(x) - 1):
+        for j in range(t - 1, n - 2, -1):
+            if x[j - n + 1 : j + 1] == x[t - n + 1 : t + 1]:
+                out[t] = t - j > window and x[j + 1] == x[t + 1]
+                break
+    return out
+
+
+def test_repeat_mask_matches_a_direct_search():
+    """Repeated passages (the report's copy diagnostic) on synthetic documents with verbatim copies
+    beyond the window, on random text with short repeats inside it, and with padding after the end."""
+    from data.synthetic import copy_document
+    from stages.evaluate.repeats import repeat_mask
+
+    rng = np.random.default_rng(3)
+    docs = [copy_document(rng, 24, 8, 12, min_gap=40).tokens for _ in range(3)]
+    docs.append(rng.integers(0, 3, 300))  # tiny vocabulary: n-grams recur at every distance
+    for x in docs:
+        for window, n in ((32, 4), (8, 3), (100, 6)):
+            padded = np.concatenate([x, np.full(7, 99)])
+            got = repeat_mask(padded, len(x), window, n)
+            want = _repeats_by_search([int(v) for v in x], window, n)
+            assert got[: len(x)].tolist() == want and not got[len(x) :].any()
+    assert repeat_mask(docs[0], len(docs[0]), 32, 4).sum() > 20  # the copies are found

@@ -34,6 +34,8 @@ PPL_DETAIL_SCHEMA = pa.schema(
         ("block", pa.int32()),  # block of `block_chunks` chunks of the document (the bootstrap unit)
         ("tokens", pa.int64()),
         ("nll_sum", pa.float64()),
+        ("repeat_tokens", pa.int64()),  # of `tokens`, those continuing a passage seen beyond the window
+        ("repeat_nll_sum", pa.float64()),  # (stages.evaluate.repeats)
     ]
 )
 
@@ -175,6 +177,7 @@ def variant_passes(ctx: StageContext, variant: str) -> dict[str, Any]:
     from model.checkpoint import load_checkpoint
     from model.retriever import topk_positions
     from pipeline.devices import resolve_device, resolve_dtype
+    from stages.evaluate.repeats import repeat_mask
 
     cfg: Config = ctx.cfg
     if cfg.threads:
@@ -218,6 +221,9 @@ def variant_passes(ctx: StageContext, variant: str) -> dict[str, Any]:
             tok_np, lab_np = doc_batch(reader, batch)
             tokens = torch.from_numpy(tok_np).to(device)
             labels = torch.from_numpy(lab_np).to(device)
+            repeats = torch.from_numpy(
+                np.stack([repeat_mask(tok_np[b], d.n_tokens, mcfg.window) for b, d in enumerate(batch)])
+            ).to(device)
             ranked = False
             for s in settings:
                 kw: dict[str, Any] = {"k": s.k} if s.k else {}
@@ -245,6 +251,9 @@ def variant_passes(ctx: StageContext, variant: str) -> dict[str, Any]:
                 n_blocks = -(-tokens.shape[1] // bc)
                 pad = n_blocks * bc - tokens.shape[1]
                 nll = torch.nn.functional.pad(out.token_nll.double(), (0, pad)).view(len(batch), n_blocks, bc)
+                rep = torch.nn.functional.pad(repeats, (0, pad)).view(len(batch), n_blocks, bc)
+                rep_nll = (nll * rep).sum(dim=2).cpu().numpy()
+                rep_n = rep.sum(dim=2).cpu().numpy()
                 nll = nll.sum(dim=2).cpu().numpy()
                 lab = torch.nn.functional.pad(labels != IGNORE, (0, pad)).view(len(batch), n_blocks, bc)
                 counted = lab.sum(dim=2).cpu().numpy()
@@ -263,6 +272,8 @@ def variant_passes(ctx: StageContext, variant: str) -> dict[str, Any]:
                         rows["block"].append(blk)
                         rows["tokens"].append(int(counted[b, blk]))
                         rows["nll_sum"].append(float(nll[b, blk]))
+                        rows["repeat_tokens"].append(int(rep_n[b, blk]))
+                        rows["repeat_nll_sum"].append(float(rep_nll[b, blk]))
                 if s.source == "retriever" and not ranked:  # the scores do not depend on K
                     top = topk_positions(out.ret_scores.float(), depth)
                     val = torch.gather(out.ret_scores.float(), -1, top.clamp(min=0)).cpu().numpy()

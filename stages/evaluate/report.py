@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.errors import ArtifactError
 from stages.evaluate.paper import PAPER_PERPLEXITY, PAPER_RETRIEVAL, PAPER_RETRIEVAL_METRICS
+from stages.evaluate.repeats import REPEAT_NGRAM
 
 METRICS_FILE = "metrics.parquet"
 REPORT_FILE = "report.md"
@@ -295,6 +296,47 @@ def use_table(m: Metrics) -> Table:
     )
 
 
+def repeat_table(m: Metrics) -> Table:
+    """Does a variant copy from its neighbors? NLL on the test tokens that continue a passage last seen
+    beyond the attention window (a model that reads the right neighbor and copies predicts them almost
+    surely) beside the NLL on all other tokens, for every perplexity row."""
+    base = m.value("repeats", "baseline", "none", 0, "repeat_nll")
+    rows = []
+    for r in sorted(
+        m.select("repeats", metric="repeat_nll"),
+        key=lambda r: (
+            list(MODEL_NAMES).index(r["model"]) if r["model"] in MODEL_NAMES else 9,
+            r["setting"] != "empty",
+            r["setting"] == "oracle",
+            r["neighbors"] or 0,
+        ),
+    ):
+        other = m.value("repeats", r["model"], r["setting"], r["neighbors"], "other_nll")
+        rows.append(
+            [
+                MODEL_NAMES.get(r["model"], r["model"]),
+                r["setting"],
+                str(r["neighbors"]) if r["neighbors"] else "—",
+                _num(r["value"], 3),
+                f"{r['value'] - base:+.3f}" if base is not None and r["model"] != "baseline" else "",
+                _num(other, 3),
+            ]
+        )
+    n = {r["count"] for r in m.select("repeats", metric="repeat_nll")}
+    notes = [
+        f"Repeated tokens ({', '.join(f'{c:,}' for c in sorted(n))} of the test tokens): the {REPEAT_NGRAM} tokens "
+        "up to and including the current one last occurred further back than the attention window, and the "
+        "token after them there is the token to predict. Mean NLL in nats; a model that copies from "
+        "its neighbors brings the first column far below the second.",
+    ]
+    return Table(
+        "Repeated passages (does a model copy from its neighbors?)",
+        ["model", "neighbor source", "K", "NLL repeated", "vs baseline", "NLL other tokens"],
+        rows,
+        notes,
+    )
+
+
 def retrofit_table(m: Metrics) -> Table:
     """The retrofit stage's rows: the frozen LM, retrofitted with its neighbors and with none, on the same
     tokens; ΔNLL against the frozen LM and against no neighbors (what retrieval adds)."""
@@ -386,6 +428,8 @@ def all_tables(m: Metrics, column: str) -> list[Table]:
     out = [perplexity_table(m, column), retrieval_table(m, column)]
     if m.models("use"):
         out.append(use_table(m))
+    if m.models("repeats"):
+        out.append(repeat_table(m))
     if m.models("overlap"):
         out.append(overlap_table(m))
     if m.models("training"):

@@ -18,7 +18,7 @@ from stages.evaluate.perplexity import perplexity_rows, select_documents, varian
 from stages.evaluate.retrieval_metrics import retrieval_rows, universe_exclude_recent
 from stages.evaluate.retrofit_rows import retrofit_rows
 from stages.evaluate.training_diagnostics import training_rows
-from stages.evaluate.use import bootstrap_unit, use_rows
+from stages.evaluate.use import bootstrap_unit, repeat_rows, use_rows
 
 
 def _rank_inputs(run: RunConfigBase, cfg: Config) -> dict[str, InputRef]:
@@ -39,7 +39,7 @@ def _rank_inputs(run: RunConfigBase, cfg: Config) -> dict[str, InputRef]:
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = 1
+    version = 2  # 2: repeated-passage columns in details/perplexity-*.parquet, table `repeats`
     Config = Config
     description = "test perplexity of every variant, retrieval quality of every retriever, report and plots"
     preferred_runner = "serial"  # one model at a time; torch uses the cores (or the GPU)
@@ -123,6 +123,7 @@ class EvaluateStage(Stage):
         rows: list[dict[str, Any]] = []
         rows += perplexity_rows(ctx, docs)
         rows += use_rows(ctx, docs)
+        rows += repeat_rows(ctx)
         ret_rows, per_query = retrieval_rows(ctx, reader, docs)
         rows += ret_rows
         train_rows, curves = training_rows(ctx)

@@ -1,5 +1,7 @@
 """What retrieval adds (table `use` of metrics.parquet): a variant's NLL with its own neighbors minus
-with none (`empty`) and minus the baseline's, with paired bootstrap intervals."""
+with none (`empty`) and minus the baseline's, with paired bootstrap intervals; and where (table
+`repeats`): the NLL of every row on the tokens that continue a passage seen beyond the attention
+window (stages.evaluate.repeats) and on all the others."""
 
 from __future__ import annotations
 
@@ -63,4 +65,25 @@ def use_rows(ctx: StageContext, docs: list[EvalDoc]) -> list[dict[str, Any]]:
                 met = f"nll_minus_{ref_name}"
                 for name, val in ((met, point), (f"{met}_ci_low", lo), (f"{met}_ci_high", hi)):
                     rows.append(metric_row("use", v, own, k, name, float(val), len(keys)))
+    return rows
+
+
+def repeat_rows(ctx: StageContext) -> list[dict[str, Any]]:
+    """Per variant, setting and K: mean NLL on the repeated tokens (`repeat_nll`, count: how many) and on
+    the others (`other_nll`), from the per-block details."""
+    cfg: Config = ctx.cfg
+    rows: list[dict[str, Any]] = []
+    for v in cfg.variants:
+        sums: dict[tuple[str, int], list[float]] = {}
+        for r in read_parquet(ctx, f"details/perplexity-{v}.parquet").to_pylist():
+            acc = sums.setdefault((r["setting"], r["neighbors"]), [0.0, 0, 0.0, 0])
+            acc[0] += r["repeat_nll_sum"]
+            acc[1] += r["repeat_tokens"]
+            acc[2] += r["nll_sum"] - r["repeat_nll_sum"]
+            acc[3] += r["tokens"] - r["repeat_tokens"]
+        for (setting, k), (rep, n_rep, other, n_other) in sums.items():
+            if n_rep:
+                rows.append(metric_row("repeats", v, setting, k, "repeat_nll", rep / n_rep, int(n_rep)))
+            if n_other:
+                rows.append(metric_row("repeats", v, setting, k, "other_nll", other / n_other, int(n_other)))
     return rows
