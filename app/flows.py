@@ -101,9 +101,10 @@ def flow_targets(
         "supervision": supervision,
         "train": train,
         "evaluate": evaluate,
-        # everything the evaluation needs (its neighbor tables, the supervision, every variant); the
+        # everything the evaluation needs (its neighbor tables, the supervision, the variants
+        # evaluate.variants names, which come with it as its inputs; --variants adds trainings); the
         # dense table only when evaluate.retrievers names it (`neighbors` builds it regardless)
-        "full": supervision + train + evaluate,
+        "full": supervision + (train if variants else []) + evaluate,
         "stages": [Target(s) for s in (stages or [])],
     }
     if name not in table:

@@ -358,6 +358,16 @@ def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
     with_retrofit = run.with_section("evaluate", {"retrofit": True})
     full = sorted(n.stage for n in flows.resolve_targets(with_retrofit, flows.flow_targets("full"))[1])
     assert set(full) == set(REGISTRY)
+    # full trains the variants the evaluation names (every one by default), and --variants adds more
+    two = run.with_section("evaluate", {"variants": ["baseline", "rpt_sem"]})
+    trained = lambda r, v=None: sorted(  # noqa: E731
+        n.cfg.variant
+        for n in flows.resolve_targets(r, flows.flow_targets("full", v))[1]
+        if n.stage == "train"
+    )
+    assert trained(run) == sorted(flows.TRAIN_VARIANTS)
+    assert trained(two) == ["baseline", "rpt_sem"]
+    assert trained(two, ["rpt_lex"]) == ["baseline", "rpt_lex", "rpt_sem"]
     _, nodes = flows.resolve_targets(run, flows.flow_targets("neighbors"))
     assert sorted(n.stage for n in nodes) == sorted(NEIGHBORS)
     assert sorted(n.cfg.query for n in nodes if n.stage == "bm25") == ["chunk", "chunk+target"]
