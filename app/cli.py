@@ -147,7 +147,9 @@ def run_flow(
     variant: Annotated[
         list[str] | None,
         typer.Option(
-            "--variant", help="train/full: only these model variants (repeatable; default: all four)"
+            "--variant",
+            help="train: only these model variants (default: all four); full: train these too, beside "
+            "evaluate.variants (repeatable)",
         ),
     ] = None,
     target: Annotated[

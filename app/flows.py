@@ -683,14 +683,14 @@ def retrofit(config: str = "", overrides: Sequence[str] = ()) -> list[dict[str, 
 
 @flow(name="full", flow_run_name=parent_run_name)
 def full(
-    config: str = "", overrides: Sequence[str] = (), variants: Sequence[Variant] = TRAIN_VARIANTS
+    config: str = "", overrides: Sequence[str] = (), variants: Sequence[Variant] = ()
 ) -> list[dict[str, Any]]:
     """Everything: neighbors, supervision, the trained variants and their evaluation.
 
     Args:
         config: run config, a YAML path relative to the working directory; empty: every default
         overrides: settings over the config, each `section.key=value` as with `--set` (e.g. bm25.k=10)
-        variants: the model variants to train and evaluate
+        variants: model variants to train beside those evaluate.variants names (which are always trained)
     """
     return run_flow("full", config, overrides, variants)
 
@@ -768,6 +768,8 @@ def run_named(
     with prefect_api():
         if name == "stages":
             return stages(targets or [], cfg, sets)
-        if name in ("train", "full"):
+        if name == "train":
             return FLOWS[name](cfg, sets, variants or TRAIN_VARIANTS)
+        if name == "full":  # evaluate.variants come with the evaluation; --variant adds trainings
+            return FLOWS[name](cfg, sets, variants or ())
         return FLOWS[name](cfg, sets)
