@@ -21,10 +21,10 @@ the gate's d + 1 weights by about lr per step whatever the gradient's size, so a
 ~d times faster than any one weight. On the demo (d = 64) the gates reached the floor by step 75, while
 the neighbors were still noise to a model learning its unigrams, and stayed there with the sigmoid
 saturated (gate mean 0.10-0.11 to step 1,000); with temperature d they stay near 0.5 and RETRO's
-validation perplexity was 3-7% lower on each of three seeds. On the synthetic mechanism tests the
+validation perplexity was 2.5-6% lower on each of three seeds. On the synthetic mechanism tests the
 opposite holds: there the gate is the quickest way to drop a random distractor, and with temperature d
 rpt_sem end to end reached a copied-token NLL of only 2.78 in the 700 steps where it reaches < 1.0 with
-1 (docs/evaluate.md, "Why the neighbors are not copied").
+1 (docs/evaluate.md, "Why the neighbors were not copied").
 
 Any neighbor source is held to j <= i - 1 here (then j + 1 <= i), which is what keeps CCA causal.
 """
