@@ -337,6 +337,25 @@ def test_flows_need_registered_stages(
         flows.run_named("train", cfg, variants=["rpt_semm"])
 
 
+def test_rpt_flow_passes_variants_as_each_flow_reads_them(
+    monkeypatch: pytest.MonkeyPatch, write_config: Any, tmp_path: Path
+) -> None:
+    """`rpt flow train` without --variant trains all four; `rpt flow full` without it passes none, so the
+    evaluation's variants decide (passing all four trained a variant the evaluation did not read)."""
+    from contextlib import nullcontext
+
+    cfg = write_config(tmp_path)
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(flows, "prefect_api", nullcontext)
+    for name in ("train", "full"):
+        monkeypatch.setitem(flows.FLOWS, name, lambda c, s, v, name=name: seen.update({name: tuple(v)}))
+    flows.run_named("train", cfg)
+    flows.run_named("full", cfg)
+    assert seen == {"train": tuple(flows.TRAIN_VARIANTS), "full": ()}
+    flows.run_named("full", cfg, variants=["rpt_lex"])
+    assert seen["full"] == ("rpt_lex",)
+
+
 def test_flow_dags(write_config: Any, tmp_path: Path) -> None:
     """Each flow's DAG: inputs in earlier waves, every artifact once, the artifacts each flow promises."""
     run = load_config(write_config(tmp_path))
