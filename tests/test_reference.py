@@ -124,7 +124,7 @@ def save_tiny_lm(folder: Path, tokenizer_json: Path, seed: int = 0) -> None:
     shutil.copyfile(tokenizer_json, folder / TOKENIZER_FILE)
 
 
-def test_adopted_folder_versions_by_content(upstream, tmp_path):
+def test_adopted_folder_versions_by_content(upstream, tmp_path, caplog):
     store = ArtifactStore(upstream.root())
     pipe_tok = store.get("tokenizer", resolve("tokenizer", upstream).version).local_path(TOKENIZER_FILE)
     folder = tmp_path / "lm-a"
@@ -133,6 +133,12 @@ def test_adopted_folder_versions_by_content(upstream, tmp_path):
     art = build("reference", run)
     assert art.manifest.meta["source"] == "given" and art.manifest.meta["tokenizer_differs"] is False
     assert np.isfinite(art.manifest.stats["valid_ppl"])
+    # a random-weight LM cannot copy in context: the manifest says so, and so does the log
+    from stages.reference.lm import COPY_GAIN_MIN, COPY_PASSAGES
+
+    st = art.manifest.stats
+    assert st["copy_passages"] == COPY_PASSAGES and st["copy_gain"] < COPY_GAIN_MIN
+    assert any("does not copy in context" in r.getMessage() for r in caplog.records)
     from safetensors.torch import load_file
 
     src = load_file(str(folder / "model.safetensors"))
@@ -150,6 +156,79 @@ def test_adopted_folder_versions_by_content(upstream, tmp_path):
     assert (
         resolve("reference", upstream.with_section("reference", {"path": str(other)})).version != art.version
     )
+
+
+class _Logits(torch.nn.Module):
+    """A stand-in causal LM: `logits(x)` [B, T, V] from the token ids, returned as HF models return them."""
+
+    def __init__(self, vocab: int, copies: bool):
+        super().__init__()
+        self.vocab, self.copies = vocab, copies
+
+    def forward(self, input_ids: torch.Tensor):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, self.vocab)
+        # a copier is an induction head: it predicts what followed the latest earlier occurrence of the
+        # last two tokens
+        for b in range(B if self.copies else 0):
+            seq = input_ids[b].tolist()
+            for t in range(1, T):
+                prev = [p for p in range(1, t) if seq[p - 1 : p + 1] == seq[t - 1 : t + 1]]
+                if prev:
+                    logits[b, t, seq[prev[-1] + 1]] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_copy_probe_tells_a_model_that_copies_from_one_that_cannot():
+    from stages.reference.lm import COPY_GAIN_MIN, copy_probe
+
+    rng = np.random.default_rng(0)
+    V, piece = 64, 8
+    docs = [rng.integers(0, V, int(n)) for n in rng.integers(40, 200, 6)]
+    cpu = torch.device("cpu")
+    copier = copy_probe(_Logits(V, copies=True), docs, piece, 32, 0, cpu)
+    uniform = copy_probe(_Logits(V, copies=False), docs, piece, 32, 0, cpu)
+    assert copier["copy_passages"] == uniform["copy_passages"] == 32
+    assert uniform["copy_first_nll"] == pytest.approx(np.log(V)) and uniform["copy_gain"] == pytest.approx(
+        0.0
+    )
+    # the copier finds b in its first occurrence; where b first occurs only accidental repeats help it
+    assert copier["copy_repeat_nll"] < 0.1 and copier["copy_gain"] > 2.0 > COPY_GAIN_MIN
+    # documents too short for a passage: no figures, no error
+    assert (
+        copy_probe(_Logits(V, copies=True), [docs[0][: 2 * piece - 1]], piece, 8, 0, cpu)["copy_gain"] is None
+    )
+
+
+def test_copy_probe_matches_the_nll_computed_by_hand():
+    """One document of exactly two pieces, so every passage is (a, b) = that document: the probe's
+    figures are b's NLL after [a] and after [a, b, a], computed here token by token."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from stages.reference.lm import copy_probe
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    lm = GPTNeoXForCausalLM(cfg).eval()
+    piece = 6
+    doc = np.random.default_rng(1).integers(0, 96, 2 * piece)
+    got = copy_probe(lm, [doc], piece, 5, 3, torch.device("cpu"))
+
+    def nll_of_last(prefix: np.ndarray, target: np.ndarray) -> float:
+        total = 0.0
+        for i, tok in enumerate(target):
+            ctx = torch.from_numpy(np.concatenate([prefix, target[:i]]).astype(np.int64))[None]
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(input_ids=ctx).logits[0, -1].float(), -1)
+            total -= float(logp[int(tok)])
+        return total / len(target)
+
+    a, b = doc[:piece], doc[piece:]
+    assert got["copy_first_nll"] == pytest.approx(nll_of_last(a, b), rel=1e-4)
+    assert got["copy_repeat_nll"] == pytest.approx(nll_of_last(np.concatenate([a, b, a]), b), rel=1e-4)
+    assert got["copy_gain"] == pytest.approx(got["copy_first_nll"] - got["copy_repeat_nll"])
 
 
 def test_bad_settings_are_clear_errors(upstream, tmp_path):

@@ -109,6 +109,48 @@ def perplexity(
     return {"valid_ppl": math.exp(nll / count), "valid_nll": nll / count, "valid_tokens": count}
 
 
+COPY_PASSAGES = 128  # passages of the copy probe
+COPY_GAIN_MIN = 0.5  # nats: below this the scoring LM is reported as unable to copy in context
+
+
+def copy_probe(
+    model: Any, docs: list[np.ndarray], piece: int, n: int, seed: int, device: Any
+) -> dict[str, Any]:
+    """Can the scoring LM copy in context? The scores stage asks it how much a candidate (c_j, c_j+1)
+    placed before the query c_q raises log P(c_t); when c_q repeats c_j, a model that copies finds c_t in
+    c_j+1. So: n passages (a, b) of `piece` tokens each, b following a in a document, fed as [a, b, a, b];
+    the mean NLL of b's tokens where b first occurs and where it repeats. An LM whose repeat NLL is no
+    lower than the first cannot single out the chunk that holds a continuation, and RPT-Sem's positives
+    are then blind to what makes retrieval pay (docs/supervision.md, "Can the scoring LM copy?")."""
+    long_docs = [d for d in docs if len(d) >= 2 * piece]
+    if not long_docs or n <= 0:
+        return {"copy_first_nll": None, "copy_repeat_nll": None, "copy_gain": None, "copy_passages": 0}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        d = long_docs[int(rng.integers(len(long_docs)))]
+        s = int(rng.integers(len(d) - 2 * piece + 1))
+        ab = d[s : s + 2 * piece]
+        rows.append(np.concatenate([ab, ab]))
+    nll = []
+    for i in range(
+        0, n, 16
+    ):  # 16 passages at a time: [16, 4 piece, vocab] logits stay small for a 50K vocabulary
+        x = torch.from_numpy(np.stack(rows[i : i + 16]).astype(np.int64)).to(device)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
+        nll.append(-logp.gather(-1, x[:, 1:, None])[..., 0].cpu())  # [:, t]: the NLL of token t + 1
+    nll_t = torch.cat(nll)
+    first = float(nll_t[:, piece - 1 : 2 * piece - 1].mean())
+    repeat = float(nll_t[:, 3 * piece - 1 : 4 * piece - 1].mean())
+    return {
+        "copy_first_nll": first,
+        "copy_repeat_nll": repeat,
+        "copy_gain": first - repeat,
+        "copy_passages": n,
+    }
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 class RemoteCheckpoints:
     """On a remote store: the Checkpointer writes into a local folder, each new checkpoint is copied to

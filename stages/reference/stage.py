@@ -8,7 +8,9 @@ the tokenizer.json beside it, so `scores` has one code path. The training (stage
 the train stage's optimizer, learning-rate schedule and checkpoints (model.checkpointer: weights,
 optimizer and RNG state as safetensors + JSON), written to the build's partial folder every
 `checkpoint_every` steps; a killed run resumes from the last one and ends bit-identical to an
-uninterrupted run. The manifest records the validation perplexity (valid split) and parameter counts.
+uninterrupted run. The manifest records the validation perplexity (valid split), parameter counts and
+whether the LM copies in context (`copy_*`, docs/supervision.md: a scorer that cannot copy is blind to the
+chunks that hold a continuation).
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ class ReferenceStage(Stage):
         # validation perplexity, with the model as saved (one code path for both sources)
         from transformers import AutoModelForCausalLM
 
-        from stages.reference.lm import param_counts, perplexity
+        from stages.reference.lm import COPY_GAIN_MIN, COPY_PASSAGES, copy_probe, param_counts, perplexity
 
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
             model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(
@@ -220,15 +222,27 @@ class ReferenceStage(Stage):
             log.warning("reference: the valid split is empty; no validation perplexity")
         seq = cfg.seq_len if not cfg.path else 4 * reader.chunk_len
         stats.update(perplexity(model, docs, seq, max(1, 8192 // seq), device, None))  # loaded in `dtype`
+        stats.update(copy_probe(model, docs, reader.chunk_len, COPY_PASSAGES, cfg.seed, device))
         stats["eval_s"] = time.perf_counter() - t0
+        if stats["copy_gain"] is not None and stats["copy_gain"] < COPY_GAIN_MIN:
+            log.warning(
+                "reference: the scoring LM does not copy in context (NLL %.2f on a repeated %d-token passage, "
+                "%.2f where it first occurs): its scores cannot single out the chunk that holds a "
+                "continuation, so RPT-Sem's positives are blind to copies. Adopt a larger LM "
+                "(reference.path, e.g. Pythia-1.4B) or train this one longer (docs/supervision.md)",
+                stats["copy_repeat_nll"],
+                reader.chunk_len,
+                stats["copy_first_nll"],
+            )
         stats.update(param_counts(model))
         stats["tokenizer_differs"] = differs
         stats["architecture"] = type(model).__name__
         log.info(
-            "reference: %s, %s params, valid ppl %s",
+            "reference: %s, %s params, valid ppl %s, in-context copy gain %s nats",
             stats["architecture"],
             f"{stats['params']:,}",
             f"{stats['valid_ppl']:.2f}" if stats.get("valid_ppl") else "n/a",
+            f"{stats['copy_gain']:.2f}" if stats["copy_gain"] is not None else "n/a",
         )
         for p in sorted(ctx.fs.find(ctx.path(REFERENCE_MODEL_DIR))):  # checked again on resume
             ctx.written.append(ctx.file_entry(p[len(ctx.workdir.rstrip("/")) + 1 :]))
