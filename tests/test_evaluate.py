@@ -114,8 +114,19 @@ def test_every_row_is_computed_over_the_same_test_tokens(eval_run):
         "gold",
     }
     assert {r["value"] for r in rows if r["table"] == "training" and r["metric"] == "steps"} == {2.0}
+    # the scoring LM's copy probe, as its manifest recorded it (the gold above is its scores)
+    store = ArtifactStore(run.root())
+    scores = store.get("scores", art.manifest.inputs["scores"].split("@")[1])
+    probe = store.get("reference", scores.manifest.inputs["reference"].split("@")[1]).manifest.stats
+    scorer = {r["metric"]: r for r in rows if r["table"] == "scorer"}
+    assert set(scorer) == {"copy_first_nll", "copy_repeat_nll", "copy_gain"}
+    assert all(scorer[k]["value"] == pytest.approx(probe[k]) for k in scorer)
+    assert {r["count"] for r in scorer.values()} == {probe["copy_passages"]}
     # the report, its plots, and a rerun that is a no-op
     report = (Path(art.path) / "report.md").read_text()
+    assert (
+        f"(gain {probe['copy_gain']:.2f} nats): it does not copy in context" in report
+    )  # a barely trained LM
     assert "paper Table 2" in report and "PG19" in report and "11.48" in report
     for png in ("perplexity.png", "retrieval.png", "overlap.png", "training.png"):
         assert (Path(art.path) / "plots" / png).read_bytes()[:4] == b"\x89PNG"

@@ -134,7 +134,7 @@ def test_adopted_folder_versions_by_content(upstream, tmp_path, caplog):
     assert art.manifest.meta["source"] == "given" and art.manifest.meta["tokenizer_differs"] is False
     assert np.isfinite(art.manifest.stats["valid_ppl"])
     # a random-weight LM cannot copy in context: the manifest says so, and so does the log
-    from stages.reference.lm import COPY_GAIN_MIN, COPY_PASSAGES
+    from stages.reference.stage import COPY_GAIN_MIN, COPY_PASSAGES
 
     st = art.manifest.stats
     assert st["copy_passages"] == COPY_PASSAGES and st["copy_gain"] < COPY_GAIN_MIN
@@ -180,7 +180,8 @@ class _Logits(torch.nn.Module):
 
 
 def test_copy_probe_tells_a_model_that_copies_from_one_that_cannot():
-    from stages.reference.lm import COPY_GAIN_MIN, copy_probe
+    from stages.reference.lm import copy_probe
+    from stages.reference.stage import COPY_GAIN_MIN
 
     rng = np.random.default_rng(0)
     V, piece = 64, 8

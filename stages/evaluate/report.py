@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.errors import ArtifactError
 from stages.evaluate.paper import PAPER_PERPLEXITY, PAPER_RETRIEVAL, PAPER_RETRIEVAL_METRICS
 from stages.evaluate.repeats import REPEAT_NGRAM
+from stages.reference.stage import COPY_GAIN_MIN
 
 METRICS_FILE = "metrics.parquet"
 REPORT_FILE = "report.md"
@@ -178,6 +179,20 @@ def retrieval_table(m: Metrics, column: str) -> Table:
         "(a scored candidate with delta > 0); nDCG is graded by delta (linear gain).",
         f"Paper: Table 3, {column} column (the paper has no dense-retriever column).",
     ]
+    gain = m.value("scorer", "reference", "copy", None, "copy_gain")
+    if gain is not None:
+        first = m.value("scorer", "reference", "copy", None, "copy_first_nll")
+        repeat = m.value("scorer", "reference", "copy", None, "copy_repeat_nll")
+        verdict = (
+            "it copies in context"
+            if gain >= COPY_GAIN_MIN
+            else "it does not copy in context, so this gold cannot single out the chunk that holds a "
+            "continuation (docs/supervision.md)"
+        )
+        notes.append(
+            f"The scoring LM on a passage repeated one chunk back: NLL {repeat:.2f} against {first:.2f} where it "
+            f"first occurs (gain {gain:.2f} nats): {verdict}."
+        )
     return Table("Retrieval against the scoring LM's gold (paper Table 3)", headers, rows, notes)
 
 

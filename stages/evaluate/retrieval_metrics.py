@@ -103,6 +103,7 @@ def retrieval_rows(
     chance |= {f"recall@{k}": np.minimum(k, universe) / universe for k in cfg.recall_at}
     for met, vals in chance.items():
         rows.append(metric_row("retrieval", "random", "gold", None, met, float(vals.mean()), len(q)))
+    rows += scorer_rows(ctx)
     for name, best in tops.items():
         stats = []
         for qi, j in zip(q.tolist(), best.tolist()):
@@ -131,3 +132,22 @@ def retrievable(reader: ChunkReader, query: np.ndarray, cand: np.ndarray, exclud
     same = reader.chunk_doc[c] == reader.chunk_doc[query][:, None]
     causal = causal_retrievable(reader.chunk_pos[query][:, None], reader.chunk_pos[c], exclude_recent)
     return (cand != NEIGHBOR_PAD) & same & causal
+
+
+SCORER_METRICS = ("copy_first_nll", "copy_repeat_nll", "copy_gain")
+
+
+def scorer_rows(ctx: StageContext) -> list[dict[str, Any]]:
+    """Table `scorer`: the in-context copy probe of the LM whose scores are the gold above (from the
+    reference manifest, `stages.reference.lm.copy_probe`), so the report says whether that gold can
+    point at the chunk that holds a continuation. None for a reference built before the probe existed."""
+    ref = ctx.inputs["scores"].manifest.inputs.get("reference")
+    if not ref:
+        return []
+    stats = ctx.store.get("reference", ref.split("@")[1]).manifest.stats
+    if stats.get("copy_gain") is None:
+        return []
+    n = int(stats["copy_passages"])
+    return [
+        metric_row("scorer", "reference", "copy", None, met, float(stats[met]), n) for met in SCORER_METRICS
+    ]

@@ -109,10 +109,6 @@ def perplexity(
     return {"valid_ppl": math.exp(nll / count), "valid_nll": nll / count, "valid_tokens": count}
 
 
-COPY_PASSAGES = 128  # passages of the copy probe
-COPY_GAIN_MIN = 0.5  # nats: below this the scoring LM is reported as unable to copy in context
-
-
 def copy_probe(
     model: Any, docs: list[np.ndarray], piece: int, n: int, seed: int, device: Any
 ) -> dict[str, Any]:

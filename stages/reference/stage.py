@@ -59,6 +59,10 @@ SIZE_FIELDS = (
 )
 
 
+COPY_PASSAGES = 128  # passages of the copy probe (stages.reference.lm.copy_probe)
+COPY_GAIN_MIN = 0.5  # nats: below this the scoring LM is reported as unable to copy in context
+
+
 class Config(StageConfig):
     path: str | None = Field(
         None,
@@ -208,7 +212,7 @@ class ReferenceStage(Stage):
         # validation perplexity, with the model as saved (one code path for both sources)
         from transformers import AutoModelForCausalLM
 
-        from stages.reference.lm import COPY_GAIN_MIN, COPY_PASSAGES, copy_probe, param_counts, perplexity
+        from stages.reference.lm import copy_probe, param_counts, perplexity
 
         with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
             model = AutoModelForCausalLM.from_pretrained(str(mdir), local_files_only=True, dtype=dtype).to(
