@@ -39,9 +39,8 @@ def _rank_inputs(run: RunConfigBase, cfg: Config) -> dict[str, InputRef]:
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = (
-        3  # 2: repeated-passage columns in details/perplexity-*.parquet, table `repeats`; 3: table `scorer`
-    )
+    # 2: repeated-passage columns in details/perplexity-*.parquet, table `repeats`; 3: table `scorer`
+    version = 3
     Config = Config
     description = "test perplexity of every variant, retrieval quality of every retriever, report and plots"
     preferred_runner = "serial"  # one model at a time; torch uses the cores (or the GPU)

@@ -129,9 +129,8 @@ def copy_probe(
         ab = d[s : s + 2 * piece]
         rows.append(np.concatenate([ab, ab]))
     nll = []
-    for i in range(
-        0, n, 16
-    ):  # 16 passages at a time: [16, 4 piece, vocab] logits stay small for a 50K vocabulary
+    # 16 passages at a time: [16, 4 piece, vocab] logits stay small for a 50K vocabulary
+    for i in range(0, n, 16):
         x = torch.from_numpy(np.stack(rows[i : i + 16]).astype(np.int64)).to(device)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
