@@ -103,7 +103,6 @@ def retrieval_rows(
     chance |= {f"recall@{k}": np.minimum(k, universe) / universe for k in cfg.recall_at}
     for met, vals in chance.items():
         rows.append(metric_row("retrieval", "random", "gold", None, met, float(vals.mean()), len(q)))
-    rows += scorer_rows(ctx)
     for name, best in tops.items():
         stats = []
         for qi, j in zip(q.tolist(), best.tolist()):
@@ -144,7 +143,7 @@ def scorer_rows(ctx: StageContext) -> list[dict[str, Any]]:
     ref = ctx.inputs["scores"].manifest.inputs.get("reference")
     if not ref:
         return []
-    stats = ctx.store.get("reference", ref.split("@")[1]).manifest.stats
+    stats = ctx.store.resolve(ref).manifest.stats
     if stats.get("copy_gain") is None:
         return []
     n = int(stats["copy_passages"])

@@ -15,7 +15,7 @@ from pipeline.formats import EVAL_METRICS_SCHEMA, ChunkReader
 from pipeline.stage import InputRef, Shard, ShardResult, Stage, StageContext
 from stages.evaluate.config import Config
 from stages.evaluate.perplexity import perplexity_rows, select_documents, variant_passes
-from stages.evaluate.retrieval_metrics import retrieval_rows, universe_exclude_recent
+from stages.evaluate.retrieval_metrics import retrieval_rows, scorer_rows, universe_exclude_recent
 from stages.evaluate.retrofit_rows import retrofit_rows
 from stages.evaluate.training_diagnostics import training_rows
 from stages.evaluate.use import bootstrap_unit, repeat_rows, use_rows
@@ -126,7 +126,7 @@ class EvaluateStage(Stage):
         rows += use_rows(ctx, docs)
         rows += repeat_rows(ctx)
         ret_rows, per_query = retrieval_rows(ctx, reader, docs)
-        rows += ret_rows
+        rows += ret_rows + scorer_rows(ctx)
         train_rows, curves = training_rows(ctx)
         rows += train_rows
         if "retrofit" in ctx.inputs:
