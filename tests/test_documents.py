@@ -518,3 +518,57 @@ def test_a_jsonl_line_that_only_looks_western_does_not_decide_the_encoding(tmp_p
     art = build("documents", make_config(tmp_path / "s", documents={"paths": [str(d)], "min_chars": 5}))
     assert sorted(art.read(columns=["text"])["text"].to_pylist()) == sorted(r["text"] for r in lines)
     assert art.manifest.stats["encodings"].get("cp1251") == 1
+
+
+def naive_recurrences(text: str, spans: list[tuple[int, int, int]]) -> str:
+    """The text rebuilt from its original lines and the reported insertions, one line at a time."""
+    lines = text.split("\n")
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1] + "\n"] if lines[-1] else [])
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        for after, first, n in spans:
+            if after == i:
+                out.extend(lines[first : first + n])
+    rebuilt = "".join(out)
+    return rebuilt if text.endswith("\n") else rebuilt[:-1]
+
+
+@pytest.mark.parametrize("trailing", ["\n", ""])
+def test_recurrences_copy_earlier_lines_and_keep_the_rest(trailing):
+    from stages.documents.recurrences import Recurrences, insert_recurrences
+
+    text = "\n".join(f"line {k} " + "x" * (k % 7) for k in range(3000)) + trailing
+    cfg = Recurrences(every_lines=10, min_lines=2, max_lines=6, near_share=0.5, near_lines=12)
+    out, done = insert_recurrences(text, "pkg/a", cfg)
+    assert 200 < done.copies < 400 and len(out) == len(text) + done.chars
+    assert out == naive_recurrences(text, done.spans)
+    for after, first, n in done.spans:
+        assert 2 <= n <= 6 and first + n <= after + 1  # the source ends at or before the insertion point
+    near = sum(after + 1 - (first + n) <= 12 for after, first, n in done.spans)
+    assert 0.35 < near / done.copies < 0.75  # half drawn near, and a far draw can land near too
+    assert insert_recurrences(text, "pkg/a", cfg) == (out, done)  # the draws depend on the id alone
+    assert insert_recurrences(text, "pkg/b", cfg)[0] != out
+    assert insert_recurrences(text, "pkg/a", Recurrences())[0] == text  # every_lines 0: unchanged
+    with pytest.raises(ValueError, match="max_lines"):
+        Recurrences(every_lines=5, min_lines=4, max_lines=3)
+
+
+def test_recurrences_change_train_documents_only(tmp_path, small_corpus):
+    plain = build("documents", make_config(tmp_path / "a", documents={"paths": [str(small_corpus)]}))
+    cfg = {"paths": [str(small_corpus)], "split_lists": {"test": ["books/pg46.txt.gz"]}}
+    base = build("documents", make_config(tmp_path / "b", documents=cfg))
+    rec = build(
+        "documents", make_config(tmp_path / "c", documents={**cfg, "recurrences": {"every_lines": 20}})
+    )
+    assert rec.manifest.version != base.manifest.version
+    before = dict(zip(base.read()["doc_id"].to_pylist(), base.read()["text"].to_pylist()))
+    after = rec.read().to_pylist()
+    assert plain.manifest.stats.get("recurrences") == 0
+    for row in after:
+        if row["split"] == "test":
+            assert row["text"] == before[row["doc_id"]]
+        else:
+            assert len(row["text"]) > len(before[row["doc_id"]]) and row["n_chars"] == len(row["text"])
+    inserted = sum(len(r["text"]) - len(before[r["doc_id"]]) for r in after)
+    assert rec.manifest.stats["recurrence_chars"] == inserted > 0

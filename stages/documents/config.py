@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from pipeline.config import NoBoolNumbers, StageConfig
+from stages.documents.recurrences import Recurrences
 
 DEFAULT_STDLIB_EXCLUDE = [
     "test",
@@ -71,6 +72,12 @@ class Config(StageConfig):
         "raise",
         description="documents with identical text under two ids (a copy of a book in two folders: a "
         "possible train/test leak): raise an error naming both, drop all but the first (counted), or keep",
+    )
+
+    recurrences: Recurrences = Field(
+        default_factory=Recurrences,
+        description="copies of earlier passages inserted into train documents (stages/documents/recurrences.py); "
+        "valid and test documents are never changed",
     )
 
     # Corpus paths never enter a version (the fingerprint of the files does); shard size changes no row.

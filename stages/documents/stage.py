@@ -25,6 +25,7 @@ from pipeline.versioning import file_digest, sha256_file
 from stages.documents.config import Config
 from stages.documents.discovery import InputFile, discover
 from stages.documents.readers import RawDoc, Skip, iter_file
+from stages.documents.recurrences import insert_recurrences
 from stages.documents.stdlib_corpus import read_stdlib_unit, stdlib_doc_bytes, stdlib_root, stdlib_units
 
 log = logging.getLogger("rpt.documents")
@@ -157,7 +158,15 @@ class DocumentsStage(Stage):
         examples: list[dict[str, Any]] = []
         encodings: Counter[str] = Counter()
         splits: Counter[str] = Counter()
-        totals = {"docs": 0, "chars": 0, "dropped_short": 0, "dropped_short_chars": 0, "stripped": 0}
+        totals = {
+            "docs": 0,
+            "chars": 0,
+            "dropped_short": 0,
+            "dropped_short_chars": 0,
+            "stripped": 0,
+            "recurrences": 0,
+            "recurrence_chars": 0,
+        }
 
         def batches() -> Iterator[pa.Table]:
             # streamed: at most one batch of documents (BATCH_CHARS of text) is in memory at a time,
@@ -182,6 +191,11 @@ class DocumentsStage(Stage):
                     totals["dropped_short_chars"] += len(doc.text)
                     continue
                 split = assign_split(doc.doc_id, cfg, listed)
+                text = doc.text
+                if split == "train":
+                    text, inserted = insert_recurrences(text, doc.doc_id, cfg.recurrences)
+                    totals["recurrences"] += inserted.copies
+                    totals["recurrence_chars"] += inserted.chars
                 encodings[doc.encoding] += 1
                 totals["stripped"] += doc.gutenberg
                 splits[split] += 1
@@ -190,11 +204,11 @@ class DocumentsStage(Stage):
                 cols["split"].append(split)
                 cols["source"].append(doc.source)
                 cols["title"].append(doc.title)
-                cols["text"].append(doc.text)
-                cols["n_chars"].append(len(doc.text))
+                cols["text"].append(text)
+                cols["n_chars"].append(len(text))
                 totals["docs"] += 1
-                totals["chars"] += len(doc.text)
-                chars += len(doc.text)
+                totals["chars"] += len(text)
+                chars += len(text)
                 if chars >= BATCH_CHARS:
                     yield pa.table(cols, schema=SCHEMA)
                     cols = {n: [] for n in SCHEMA.names}
@@ -213,6 +227,8 @@ class DocumentsStage(Stage):
             "encodings": dict(encodings),
             "splits": dict(splits),
             "gutenberg_stripped": totals["stripped"],
+            "recurrences": totals["recurrences"],
+            "recurrence_chars": totals["recurrence_chars"],
         }
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
