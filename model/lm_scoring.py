@@ -21,14 +21,67 @@ from typing import Any
 
 import numpy as np
 
+# ------------------------------------------------------------------------------------------ the copy cache
+COPY_CACHE_FILE = "copy_cache.json"  # beside the model's files: {"weight": w, "order": n}
+
+
+@dataclass(frozen=True)
+class CopyCache:
+    """An in-context copy model mixed into the scoring LM (a cache LM: Grave et al. 2017, with n-gram
+    matching): where the `order` tokens up to position t occurred earlier in the same sequence,
+    P(x_t+1) = (1 - weight) P_LM + weight * (share of those occurrences followed by x_t+1); elsewhere the
+    LM alone. A large pretrained scorer (the paper's Pythia-1.4B) copies in context by itself; a small LM
+    trained here does not (the reference stage's copy probe), and without copying its scores cannot tell
+    the candidate that holds the target's continuation from any other on the topic."""
+
+    weight: float
+    order: int = 2
+
+
+def copy_cache_probs(seqs: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """For int [B, T] sequences: p [B, T-1] and matched [B, T-1] for the prediction made at position t
+    (of token t+1): matched when the `order` tokens ending at t also end at some s < t (s >= order - 1);
+    p the share of those s whose next token equals token t+1 (0 where unmatched)."""
+    B, T = seqs.shape
+    if T < 2:
+        return np.zeros((B, max(T - 1, 0))), np.zeros((B, max(T - 1, 0)), bool)
+    same = np.ones((B, T, T), bool)  # same[b, t, s]: the order-grams ending at t and at s are equal
+    for k in range(order):
+        eq = np.zeros((B, T, T), bool)
+        eq[:, k:, k:] = seqs[:, : T - k, None] == seqs[:, None, : T - k]
+        same &= eq
+    same[:, :, : order - 1] = False
+    same &= np.tri(T, T, -1, dtype=bool)[None]  # s < t
+    same = same[:, : T - 1, : T - 1]  # a prediction at t reads token t+1; a match s needs its token s+1
+    nxt = seqs[:, 1:, None] == seqs[:, None, 1:]  # [b, t, s]: token t+1 == token s+1
+    n = same.sum(-1)
+    hits = (same & nxt).sum(-1)
+    return np.where(n > 0, hits / np.maximum(n, 1), 0.0), n > 0
+
+
+def mix_copy(logp_lm: np.ndarray, p_copy: np.ndarray, matched: np.ndarray, weight: float) -> np.ndarray:
+    """log((1 - w) P_LM + w P_copy) where matched, log P_LM elsewhere (elementwise, float64)."""
+    mixed = np.logaddexp(np.log1p(-weight) + logp_lm, np.log(weight) + np.log(np.maximum(p_copy, 1e-300)))
+    return np.where(matched, mixed, logp_lm)
+
+
+def load_copy_cache(model_dir: str) -> CopyCache | None:
+    import json
+    from pathlib import Path
+
+    f = Path(model_dir) / COPY_CACHE_FILE
+    return CopyCache(**json.loads(f.read_text())) if f.exists() else None
+
+
 # ------------------------------------------------------------------------------------------ the scoring LM
 
 
 class ScoringLM:
     """A causal LM that scores log P(target | prefix, query) with reusable prefix key/value states."""
 
-    def __init__(self, model: Any, device: Any, dtype: Any):
+    def __init__(self, model: Any, device: Any, dtype: Any, copy: CopyCache | None = None):
         self.model = model.eval()
+        self.copy = copy
         self.base = model.base_model
         self.device = device
         self.dtype = dtype
@@ -46,7 +99,7 @@ class ScoringLM:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
-        return cls(model.to(device), device, dtype)
+        return cls(model.to(device), device, dtype, load_copy_cache(model_dir))
 
     @property
     def params(self) -> int:
@@ -104,6 +157,13 @@ class ScoringLM:
         import torch
 
         out = torch.zeros(n_rows, dtype=torch.float64, device=h.device)
+        return out.index_add_(0, rows, self.token_logp(h, targets))
+
+    def token_logp(self, h: Any, targets: Any) -> Any:
+        """log P(targets[n]) under the LM from hidden states h [N, d]: float64 [N]."""
+        import torch
+
+        out = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
         vocab = self.head_w.shape[0]
         # float32 logits in blocks: cache-sized on a CPU (about 2x faster than large blocks), large on a GPU
         block_bytes = (512 << 20) if h.device.type == "cuda" else (4 << 20)
@@ -113,7 +173,7 @@ class ScoringLM:
             nll = torch.nn.functional.cross_entropy(
                 self.logits(h[a : a + step]), targets[a : a + step], reduction="none"
             )
-            out.index_add_(0, rows[a : a + step], -nll.double())
+            out[a : a + step] = -nll.double()
         return out
 
     def suffix_logp(
@@ -121,9 +181,11 @@ class ScoringLM:
         kv: list[tuple[Any, Any]] | None,
         q_lens: np.ndarray,
         suffixes: Sequence[np.ndarray],
+        prefixes: Sequence[np.ndarray] | None = None,
     ) -> np.ndarray:
         """log P(target | prefix, query) for a batch of rows that share one prefix length. `kv` holds each
-        row's prefix states (None when the prefix is empty); suffix r = query tokens (q_lens[r]) + target."""
+        row's prefix states (None when the prefix is empty); suffix r = query tokens (q_lens[r]) + target.
+        With a copy cache, `prefixes` (the prefix tokens of each row) are its context too."""
         import torch
         from transformers import DynamicCache
 
@@ -143,7 +205,15 @@ class ScoringLM:
             cache = None if empty_prefix else DynamicCache(ddp_cache_data=kv)
             h = self.base(input_ids=ids, past_key_values=cache, use_cache=cache is not None).last_hidden_state
             h = h[to(b_idx), to(pos)]
-            return self.target_logp(h, to(tgt), to(row), len(suffixes)).cpu().numpy()
+            if self.copy is None:
+                return self.target_logp(h, to(tgt), to(row), len(suffixes)).cpu().numpy()
+            logp = self.token_logp(h, to(tgt)).cpu().numpy()
+        n_pre = 0 if prefixes is None or empty_prefix else len(prefixes[0])
+        full = np.stack([np.concatenate([prefixes[r], s]) if n_pre else s for r, s in enumerate(suffixes)])
+        p_copy, matched = copy_cache_probs(full, self.copy.order)
+        b, p = np.concatenate(b_idx), np.concatenate(pos) + n_pre
+        logp = mix_copy(logp, p_copy[b, p], matched[b, p], self.copy.weight)
+        return np.bincount(np.concatenate(row), weights=logp, minlength=len(suffixes))
 
 
 # ------------------------------------------------------------------------------------------ scoring core
@@ -205,7 +275,8 @@ def score_pairs(
             if kv is not None and P > 0:
                 idx = torch.from_numpy(rows[i:j]).to(lm.device)
                 bkv = [(k.index_select(0, idx)[:, :, :P], v.index_select(0, idx)[:, :, :P]) for k, v in kv]
-            out[batch] = lm.suffix_logp(bkv, q_lens, suffixes)
+            prefixes = [work.prefixes[work.pair_prefix[x]] for x in batch] if lm.copy is not None else None
+            out[batch] = lm.suffix_logp(bkv, q_lens, suffixes, prefixes)
             counts["suffix_tokens"] += int(slen[qi].sum())
             counts["batches"] += 1
             if bar is not None:

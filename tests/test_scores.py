@@ -3,6 +3,7 @@ model call; edge chunks follow the documented conventions; a failed shard resume
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -45,14 +46,32 @@ def scored(tmp_path_factory, tiny_corpus):
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny models: one torch thread is fastest
 
 
-def naive_logp(model, prefix: list[np.ndarray], query: np.ndarray, target: np.ndarray) -> float:
-    """log P(target | prefix chunks, query) with one plain forward over the whole sequence."""
+def naive_logp(
+    model,
+    prefix: list[np.ndarray],
+    query: np.ndarray,
+    target: np.ndarray,
+    copy: tuple[float, int] | None = None,
+) -> float:
+    """log P(target | prefix chunks, query) with one plain forward over the whole sequence; with
+    copy = (weight, order), each token's LM probability mixed with the share of the earlier occurrences of
+    its preceding `order` tokens that it followed (where there are any)."""
     ids = np.concatenate([*prefix, query, target]).astype(np.int64)
     with torch.no_grad():
         logits = model(torch.from_numpy(ids)[None]).logits[0].double()
     logp = torch.log_softmax(logits, -1)
     start = len(ids) - len(target)
-    return float(sum(logp[p - 1, ids[p]] for p in range(start, len(ids))))
+    total = 0.0
+    for p in range(start, len(ids)):
+        lp = float(logp[p - 1, ids[p]])
+        if copy is not None:
+            w, n = copy
+            ctx = tuple(ids[p - n : p])
+            nxt = [ids[s + n] for s in range(0, p - n) if tuple(ids[s : s + n]) == ctx] if p >= n else []
+            if nxt:
+                lp = math.log((1 - w) * math.exp(lp) + w * sum(t == ids[p] for t in nxt) / len(nxt))
+        total += lp
+    return total
 
 
 def load_model(run):
@@ -67,7 +86,7 @@ def chunk_tokens(reader: ChunkReader) -> list[np.ndarray]:
     return [row[row >= 0] for row in np.asarray(reader.tokens)]
 
 
-def check_against_naive(art, run, tokens: list[np.ndarray]) -> int:
+def check_against_naive(art, run, tokens: list[np.ndarray], copy: tuple[float, int] | None = None) -> int:
     """Recompute every row naively (conventions spelled out here independently); returns pairs checked."""
     model, _ = load_model(run)
     reader = ChunkReader(ArtifactStore(run.root()).get("chunks", resolve("chunks", run).version))
@@ -77,11 +96,11 @@ def check_against_naive(art, run, tokens: list[np.ndarray]) -> int:
     for r in rows:
         i = r["chunk_id"]
         local = [tokens[c] for c in (i - 2, i - 1) if c >= 0 and doc_of[c] == doc_of[i]]
-        lp_local = naive_logp(model, local, tokens[i], tokens[i + 1])
+        lp_local = naive_logp(model, local, tokens[i], tokens[i + 1], copy)
         assert r["logp_local"] == pytest.approx(lp_local, abs=1e-4, rel=1e-6), i  # float32 storage: ~6e-8 rel
         for j, lp, d in zip(r["candidate_ids"], r["logp_candidate"], r["delta"]):
             prefix = [tokens[j]] + ([tokens[j + 1]] if doc_of[j + 1] == doc_of[j] else [])
-            want = naive_logp(model, prefix, tokens[i], tokens[i + 1])
+            want = naive_logp(model, prefix, tokens[i], tokens[i + 1], copy)
             assert lp == pytest.approx(want, abs=1e-4, rel=1e-6), (i, j)
             # the sign convention: positive when the candidate beats the local context
             assert d == pytest.approx(want - lp_local, abs=1e-3)
@@ -94,6 +113,25 @@ def test_every_logp_matches_naive(scored):
     reader = ChunkReader(ArtifactStore(run.root()).get("chunks", resolve("chunks", run).version))
     assert art.read().schema.equals(SCORES_SCHEMA)
     assert check_against_naive(art, run, chunk_tokens(reader)) > 100
+
+
+def test_a_copy_cache_is_mixed_into_every_logp(scored, tmp_path):
+    """reference.copy_weight: the scores are the LM mixed with the in-context copy model, token by token,
+    as the naive loop computes them; the copy probe reports the mixture (it copies) and the LM alone."""
+    run0, _ = scored
+    run = tiny_config(
+        tmp_path, Path(run0.documents.paths[0]), reference={"copy_weight": 0.4, "copy_order": 2}
+    )
+    with one_thread():
+        art = build("scores", run, with_deps=True)
+    reader = ChunkReader(ArtifactStore(run.root()).get("chunks", resolve("chunks", run).version))
+    assert check_against_naive(art, run, chunk_tokens(reader), copy=(0.4, 2)) > 100
+    ref = ArtifactStore(run.root()).get("reference", resolve("reference", run).version)
+    ref0 = ArtifactStore(run0.root()).get("reference", resolve("reference", run0).version)
+    assert ref.version != ref0.version
+    st = ref.manifest.stats
+    assert st["copy_gain_lm"] == pytest.approx(ref0.manifest.stats["copy_gain"], abs=1e-6)
+    assert st["copy_gain"] > 0.5 > st["copy_gain_lm"]
 
 
 def test_rows_and_edge_chunks(scored):

@@ -189,9 +189,16 @@ def retrieval_table(m: Metrics, column: str) -> Table:
             else "it does not copy in context, so this gold cannot single out the chunk that holds a "
             "continuation (docs/supervision.md)"
         )
+        lm_gain = m.value("scorer", "reference", "copy", None, "copy_gain_lm")
+        scorer = (
+            "The scoring LM"
+            if lm_gain is None
+            else "The scoring LM with its copy cache (reference.copy_weight)"
+        )
         notes.append(
-            f"The scoring LM on a passage repeated one chunk back: NLL {repeat:.2f} against {first:.2f} where it "
+            f"{scorer} on a passage repeated one chunk back: NLL {repeat:.2f} against {first:.2f} where it "
             f"first occurs (gain {gain:.2f} nats): {verdict}."
+            + ("" if lm_gain is None else f" The LM alone gains {lm_gain:.2f} nats.")
         )
     return Table("Retrieval against the scoring LM's gold (paper Table 3)", headers, rows, notes)
 

@@ -147,6 +147,5 @@ def scorer_rows(ctx: StageContext) -> list[dict[str, Any]]:
     if stats.get("copy_gain") is None:
         return []
     n = int(stats["copy_passages"])
-    return [
-        metric_row("scorer", "reference", "copy", None, met, float(stats[met]), n) for met in SCORER_METRICS
-    ]
+    mets = SCORER_METRICS + (("copy_gain_lm",) if stats.get("copy_gain_lm") is not None else ())
+    return [metric_row("scorer", "reference", "copy", None, met, float(stats[met]), n) for met in mets]

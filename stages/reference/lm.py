@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from model import schedules as sch
 from model.checkpointer import LATEST, STATE_FILE, Checkpointer, load_state, rng_state, save_state
+from model.lm_scoring import CopyCache, copy_cache_probs, mix_copy
 from model.optim import adamw, set_lr
 from pipeline.errors import ConfigError
 from pipeline.progress import progress
@@ -110,14 +111,22 @@ def perplexity(
 
 
 def copy_probe(
-    model: Any, docs: list[np.ndarray], piece: int, n: int, seed: int, device: Any
+    model: Any,
+    docs: list[np.ndarray],
+    piece: int,
+    n: int,
+    seed: int,
+    device: Any,
+    copy: CopyCache | None = None,
 ) -> dict[str, Any]:
     """Can the scoring LM copy in context? The scores stage asks it how much a candidate (c_j, c_j+1)
     placed before the query c_q raises log P(c_t); when c_q repeats c_j, a model that copies finds c_t in
     c_j+1. So: n passages (a, b) of `piece` tokens each, b following a in a document, fed as [a, b, a, b];
     the mean NLL of b's tokens where b first occurs and where it repeats. An LM whose repeat NLL is no
     lower than the first cannot single out the chunk that holds a continuation, and RPT-Sem's positives
-    are then blind to what makes retrieval pay (docs/supervision.md, "Can the scoring LM copy?")."""
+    are then blind to what makes retrieval pay (docs/supervision.md, "Can the scoring LM copy?").
+    With a copy cache the figures are the scorer's as the scores stage uses it (LM and cache mixed), and
+    `copy_gain_lm` is the LM's alone."""
     long_docs = [d for d in docs if len(d) >= 2 * piece]
     if not long_docs or n <= 0:
         return {"copy_first_nll": None, "copy_repeat_nll": None, "copy_gain": None, "copy_passages": 0}
@@ -135,14 +144,26 @@ def copy_probe(
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)
         nll.append(-logp.gather(-1, x[:, 1:, None])[..., 0].cpu())  # [:, t]: the NLL of token t + 1
-    nll_t = torch.cat(nll)
-    first = float(nll_t[:, piece - 1 : 2 * piece - 1].mean())
-    repeat = float(nll_t[:, 3 * piece - 1 : 4 * piece - 1].mean())
+    nll_t = torch.cat(nll).double().numpy()
+
+    def first_repeat(nll_t: np.ndarray) -> tuple[float, float]:
+        return float(nll_t[:, piece - 1 : 2 * piece - 1].mean()), float(
+            nll_t[:, 3 * piece - 1 : 4 * piece - 1].mean()
+        )
+
+    out: dict[str, Any] = {}
+    if copy is not None:
+        lm_first, lm_repeat = first_repeat(nll_t)
+        out["copy_gain_lm"] = lm_first - lm_repeat
+        p_copy, matched = copy_cache_probs(np.stack(rows), copy.order)
+        nll_t = -mix_copy(-nll_t, p_copy, matched, copy.weight)
+    first, repeat = first_repeat(nll_t)
     return {
         "copy_first_nll": first,
         "copy_repeat_nll": repeat,
         "copy_gain": first - repeat,
         "copy_passages": n,
+        **out,
     }
 
 

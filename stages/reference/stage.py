@@ -15,6 +15,7 @@ chunks that hold a continuation).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -91,6 +92,14 @@ class Config(StageConfig):
         "auto", description="auto (bf16 autocast on GPU, fp32 on CPU), float32, bfloat16"
     )
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    copy_weight: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="mix an in-context copy model into the scoring LM with this weight (model.lm_scoring."
+        "CopyCache): for a small LM that cannot copy (the copy probe); 0: the LM alone, as the paper",
+    )
+    copy_order: int = Field(2, ge=1, le=8, description="tokens the copy model matches before it copies")
 
     UNHASHED = frozenset({"path", "device", "dtype", "checkpoint_every"})
 
@@ -100,6 +109,9 @@ class Config(StageConfig):
             d = {k: v for k, v in d.items() if k not in SIZE_FIELDS}
         if d.get("init_std") == 0.02:  # the default: the versions from before the setting
             d.pop("init_std")
+        if not d.get("copy_weight"):  # no copy model: the versions from before the setting
+            d.pop("copy_weight", None)
+            d.pop("copy_order", None)
         return d
 
 
@@ -209,6 +221,14 @@ class ReferenceStage(Stage):
         reader = ChunkReader(ctx.inputs["chunks"])
         pipe_tok = ctx.local_input("tokenizer", TOKENIZER_FILE)
         stats = self._adopt(ctx, cfg) if cfg.path else self._train(ctx, cfg, reader, device, amp)
+        from model.lm_scoring import COPY_CACHE_FILE, CopyCache
+
+        copy = CopyCache(cfg.copy_weight, cfg.copy_order) if cfg.copy_weight else None
+        if copy is not None:  # read by the scores stage's ScoringLM.load with the model
+            ctx.fs.pipe(
+                ctx.path(f"{REFERENCE_MODEL_DIR}/{COPY_CACHE_FILE}"),
+                json.dumps(dataclasses.asdict(copy)).encode(),
+            )
         # validation perplexity, with the model as saved (one code path for both sources)
         from transformers import AutoModelForCausalLM
 
@@ -226,14 +246,15 @@ class ReferenceStage(Stage):
             log.warning("reference: the valid split is empty; no validation perplexity")
         seq = cfg.seq_len if not cfg.path else 4 * reader.chunk_len
         stats.update(perplexity(model, docs, seq, max(1, 8192 // seq), device, None))  # loaded in `dtype`
-        stats.update(copy_probe(model, docs, reader.chunk_len, COPY_PASSAGES, cfg.seed, device))
+        stats.update(copy_probe(model, docs, reader.chunk_len, COPY_PASSAGES, cfg.seed, device, copy))
         stats["eval_s"] = time.perf_counter() - t0
         if stats["copy_gain"] is not None and stats["copy_gain"] < COPY_GAIN_MIN:
             log.warning(
                 "reference: the scoring LM does not copy in context (NLL %.2f on a repeated %d-token passage, "
                 "%.2f where it first occurs): its scores cannot single out the chunk that holds a "
                 "continuation, so RPT-Sem's positives are blind to copies. Adopt a larger LM "
-                "(reference.path, e.g. Pythia-1.4B) or train this one longer (docs/supervision.md)",
+                "(reference.path, e.g. Pythia-1.4B), or mix in a copy model (reference.copy_weight), "
+                "or train this one longer (docs/supervision.md)",
                 stats["copy_repeat_nll"],
                 reader.chunk_len,
                 stats["copy_first_nll"],
