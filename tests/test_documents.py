@@ -572,3 +572,27 @@ def test_recurrences_change_train_documents_only(tmp_path, small_corpus):
             assert len(row["text"]) > len(before[row["doc_id"]]) and row["n_chars"] == len(row["text"])
     inserted = sum(len(r["text"]) - len(before[r["doc_id"]]) for r in after)
     assert rec.manifest.stats["recurrence_chars"] == inserted > 0
+
+
+def test_recurrences_do_not_hide_a_duplicate(tmp_path):
+    """Two names, one text: the copies drawn for each differ (they depend on the id), so the duplicate
+    check must compare the texts as read, before the recurrences."""
+    d = tmp_path / "in"
+    d.mkdir()
+    book = "".join(f"line {k} of the book\n" for k in range(300))
+    (d / "a.txt").write_text(book)
+    (d / "b.txt").write_text(book)
+    docs = {"paths": [str(d)], "splits": {"train": 1.0, "valid": 0.0, "test": 0.0}}
+    with pytest.raises(InputError, match="have the same text"):
+        build("documents", make_config(tmp_path / "s", documents={**docs, "recurrences": {"every_lines": 5}}))
+    art = build(
+        "documents",
+        make_config(
+            tmp_path / "k", documents={**docs, "duplicates": "keep", "recurrences": {"every_lines": 5}}
+        ),
+    )
+    a, b = art.read()["text"].to_pylist()
+    assert a != b and len(a) > len(book) and len(b) > len(book)
+    assert art.stats["chars"] == len(a) + len(b) and art.stats["recurrence_chars"] == len(a) + len(
+        b
+    ) - 2 * len(book)

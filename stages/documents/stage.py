@@ -158,15 +158,7 @@ class DocumentsStage(Stage):
         examples: list[dict[str, Any]] = []
         encodings: Counter[str] = Counter()
         splits: Counter[str] = Counter()
-        totals = {
-            "docs": 0,
-            "chars": 0,
-            "dropped_short": 0,
-            "dropped_short_chars": 0,
-            "stripped": 0,
-            "recurrences": 0,
-            "recurrence_chars": 0,
-        }
+        totals = {"docs": 0, "chars": 0, "dropped_short": 0, "dropped_short_chars": 0, "stripped": 0}
 
         def batches() -> Iterator[pa.Table]:
             # streamed: at most one batch of documents (BATCH_CHARS of text) is in memory at a time,
@@ -191,11 +183,6 @@ class DocumentsStage(Stage):
                     totals["dropped_short_chars"] += len(doc.text)
                     continue
                 split = assign_split(doc.doc_id, cfg, listed)
-                text = doc.text
-                if split == "train":
-                    text, inserted = insert_recurrences(text, doc.doc_id, cfg.recurrences)
-                    totals["recurrences"] += inserted.copies
-                    totals["recurrence_chars"] += inserted.chars
                 encodings[doc.encoding] += 1
                 totals["stripped"] += doc.gutenberg
                 splits[split] += 1
@@ -204,11 +191,11 @@ class DocumentsStage(Stage):
                 cols["split"].append(split)
                 cols["source"].append(doc.source)
                 cols["title"].append(doc.title)
-                cols["text"].append(text)
-                cols["n_chars"].append(len(text))
+                cols["text"].append(doc.text)
+                cols["n_chars"].append(len(doc.text))
                 totals["docs"] += 1
-                totals["chars"] += len(text)
-                chars += len(text)
+                totals["chars"] += len(doc.text)
+                chars += len(doc.text)
                 if chars >= BATCH_CHARS:
                     yield pa.table(cols, schema=SCHEMA)
                     cols = {n: [] for n in SCHEMA.names}
@@ -227,8 +214,6 @@ class DocumentsStage(Stage):
             "encodings": dict(encodings),
             "splits": dict(splits),
             "gutenberg_stripped": totals["stripped"],
-            "recurrences": totals["recurrences"],
-            "recurrence_chars": totals["recurrence_chars"],
         }
 
     def finalize(self, ctx: StageContext, results: list[ShardResult]) -> dict[str, Any]:
@@ -237,6 +222,7 @@ class DocumentsStage(Stage):
         by_text: dict[bytes, str] = {}  # text digest -> the first doc_id holding that text
         dropped: Counter[str] = Counter()
         dropped_chars = 0
+        inserted = {"recurrences": 0, "recurrence_chars": 0}
         n_kept = 0
         n_same_text = 0
         for r in results:
@@ -279,7 +265,23 @@ class DocumentsStage(Stage):
                         keep.append(True)
                     t = t.filter(pa.array(keep, pa.bool_()))
                     idx = pa.array(range(n_kept - t.num_rows, n_kept), pa.int64())
-                    yield t.set_column(1, "doc_idx", idx)
+                    yield with_recurrences(t.set_column(1, "doc_idx", idx))
+
+            def with_recurrences(t: pa.Table) -> pa.Table:
+                # after the duplicate check, which must compare the texts as read
+                if not cfg.recurrences.every_lines:
+                    return t
+                texts = t.column("text").to_pylist()
+                for k, (d, split) in enumerate(
+                    zip(t.column("doc_id").to_pylist(), t.column("split").to_pylist())
+                ):
+                    if split == "train":
+                        texts[k], done = insert_recurrences(texts[k], d, cfg.recurrences)
+                        inserted["recurrences"] += done.copies
+                        inserted["recurrence_chars"] += done.chars
+                t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+                n_chars = pa.array([len(x) for x in texts], pa.int64())
+                return t.set_column(t.schema.get_field_index("n_chars"), "n_chars", n_chars)
 
             ctx.write_parquet(f"part-{r.index:05d}.parquet", coalesce(renumbered()), schema=SCHEMA)
         offset = n_kept
@@ -292,6 +294,8 @@ class DocumentsStage(Stage):
             )
         stats = merge_stats(r.stats for r in results)
         stats["same_text"] = n_same_text
+        stats.update(inserted)
+        stats["chars"] += inserted["recurrence_chars"]
         if dropped:
             stats["dropped_duplicates"] = sum(dropped.values())
             stats["docs"] -= sum(dropped.values())
