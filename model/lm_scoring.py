@@ -46,7 +46,7 @@ def copy_cache_probs(seqs: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarr
     if T < 2:
         return np.zeros((B, max(T - 1, 0))), np.zeros((B, max(T - 1, 0)), bool)
     same = np.ones((B, T, T), bool)  # same[b, t, s]: the order-grams ending at t and at s are equal
-    for k in range(order):
+    for k in range(min(order, T)):  # (order >= T: no order-gram fits before t; cut below)
         eq = np.zeros((B, T, T), bool)
         eq[:, k:, k:] = seqs[:, : T - k, None] == seqs[:, None, : T - k]
         same &= eq
@@ -208,7 +208,9 @@ class ScoringLM:
             if self.copy is None:
                 return self.target_logp(h, to(tgt), to(row), len(suffixes)).cpu().numpy()
             logp = self.token_logp(h, to(tgt)).cpu().numpy()
-        n_pre = 0 if prefixes is None or empty_prefix else len(prefixes[0])
+        if prefixes is None and not empty_prefix:
+            raise ValueError("suffix_logp: a copy cache needs the prefix tokens of every row")
+        n_pre = 0 if empty_prefix else len(prefixes[0])
         full = np.stack([np.concatenate([prefixes[r], s]) if n_pre else s for r, s in enumerate(suffixes)])
         p_copy, matched = copy_cache_probs(full, self.copy.order)
         b, p = np.concatenate(b_idx), np.concatenate(pos) + n_pre

@@ -562,6 +562,8 @@ def test_recurrences_change_train_documents_only(tmp_path, small_corpus):
         "documents", make_config(tmp_path / "c", documents={**cfg, "recurrences": {"every_lines": 20}})
     )
     assert rec.manifest.version != base.manifest.version
+    off = make_config(tmp_path / "d", documents={**cfg, "recurrences": {"every_lines": 0, "min_lines": 3}})
+    assert resolve("documents", off).version == base.manifest.version  # off: the version from before
     before = dict(zip(base.read()["doc_id"].to_pylist(), base.read()["text"].to_pylist()))
     after = rec.read().to_pylist()
     assert plain.manifest.stats.get("recurrences") == 0

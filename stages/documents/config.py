@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -79,6 +79,12 @@ class Config(StageConfig):
         description="copies of earlier passages inserted into train documents (stages/documents/recurrences.py); "
         "valid and test documents are never changed",
     )
+
+    def hashed_dict(self) -> dict[str, Any]:
+        d = super().hashed_dict()
+        if not self.recurrences.every_lines:  # none: the versions from before the setting
+            d.pop("recurrences")
+        return d
 
     # Corpus paths never enter a version (the fingerprint of the files does); shard size changes no row.
     UNHASHED = frozenset({"paths", "shard_bytes"})

@@ -225,10 +225,8 @@ class ReferenceStage(Stage):
 
         copy = CopyCache(cfg.copy_weight, cfg.copy_order) if cfg.copy_weight else None
         if copy is not None:  # read by the scores stage's ScoringLM.load with the model
-            ctx.fs.pipe(
-                ctx.path(f"{REFERENCE_MODEL_DIR}/{COPY_CACHE_FILE}"),
-                json.dumps(dataclasses.asdict(copy)).encode(),
-            )
+            with ctx.local_dir(REFERENCE_MODEL_DIR) as mdir:
+                (mdir / COPY_CACHE_FILE).write_text(json.dumps(dataclasses.asdict(copy)))
         # validation perplexity, with the model as saved (one code path for both sources)
         from transformers import AutoModelForCausalLM
 
