@@ -15,8 +15,10 @@ The model is a Hugging Face causal LM (transformers, torch: imported inside the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,9 +68,6 @@ def mix_copy(logp_lm: np.ndarray, p_copy: np.ndarray, matched: np.ndarray, weigh
 
 
 def load_copy_cache(model_dir: str) -> CopyCache | None:
-    import json
-    from pathlib import Path
-
     f = Path(model_dir) / COPY_CACHE_FILE
     return CopyCache(**json.loads(f.read_text())) if f.exists() else None
 

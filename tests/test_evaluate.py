@@ -512,3 +512,32 @@ def test_repeat_mask_matches_a_direct_search():
             want = _repeats_by_search([int(v) for v in x], window, n)
             assert got[: len(x)].tolist() == want and not got[len(x) :].any()
     assert repeat_mask(docs[0], len(docs[0]), 32, 4).sum() > 20  # the copies are found
+
+
+@pytest.mark.parametrize("lm_gain", [None, 0.01])
+def test_the_table_3_note_names_the_scorer_as_used(lm_gain):
+    """With a copy cache the probe's figures are the mixture's, and the note says so beside the LM's own."""
+    from stages.evaluate.report import Metrics, retrieval_table
+
+    probe = {"copy_first_nll": 5.07, "copy_repeat_nll": 0.75, "copy_gain": 4.32}
+    if lm_gain is not None:
+        probe["copy_gain_lm"] = lm_gain
+    rows = [
+        {
+            "table": "scorer",
+            "model": "reference",
+            "setting": "copy",
+            "neighbors": None,
+            "metric": k,
+            "value": v,
+            "count": 128,
+        }
+        for k, v in probe.items()
+    ]
+    notes = " ".join(retrieval_table(Metrics(rows), "PG19").notes)
+    assert "NLL 0.75 against 5.07 where it first occurs (gain 4.32 nats): it copies in context." in notes
+    if lm_gain is None:
+        assert notes.count("The scoring LM on a passage") == 1 and "copy cache" not in notes
+    else:
+        assert "The scoring LM with its copy cache (reference.copy_weight) on a passage" in notes
+        assert "The LM alone gains 0.01 nats." in notes

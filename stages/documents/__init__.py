@@ -4,7 +4,7 @@ Modules: config (the `documents:` section), stage (units of work, shard plan, ru
 splits, global doc_idx, duplicates), discovery (files, folders and globs of documents.paths), readers
 (streaming .txt(.gz), .jsonl(.gz) and .parquet readers; bad input as a Skip), decoding (encodings,
 newlines, binary files), gutenberg (Project Gutenberg header and footer), stdlib_corpus (the embedded
-corpus).
+corpus), recurrences (copies of earlier lines inserted into train documents).
 """
 
 from stages.documents.config import Config

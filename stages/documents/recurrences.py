@@ -10,9 +10,10 @@ touched, so what the models learn from them is measured on natural text only.
 Copies are whole lines, inserted at a line break, so the tokens of a copy are cut into chunks at other
 offsets than those of its source (the retriever meets a copy as it meets a natural repeat). Most
 sources lie anywhere earlier in the document (beyond the attention window: retrieval's part); a share
-lie within the last few lines (the scoring LM and the attention window learn to copy in context, which
-is what makes the scoring LM's judgement of a candidate's continuation worth anything,
-docs/supervision.md). The draws depend only on the document's id and the settings.
+lie within the last few lines, repeats an attention window can copy (the demo's 150-step scoring LM did
+not learn to from them: copy gain 0.01 nats; `reference.copy_weight` is what makes it copy). The draws
+depend only on the document's id and the settings. Applied in the stage's finalize, after the
+duplicate check, which compares the texts as read.
 """
 
 from __future__ import annotations
